@@ -1,0 +1,62 @@
+"""The transport seams. A transport is a dumb byte pipe with presence; a watcher reports
+readers and cards arriving and leaving. Simulators implement the same protocols."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+
+class ReaderEventKind(Enum):
+    ARRIVED = "arrived"  # a card (token) is now present in the reader
+    LEFT = "left"  # the card is gone, or the reader itself went away
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderEvent:
+    kind: ReaderEventKind
+    reader: str  # transport-unique reader name: stable slot identity
+    atr: bytes = b""
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """A connection to the card in one reader. Blocking; called off the event loop.
+
+    ``transmit`` raises `tokend.errors.TransportError` when the card is gone or the link
+    failed, and `tokend.errors.CardResetError` when another program reset the card (the
+    transport recovers the connection first, so the next transmit works). It never parses
+    status words.
+    """
+
+    reader: str
+    #: True when extended-length APDUs can pass (USB/PC-SC v2); False → command chaining.
+    extended: bool
+
+    def atr(self) -> bytes: ...
+
+    def transmit(self, apdu: bytes) -> bytes: ...
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Exclusive section: no other program's APDU comes between ours. Re-entrant."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Watcher(Protocol):
+    """Reports presence for one transport family and opens transports to present cards."""
+
+    name: str
+
+    def events(self) -> AsyncIterator[ReaderEvent]:
+        """Current state first (ARRIVED for every present card), then changes, until closed."""
+        ...
+
+    async def connect(self, reader: str) -> Transport: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Virtual tokens for tests and `tokend simulate`. Installed as ``tokend.simulators``."""

@@ -1,0 +1,81 @@
+"""The one place where APDU-level transport quirks live: command chaining, GET RESPONSE
+(61xx), wrong-Le retry (6Cxx) and extended length. Applets sit on top and never see them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from tokend.iso7816.apdu import CommandApdu, ResponseApdu
+
+log = logging.getLogger(__name__)
+
+#: A byte pipe: one command APDU in, one response APDU (data + SW1 SW2) out.
+Transmit = Callable[[bytes], bytes]
+
+#: Instructions whose data is secret (VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER,
+#: PUT DATA, vendor key import / set management key): never logged.
+SECRET_INS = frozenset({0x20, 0x24, 0x2C, 0xDB, 0xFE, 0xFF, 0x87, 0x2A, 0x86})
+
+MAX_GET_RESPONSE_ROUNDS = 256
+
+
+class ApduChannel:
+    """Sends CommandApdus over ``transmit`` and returns complete ResponseApdus.
+
+    ``extended``: use extended-length APDUs when a command needs them (USB tokens); else
+    split long data with command chaining (T=0 cards, SIMs, NFC).
+    """
+
+    def __init__(self, transmit: Transmit, *, extended: bool = True, cla_bits: int = 0) -> None:
+        self._transmit = transmit
+        self.extended = extended
+        self.cla_bits = cla_bits
+
+    def _raw(self, apdu: bytes, ins: int) -> ResponseApdu:
+        if log.isEnabledFor(logging.DEBUG):
+            shown = apdu[:5].hex() + ("…" if ins in SECRET_INS and len(apdu) > 5 else apdu[5:].hex())
+            log.debug("> %s", shown)
+        rapdu = ResponseApdu.decode(self._transmit(apdu))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("< %d bytes, SW %04X", len(rapdu.data), rapdu.sw)
+        return rapdu
+
+    def send(self, apdu: CommandApdu) -> ResponseApdu:
+        """Send one logical command; the result's SW is final (never 61xx)."""
+        cla = apdu.cla | self.cla_bits
+        if apdu.needs_extended and self.extended:
+            first = self._send_one(CommandApdu(cla, apdu.ins, apdu.p1, apdu.p2, apdu.data,
+                                               apdu.le), extended=True)
+        else:
+            data = apdu.data
+            chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+            le = None if apdu.le is None else min(apdu.le, 256)
+            for chunk in chunks[:-1]:
+                part = CommandApdu(cla | 0x10, apdu.ins, apdu.p1, apdu.p2, chunk)
+                rapdu = self._raw(part.encode(extended=False), apdu.ins)
+                if not rapdu.ok:
+                    return rapdu
+            last = CommandApdu(cla, apdu.ins, apdu.p1, apdu.p2, chunks[-1], le)
+            first = self._send_one(last, extended=False)
+        return first
+
+    def _send_one(self, apdu: CommandApdu, *, extended: bool) -> ResponseApdu:
+        rapdu = self._raw(apdu.encode(extended=extended), apdu.ins)
+        if rapdu.sw1 == 0x6C:  # wrong Le: resend the same command with the right one
+            retry = CommandApdu(apdu.cla, apdu.ins, apdu.p1, apdu.p2, apdu.data,
+                                rapdu.sw2 or 256)
+            rapdu = self._raw(retry.encode(extended=False), apdu.ins)
+        data = bytearray(rapdu.data)
+        rounds = 0
+        while rapdu.sw1 == 0x61:
+            rounds += 1
+            if rounds > MAX_GET_RESPONSE_ROUNDS:
+                raise ValueError("card keeps answering 61xx")
+            get_response = CommandApdu(apdu.cla & 0x03, 0xC0, 0, 0, le=rapdu.sw2 or 256)
+            rapdu = self._raw(get_response.encode(extended=False), 0xC0)
+            if rapdu.sw1 == 0x6C:
+                get_response = CommandApdu(apdu.cla & 0x03, 0xC0, 0, 0, le=rapdu.sw2 or 256)
+                rapdu = self._raw(get_response.encode(extended=False), 0xC0)
+            data += rapdu.data
+        return ResponseApdu(bytes(data), rapdu.sw)

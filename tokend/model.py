@@ -1,0 +1,188 @@
+"""The token model: values and the `Token` seam that applet drivers (and the vendor-module
+backend) implement and the session layer consumes. Pure: no I/O here.
+
+Vocabulary: a *slot* is where a token can be; a *token* is what is present now (one
+instance per insertion); a *session* is a PKCS#11 session; a *client* is a socket peer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from tokend.pkcs11 import CKA, CKD, CKF_MECH, CKF_TOKEN, CKG, CKM
+
+AttributeValue = bool | int | bytes | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIdentity:
+    """What makes one physical token distinguishable from another (§5.1 identity check)."""
+
+    applet: str  # "PIV", "SIM-PKI", "PKCS11-MODULE"
+    serial: str  # stable per token: CHUID GUID, PKCS#15 serial, module token serial
+    atr: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    label: str
+    manufacturer_id: str
+    model: str
+    serial_number: str
+    flags: CKF_TOKEN = CKF_TOKEN.CKF_LOGIN_REQUIRED | CKF_TOKEN.CKF_USER_PIN_INITIALIZED
+    hardware_version: tuple[int, int] = (1, 0)
+    firmware_version: tuple[int, int] = (1, 0)
+    min_pin_len: int = 6
+    max_pin_len: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class MechanismInfo:
+    mechanism: CKM
+    min_key_size: int
+    max_key_size: int
+    flags: CKF_MECH
+
+
+@dataclass(frozen=True, slots=True)
+class TokenObject:
+    """One PKCS#11 object the token exposes. ``key`` is stable within a token instance
+    (e.g. ``"cert:9d"``) and is what drivers are handed back for operations."""
+
+    key: str
+    attributes: Mapping[CKA, AttributeValue]
+
+    def matches(self, template: Mapping[CKA, AttributeValue]) -> bool:
+        return all(self.attributes.get(k, _MISSING) == v for k, v in template.items())
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class PinStatus:
+    """Retries left (None = the token does not say) and whether the card says verified."""
+
+    pin_retries: int | None
+    puk_retries: int | None = None
+
+
+# --- mechanism parameters (frozen values, decoded by the protocol layer) -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OaepParams:
+    hash_alg: CKM = CKM.CKM_SHA_1
+    mgf: CKG = CKG.CKG_MGF1_SHA1
+    source_data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class PssParams:
+    hash_alg: CKM = CKM.CKM_SHA256
+    mgf: CKG = CKG.CKG_MGF1_SHA256
+    s_len: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Ecdh1DeriveParams:
+    kdf: CKD
+    public_data: bytes
+    shared_data: bytes = b""
+
+
+MechanismParams = OaepParams | PssParams | Ecdh1DeriveParams | None
+
+
+@dataclass(frozen=True, slots=True)
+class Mechanism:
+    mechanism: CKM
+    params: MechanismParams = None
+
+
+# --- provisioning values -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeySlotInfo:
+    """What `tokenctl status` shows for one key slot of a token."""
+
+    slot: str  # applet's own name, e.g. "9d" or "82"
+    role: str  # "authentication", "signature", "encryption", "card-auth", "retired"
+    algorithm: str | None  # "rsa2048", "p256", ... None if empty/unknown
+    certificate: bytes | None  # DER
+    origin: str | None = None  # "generated", "imported", None if unknown
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStatus:
+    identity: TokenIdentity
+    info: TokenInfo
+    pin: PinStatus
+    slots: Sequence[KeySlotInfo] = field(default_factory=tuple)
+    version: str | None = None
+
+
+# --- the seam ------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Token(Protocol):
+    """A token as the session layer sees it. All methods block (they do card I/O) and are
+    called off the event loop, one at a time per token. Errors are `tokend.errors` classes:
+    a `TransportError` means the token is gone (the disconnect rule takes over); a
+    `CardResetError` means another program reset the card and its login is lost.
+
+    PIN arguments are ``bytearray`` so the caller can wipe them; drivers must not keep them
+    beyond the call.
+    """
+
+    @property
+    def identity(self) -> TokenIdentity: ...
+
+    @property
+    def info(self) -> TokenInfo: ...
+
+    def mechanisms(self) -> Sequence[MechanismInfo]: ...
+
+    def objects(self) -> Sequence[TokenObject]:
+        """Objects as read when the token arrived (cached per instance; public data only)."""
+        ...
+
+    def pin_status(self) -> PinStatus: ...
+
+    def login(self, pin: bytearray) -> None:
+        """VERIFY the user PIN. Raises PinIncorrectError(retries=…)/PinLockedError."""
+        ...
+
+    def logout(self) -> None:
+        """Reset the card's security state (PIV: VERIFY P1=FF)."""
+        ...
+
+    def decrypt(self, key: str, mechanism: Mechanism, data: bytes) -> bytes: ...
+
+    def sign(
+        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+    ) -> bytes:
+        """Sign; for always-authenticate keys ``context_pin`` is verified in the same
+        exclusive section immediately before the operation."""
+        ...
+
+    def derive(self, key: str, mechanism: Mechanism) -> bytes:
+        """Key agreement (ECDH): returns the raw shared secret (after the KDF if asked)."""
+        ...
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """An exclusive section (a PC/SC transaction) for multi-command sequences."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
+    now = now or dt.datetime.now(dt.UTC)
+    return (not_after - now).days
