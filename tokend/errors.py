@@ -99,9 +99,7 @@ DataInvalidError = _define("DataInvalidError", CKR.CKR_DATA_INVALID, "Input data
 DataLenRangeError = _define("DataLenRangeError", CKR.CKR_DATA_LEN_RANGE, "Input length wrong.")
 DeviceError = _define("DeviceError", CKR.CKR_DEVICE_ERROR, "The token answered wrongly.")
 DeviceMemoryError = _define("DeviceMemoryError", CKR.CKR_DEVICE_MEMORY, "Token memory full.")
-DeviceRemovedError = _define(
-    "DeviceRemovedError", CKR.CKR_DEVICE_REMOVED, "The token was removed."
-)
+DeviceRemovedError = _define("DeviceRemovedError", CKR.CKR_DEVICE_REMOVED, "The token was removed.")
 EncryptedDataInvalidError = _define(
     "EncryptedDataInvalidError", CKR.CKR_ENCRYPTED_DATA_INVALID, "Decryption failed."
 )
@@ -111,12 +109,8 @@ EncryptedDataLenRangeError = _define(
 FunctionNotSupportedError = _define(
     "FunctionNotSupportedError", CKR.CKR_FUNCTION_NOT_SUPPORTED, "Not supported."
 )
-FunctionCanceledError = _define(
-    "FunctionCanceledError", CKR.CKR_FUNCTION_CANCELED, "Cancelled."
-)
-KeyHandleInvalidError = _define(
-    "KeyHandleInvalidError", CKR.CKR_KEY_HANDLE_INVALID, "No such key."
-)
+FunctionCanceledError = _define("FunctionCanceledError", CKR.CKR_FUNCTION_CANCELED, "Cancelled.")
+KeyHandleInvalidError = _define("KeyHandleInvalidError", CKR.CKR_KEY_HANDLE_INVALID, "No such key.")
 KeyTypeInconsistentError = _define(
     "KeyTypeInconsistentError", CKR.CKR_KEY_TYPE_INCONSISTENT, "Key type does not fit."
 )
@@ -170,16 +164,10 @@ TokenNotRecognizedError = _define(
 UserAlreadyLoggedInError = _define(
     "UserAlreadyLoggedInError", CKR.CKR_USER_ALREADY_LOGGED_IN, "Already logged in."
 )
-UserNotLoggedInError = _define(
-    "UserNotLoggedInError", CKR.CKR_USER_NOT_LOGGED_IN, "Not logged in."
-)
-UserTypeInvalidError = _define(
-    "UserTypeInvalidError", CKR.CKR_USER_TYPE_INVALID, "Bad user type."
-)
+UserNotLoggedInError = _define("UserNotLoggedInError", CKR.CKR_USER_NOT_LOGGED_IN, "Not logged in.")
+UserTypeInvalidError = _define("UserTypeInvalidError", CKR.CKR_USER_TYPE_INVALID, "Bad user type.")
 BufferTooSmallError = _define("BufferTooSmallError", CKR.CKR_BUFFER_TOO_SMALL, "Buffer too small.")
-FunctionRejectedError = _define(
-    "FunctionRejectedError", CKR.CKR_FUNCTION_REJECTED, "Rejected."
-)
+FunctionRejectedError = _define("FunctionRejectedError", CKR.CKR_FUNCTION_REJECTED, "Rejected.")
 ActionProhibitedError = _define(
     "ActionProhibitedError", CKR.CKR_ACTION_PROHIBITED, "Action prohibited by policy."
 )

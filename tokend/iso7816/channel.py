@@ -34,7 +34,9 @@ class ApduChannel:
 
     def _raw(self, apdu: bytes, ins: int) -> ResponseApdu:
         if log.isEnabledFor(logging.DEBUG):
-            shown = apdu[:5].hex() + ("…" if ins in SECRET_INS and len(apdu) > 5 else apdu[5:].hex())
+            shown = apdu[:5].hex() + (
+                "…" if ins in SECRET_INS and len(apdu) > 5 else apdu[5:].hex()
+            )
             log.debug("> %s", shown)
         rapdu = ResponseApdu.decode(self._transmit(apdu))
         if log.isEnabledFor(logging.DEBUG):
@@ -45,8 +47,9 @@ class ApduChannel:
         """Send one logical command; the result's SW is final (never 61xx)."""
         cla = apdu.cla | self.cla_bits
         if apdu.needs_extended and self.extended:
-            first = self._send_one(CommandApdu(cla, apdu.ins, apdu.p1, apdu.p2, apdu.data,
-                                               apdu.le), extended=True)
+            first = self._send_one(
+                CommandApdu(cla, apdu.ins, apdu.p1, apdu.p2, apdu.data, apdu.le), extended=True
+            )
         else:
             data = apdu.data
             chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
@@ -63,8 +66,7 @@ class ApduChannel:
     def _send_one(self, apdu: CommandApdu, *, extended: bool) -> ResponseApdu:
         rapdu = self._raw(apdu.encode(extended=extended), apdu.ins)
         if rapdu.sw1 == 0x6C:  # wrong Le: resend the same command with the right one
-            retry = CommandApdu(apdu.cla, apdu.ins, apdu.p1, apdu.p2, apdu.data,
-                                rapdu.sw2 or 256)
+            retry = CommandApdu(apdu.cla, apdu.ins, apdu.p1, apdu.p2, apdu.data, rapdu.sw2 or 256)
             rapdu = self._raw(retry.encode(extended=False), apdu.ins)
         data = bytearray(rapdu.data)
         rounds = 0

@@ -1,0 +1,1 @@
+"""Command-line front ends: `tokend` (daemon, simulators) and `tokenctl`."""

@@ -1,0 +1,271 @@
+"""The daemon: a Unix socket serving the native JSON-RPC API to clients of the same user.
+
+Security: the socket's directory is 0700 and the socket 0600; every peer's uid is read
+with SO_PEERCRED and anyone but the daemon's own user (and root) is refused. A second
+daemon on the same path is refused; a stale socket (nobody answering) is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+from pathlib import Path
+
+from tokend.api import Api
+from tokend.errors import TokendError
+from tokend.paths import default_socket_path
+from tokend.protocol import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    MAX_REQUEST_BYTES,
+    METHOD_NOT_FOUND,
+    SLOT_EVENT_NOTIFICATION,
+    Params,
+    ProtocolError,
+    decode_request,
+    encode_error,
+    encode_notification,
+    encode_result,
+)
+from tokend.registry import SlotEvent
+from tokend.session import Application, Engine
+
+log = logging.getLogger(__name__)
+
+#: Calls that may block for long; they run beside the connection's other requests.
+_BLOCKING = {"C_WaitForSlotEvent"}
+
+
+class DaemonAlreadyRunning(RuntimeError):
+    pass
+
+
+def peer_uid(sock: socket.socket) -> tuple[int, int, int]:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Create the 0700 directory; refuse a live daemon; remove a stale socket."""
+    directory = path.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = directory.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{directory} belongs to uid {st.st_uid}, not to us")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(str(path))
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise
+            log.info("removing stale socket %s", path)
+            path.unlink()
+        else:
+            raise DaemonAlreadyRunning(f"another tokend is already serving {path}")
+        finally:
+            probe.close()
+
+
+class Connection:
+    def __init__(
+        self,
+        daemon: Daemon,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        app: Application,
+    ) -> None:
+        self.daemon = daemon
+        self.reader = reader
+        self.writer = writer
+        self.app = app
+        self._write_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def send(self, data: bytes) -> None:
+        async with self._write_lock:
+            if self.writer.is_closing():
+                return
+            self.writer.write(data)
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+
+    async def serve(self) -> None:
+        notifier = asyncio.create_task(self._notifications())
+        try:
+            while True:
+                try:
+                    line = await self.reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial.strip():
+                        await self.handle(exc.partial)
+                    return
+                except asyncio.LimitOverrunError:
+                    log.warning(
+                        "client %s: request over %d bytes, closing",
+                        self.app.peer,
+                        MAX_REQUEST_BYTES,
+                    )
+                    await self.send(
+                        encode_error(
+                            None, INVALID_REQUEST, f"request larger than {MAX_REQUEST_BYTES} bytes"
+                        )
+                    )
+                    return
+                except ConnectionError:
+                    return
+                if not line.strip():
+                    continue
+                await self.handle(line)
+        finally:
+            notifier.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await self.daemon.engine.close_application(self.app)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+                await self.writer.wait_closed()
+
+    async def handle(self, line: bytes) -> None:
+        try:
+            request = decode_request(line)
+        except ProtocolError as exc:
+            log.info("client %s: %s", self.app.peer, exc)
+            await self.send(encode_error(exc.request_id, exc.code, str(exc)))
+            return
+        if request.method in _BLOCKING:
+            task = asyncio.create_task(self._dispatch(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            await self._dispatch(request)
+
+    async def _dispatch(self, request) -> None:  # type: ignore[no-untyped-def]
+        try:
+            result = await self.daemon.api.call(self.app, request.method, Params(request.params))
+        except KeyError:
+            response = encode_error(
+                request.id, METHOD_NOT_FOUND, f"method not found: {request.method}"
+            )
+        except TokendError as exc:
+            # Messages never carry secrets; log the code and the method only.
+            log.debug("client %s: %s -> %s", self.app.peer, request.method, exc.ckr_name)
+            response = encode_error(
+                request.id, int(exc.ckr), f"{exc.ckr_name}: {exc}", exc.data() or None
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("client %s: internal error in %s", self.app.peer, request.method)
+            response = encode_error(
+                request.id, INTERNAL_ERROR, f"internal error in {request.method}"
+            )
+        else:
+            response = encode_result(request.id, result)
+        if not request.notification:
+            await self.send(response)
+
+    async def _notifications(self) -> None:
+        while True:
+            queue = self.app.notify
+            if queue is None:
+                await asyncio.sleep(0.05)
+                continue
+            event: SlotEvent = await queue.get()
+            if self.app.notify is None:
+                continue
+            await self.send(
+                encode_notification(
+                    SLOT_EVENT_NOTIFICATION,
+                    {
+                        "slot_id": event.slot_id,
+                        "event": event.kind.value,
+                        "serial": event.serial,
+                        "generation": event.generation,
+                    },
+                )
+            )
+
+
+class Daemon:
+    def __init__(self, engine: Engine, socket_path: Path | None = None) -> None:
+        self.engine = engine
+        self.api = Api(engine)
+        self.socket_path = socket_path or default_socket_path()
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self.allowed_uids = {os.getuid(), 0}
+
+    async def start(self) -> None:
+        prepare_socket_path(self.socket_path)
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._accept, path=str(self.socket_path), limit=MAX_REQUEST_BYTES
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        await self.engine.registry.start()
+        log.info("listening on %s", self.socket_path)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, uid, _gid = peer_uid(sock)
+        except OSError:
+            writer.close()
+            return
+        if uid not in self.allowed_uids:
+            log.warning("refused client pid %d uid %d", pid, uid)
+            writer.close()
+            return
+        app = self.engine.open_application(peer=f"pid {pid}")
+        conn = Connection(self, reader, writer, app)
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            await conn.serve()
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def serve_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        await self._stopped.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.engine.registry.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        log.info("stopped")

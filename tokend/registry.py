@@ -1,0 +1,323 @@
+"""Slots, presence and token generations.
+
+A *slot* is where a token can be (one per reader, with a stable id that is never removed —
+NSS assumes slots only ever appear). A *token instance* is one insertion of one token: it
+gets a new generation number every time, so nothing opened on an earlier insertion can
+match it. This module turns watcher events into instances and retires them; what retiring
+means for sessions and logins is the session layer's business (it registers a listener).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar
+
+from tokend.drivers.base import ReaderEvent, ReaderEventKind, Transport, Watcher
+from tokend.errors import (
+    DeviceRemovedError,
+    SlotIdInvalidError,
+    TokenNotPresentError,
+    TransportError,
+)
+from tokend.model import Token
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Opens the applet on a fresh transport: a Token, or None if this applet is not there.
+AppletOpener = Callable[[Transport], Token | None]
+
+
+class SlotEventKind(Enum):
+    ARRIVED = "arrived"
+    LEFT = "left"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotEvent:
+    slot_id: int
+    kind: SlotEventKind
+    serial: str | None
+    generation: int
+    monotonic: float
+
+
+class TokenInstance:
+    """What is present in a slot now. All card I/O for it goes through `run`, one call at a
+    time, on its own thread, so blocking drivers never touch the event loop."""
+
+    def __init__(
+        self,
+        registry: SlotRegistry,
+        slot: Slot,
+        generation: int,
+        token: Token,
+        transport: Transport,
+    ) -> None:
+        self.registry = registry
+        self.slot_id = slot.slot_id
+        self.generation = generation
+        self.token = token
+        self.transport = transport
+        self.retired = False
+        self.retire_reason = ""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot{slot.slot_id}")
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.slot_id, self.generation)
+
+    def ensure_live(self) -> None:
+        if self.retired:
+            raise DeviceRemovedError(f"token in slot {self.slot_id} was removed")
+
+    async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run a blocking token call. A transport failure retires the instance (§5.1); a
+        result that arrives after the instance was retired is dropped (§5.2)."""
+        self.ensure_live()
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        except TransportError as exc:
+            self.registry.retire(self, f"transport failure: {exc}")
+            raise DeviceRemovedError(f"token in slot {self.slot_id} is gone") from None
+        if self.retired:
+            raise DeviceRemovedError(f"token in slot {self.slot_id} was removed during the call")
+        return result
+
+    def shutdown(self) -> None:
+        def _close() -> None:
+            with contextlib.suppress(Exception):
+                self.token.close()
+            with contextlib.suppress(Exception):
+                self.transport.close()
+
+        self._executor.submit(_close)
+        self._executor.shutdown(wait=False)
+
+
+@dataclass
+class Slot:
+    slot_id: int
+    reader: str
+    watcher: Watcher
+    description: str
+    instance: TokenInstance | None = None
+    generation: int = 0
+    #: Set while an arrival is being probed, so a LEFT during the probe wins.
+    pending: int = 0
+    hardware: bool = True
+    unrecognized: bool = field(default=False)
+
+    @property
+    def token_present(self) -> bool:
+        return self.instance is not None and not self.instance.retired
+
+
+RetireListener = Callable[[TokenInstance], None]
+
+
+class SlotRegistry:
+    def __init__(self, applets: Sequence[AppletOpener]) -> None:
+        self._applets = list(applets)
+        self._slots: dict[int, Slot] = {}
+        self._by_reader: dict[tuple[str, str], Slot] = {}
+        self._ids = itertools.count(0)
+        self._watchers: list[Watcher] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retire_listeners: list[RetireListener] = []
+        self._subscribers: list[Callable[[SlotEvent], None]] = []
+        self._probes: set[asyncio.Task[None]] = set()
+
+    # --- wiring ------------------------------------------------------------------------
+
+    def add_watcher(self, watcher: Watcher) -> None:
+        self._watchers.append(watcher)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop()
+            if self._tasks:
+                self._tasks.append(asyncio.create_task(self._consume(watcher)))
+
+    def on_retire(self, listener: RetireListener) -> None:
+        self._retire_listeners.append(listener)
+
+    def subscribe(self, callback: Callable[[SlotEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the loop) for every slot event; returns an unsubscribe."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    async def start(self) -> None:
+        for watcher in self._watchers:
+            self._tasks.append(asyncio.create_task(self._consume(watcher)))
+
+    async def wait_settled(self) -> None:
+        """Wait for the probes of tokens that are arriving (used at start-up and in tests)."""
+        while self._probes:
+            await asyncio.gather(*list(self._probes), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for watcher in self._watchers:
+            with contextlib.suppress(Exception):
+                await watcher.aclose()
+        for task in self._tasks + list(self._probes):
+            task.cancel()
+        for task in self._tasks + list(self._probes):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for slot in self._slots.values():
+            if slot.instance is not None:
+                self.retire(slot.instance, "daemon stopping", emit=False)
+
+    # --- queries -----------------------------------------------------------------------
+
+    def slots(self) -> list[Slot]:
+        return [self._slots[k] for k in sorted(self._slots)]
+
+    def slot(self, slot_id: int) -> Slot:
+        try:
+            return self._slots[slot_id]
+        except KeyError:
+            raise SlotIdInvalidError(f"no slot {slot_id}") from None
+
+    def instance(self, slot_id: int) -> TokenInstance:
+        slot = self.slot(slot_id)
+        if not slot.token_present:
+            raise TokenNotPresentError(f"no token in slot {slot_id}")
+        assert slot.instance is not None
+        return slot.instance
+
+    # --- events ------------------------------------------------------------------------
+
+    def _slot_for(self, watcher: Watcher, reader: str) -> Slot:
+        key = (watcher.name, reader)
+        slot = self._by_reader.get(key)
+        if slot is None:
+            slot = Slot(next(self._ids), reader, watcher, description=reader[:64])
+            self._slots[slot.slot_id] = slot
+            self._by_reader[key] = slot
+            log.info("slot %d: reader %r", slot.slot_id, reader)
+        return slot
+
+    async def _consume(self, watcher: Watcher) -> None:
+        try:
+            async for event in watcher.events():
+                self.handle_event(watcher, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("watcher %s failed", watcher.name)
+
+    def handle_event(self, watcher: Watcher, event: ReaderEvent) -> None:
+        slot = self._slot_for(watcher, event.reader)
+        if event.kind is ReaderEventKind.LEFT:
+            slot.pending += 1  # cancels a probe in progress
+            if slot.instance is not None and not slot.instance.retired:
+                self.retire(slot.instance, "token removed")
+            return
+        # ARRIVED: whatever was there before is a different instance now (a swap).
+        if slot.instance is not None and not slot.instance.retired:
+            self.retire(slot.instance, "token replaced")
+        slot.pending += 1
+        task = asyncio.create_task(self._probe(slot, slot.pending))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, slot: Slot, ticket: int) -> None:
+        try:
+            transport = await slot.watcher.connect(slot.reader)
+        except Exception as exc:
+            log.warning("slot %d: cannot connect: %s", slot.slot_id, exc)
+            return
+        token = None
+        try:
+            for opener in self._applets:
+                token = await asyncio.to_thread(opener, transport)
+                if token is not None:
+                    break
+        except Exception as exc:
+            log.warning("slot %d: token not usable: %s", slot.slot_id, exc)
+        if token is None or ticket != slot.pending:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(transport.close)
+            if token is None and ticket == slot.pending:
+                slot.unrecognized = True
+                log.warning("slot %d: no supported applet on the token", slot.slot_id)
+            return
+        slot.unrecognized = False
+        slot.generation += 1
+        instance = TokenInstance(self, slot, slot.generation, token, transport)
+        slot.instance = instance
+        log.info(
+            "slot %d: token %s arrived (generation %d)",
+            slot.slot_id,
+            token.identity.serial,
+            slot.generation,
+        )
+        self._emit(
+            SlotEvent(
+                slot.slot_id,
+                SlotEventKind.ARRIVED,
+                token.identity.serial,
+                slot.generation,
+                time.monotonic(),
+            )
+        )
+
+    def retire(self, instance: TokenInstance, reason: str, *, emit: bool = True) -> None:
+        """The one place a token instance ends (§5.2). Idempotent."""
+        if instance.retired:
+            return
+        instance.retired = True
+        instance.retire_reason = reason
+        slot = self._slots[instance.slot_id]
+        slot.generation += 1  # anything keyed by the old generation can never match again
+        log.info(
+            "slot %d: token %s retired: %s", slot.slot_id, instance.token.identity.serial, reason
+        )
+        for listener in list(self._retire_listeners):
+            try:
+                listener(instance)
+            except Exception:
+                log.exception("retire listener failed")
+        instance.shutdown()
+        if emit:
+            self._emit(
+                SlotEvent(
+                    slot.slot_id,
+                    SlotEventKind.LEFT,
+                    instance.token.identity.serial,
+                    instance.generation,
+                    time.monotonic(),
+                )
+            )
+        if reason.startswith("transport failure"):
+            # The card may still be there (a glitch): probe again; it becomes a new instance.
+            with contextlib.suppress(RuntimeError):
+                slot.pending += 1
+                task = asyncio.get_running_loop().create_task(self._reprobe(slot, slot.pending))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
+
+    async def _reprobe(self, slot: Slot, ticket: int) -> None:
+        await asyncio.sleep(0.2)
+        if ticket == slot.pending and slot.instance is not None and slot.instance.retired:
+            await self._probe(slot, ticket)
+
+    def _emit(self, event: SlotEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                log.exception("slot event subscriber failed")
+
+
+AsyncFactory = Callable[[], Awaitable[None]]

@@ -1,0 +1,618 @@
+"""PKCS#11 sessions, per-application logins and the disconnect rule (design brief §5).
+
+This is the one place the disconnect rule lives:
+
+* `SlotRegistry.retire` is the only way a token instance ends; it calls `_on_retire` here,
+  which (synchronously, before any other call can run) marks every session on that instance
+  removed, drops its operation (wiping a kept context PIN), destroys its session objects
+  (zeroing derived secrets) and forgets every login on the instance.
+* Every session call goes through `_session()`, which reports a removed session once as
+  CKR_DEVICE_REMOVED and then forgets it (CKR_SESSION_HANDLE_INVALID).
+* Every card call goes through `TokenInstance.run`, which drops results that arrive after
+  the instance was retired and turns a transport failure into a retirement.
+* Logins are keyed by (slot, generation): a new insertion never matches an old login.
+* Before a private-key operation the application's own login is checked here; the card's
+  global verified state is never trusted (CVE-2023-40660 class).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from tokend.errors import (
+    ArgumentsBadError,
+    CardResetError,
+    DeviceRemovedError,
+    KeyFunctionNotPermittedError,
+    KeyHandleInvalidError,
+    KeyTypeInconsistentError,
+    MechanismInvalidError,
+    NoEventError,
+    ObjectHandleInvalidError,
+    OperationActiveError,
+    OperationNotInitializedError,
+    SessionHandleInvalidError,
+    SessionParallelNotSupportedError,
+    UserAlreadyLoggedInError,
+    UserNotLoggedInError,
+    UserTypeInvalidError,
+)
+from tokend.model import AttributeValue, Mechanism, TokenObject
+from tokend.pkcs11 import CKA, CKF_SESSION, CKK, CKM, CKO, CKS, CKU
+from tokend.registry import SlotEvent, SlotRegistry, TokenInstance
+
+log = logging.getLogger(__name__)
+
+#: Mechanisms whose input is hashed by the daemon before the card sees it; they may be
+#: fed in parts (C_SignUpdate).
+_DECRYPT_MECHANISMS = {CKM.CKM_RSA_PKCS, CKM.CKM_RSA_PKCS_OAEP, CKM.CKM_RSA_X_509}
+_DERIVE_MECHANISMS = {CKM.CKM_ECDH1_DERIVE}
+
+
+class OpKind(Enum):
+    DECRYPT = "decrypt"
+    SIGN = "sign"
+
+
+@dataclass
+class Operation:
+    kind: OpKind
+    mechanism: Mechanism
+    key: TokenObject
+    always_authenticate: bool
+    context_pin: bytearray | None = None
+    buffer: bytearray = field(default_factory=bytearray)
+
+    def wipe(self) -> None:
+        if self.context_pin is not None:
+            self.context_pin[:] = bytes(len(self.context_pin))
+            self.context_pin = None
+        self.buffer[:] = bytes(len(self.buffer))
+
+
+@dataclass
+class SessionObject:
+    """An object created in a session (a derived ECDH secret). Lives until the session
+    closes, the caller destroys it, or the token leaves; its value is zeroed then."""
+
+    handle: int
+    session: int
+    attributes: dict[CKA, AttributeValue]
+    secret: bytearray
+
+    def wipe(self) -> None:
+        self.secret[:] = bytes(len(self.secret))
+
+
+@dataclass
+class Session:
+    handle: int
+    app: Application
+    instance: TokenInstance
+    rw: bool
+    removed: bool = False
+    find_results: list[int] | None = None
+    operation: Operation | None = None
+    objects: dict[int, SessionObject] = field(default_factory=dict)
+
+    @property
+    def slot_id(self) -> int:
+        return self.instance.slot_id
+
+
+class Application:
+    """One client connection = one PKCS#11 application (§4.1)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, engine: Engine, peer: str = "") -> None:
+        self.id = next(self._ids)
+        self.engine = engine
+        self.peer = peer
+        self.sessions: dict[int, Session] = {}
+        #: token instances this application is logged in to, keyed (slot, generation)
+        self.logins: set[tuple[int, int]] = set()
+        self.pending_events: list[int] = []
+        self._event_waiters: list[asyncio.Future[int]] = []
+        self.notify: asyncio.Queue[SlotEvent] | None = None
+        self.closed = False
+
+    def queue_event(self, event: SlotEvent) -> None:
+        while self._event_waiters:
+            waiter = self._event_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(event.slot_id)
+                break
+        else:
+            if event.slot_id not in self.pending_events:
+                self.pending_events.append(event.slot_id)
+        if self.notify is not None:
+            self.notify.put_nowait(event)
+
+    async def wait_for_slot_event(self, dont_block: bool) -> int:
+        if self.pending_events:
+            return self.pending_events.pop(0)
+        if dont_block:
+            raise NoEventError("no slot event")
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._event_waiters.append(waiter)
+        try:
+            return await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._event_waiters.remove(waiter)
+
+    def cancel_waits(self) -> None:
+        for waiter in self._event_waiters:
+            if not waiter.done():
+                waiter.cancel()
+
+
+class Engine:
+    """The session engine shared by every front end (native socket, p11-kit RPC)."""
+
+    def __init__(self, registry: SlotRegistry) -> None:
+        self.registry = registry
+        self.apps: dict[int, Application] = {}
+        self._session_ids = itertools.count(1)
+        self._object_ids = itertools.count(1)
+        self._sessions: dict[int, Session] = {}
+        #: token object handles: handle -> (instance key, object key) and back
+        self._token_objects: dict[int, tuple[tuple[int, int], str]] = {}
+        self._token_handles: dict[tuple[tuple[int, int], str], int] = {}
+        self._session_objects: dict[int, SessionObject] = {}
+        registry.on_retire(self._on_retire)
+        registry.subscribe(self._on_slot_event)
+
+    # --- applications ------------------------------------------------------------------
+
+    def open_application(self, peer: str = "") -> Application:
+        app = Application(self, peer)
+        self.apps[app.id] = app
+        return app
+
+    async def close_application(self, app: Application) -> None:
+        """EOF on a client: its sessions and logins end (§4.1, §5.5)."""
+        if app.closed:
+            return
+        app.closed = True
+        app.cancel_waits()
+        for handle in list(app.sessions):
+            self._drop_session(app.sessions[handle])
+        for key in list(app.logins):
+            await self._release_login(app, key)
+        self.apps.pop(app.id, None)
+
+    # --- disconnect rule -----------------------------------------------------------------
+
+    def _on_retire(self, instance: TokenInstance) -> None:
+        key = instance.key
+        for session in list(self._sessions.values()):
+            if session.instance is instance:
+                session.removed = True
+                if session.operation is not None:
+                    session.operation.wipe()
+                    session.operation = None
+                session.find_results = None
+                for obj in session.objects.values():
+                    obj.wipe()
+                    self._session_objects.pop(obj.handle, None)
+                session.objects.clear()
+        for app in self.apps.values():
+            app.logins.discard(key)
+        for handle, (inst_key, obj_key) in list(self._token_objects.items()):
+            if inst_key == key:
+                del self._token_objects[handle]
+                self._token_handles.pop((inst_key, obj_key), None)
+
+    def _on_slot_event(self, event: SlotEvent) -> None:
+        for app in list(self.apps.values()):
+            app.queue_event(event)
+
+    def _lost_card_login(self, instance: TokenInstance) -> None:
+        """The card forgot its verified state (reset by another program): every
+        application's login on this instance is reported lost, never silently restored."""
+        for app in self.apps.values():
+            app.logins.discard(instance.key)
+
+    async def _card(self, session: Session, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        instance = session.instance
+        try:
+            return await instance.run(fn, *args, **kwargs)
+        except CardResetError:
+            self._lost_card_login(instance)
+            raise UserNotLoggedInError(
+                "the card was reset by another program; log in again"
+            ) from None
+        except UserNotLoggedInError:
+            self._lost_card_login(instance)
+            raise
+
+    # --- slots and tokens ----------------------------------------------------------------
+
+    def slot_list(self, token_present: bool) -> list[int]:
+        return [s.slot_id for s in self.registry.slots() if s.token_present or not token_present]
+
+    # --- sessions ----------------------------------------------------------------------
+
+    def open_session(self, app: Application, slot_id: int, flags: int) -> int:
+        if not flags & CKF_SESSION.CKF_SERIAL_SESSION:
+            raise SessionParallelNotSupportedError("CKF_SERIAL_SESSION must be set")
+        instance = self.registry.instance(slot_id)
+        handle = next(self._session_ids)
+        session = Session(handle, app, instance, rw=bool(flags & CKF_SESSION.CKF_RW_SESSION))
+        app.sessions[handle] = session
+        self._sessions[handle] = session
+        return handle
+
+    def _session(self, app: Application, handle: int) -> Session:
+        session = app.sessions.get(handle)
+        if session is None:
+            raise SessionHandleInvalidError(f"no session {handle}")
+        if session.removed or session.instance.retired:
+            # Reported once; from then on the handle is simply invalid.
+            self._drop_session(session)
+            raise DeviceRemovedError(f"the token of session {handle} was removed")
+        return session
+
+    def _drop_session(self, session: Session) -> None:
+        if session.operation is not None:
+            session.operation.wipe()
+            session.operation = None
+        for obj in session.objects.values():
+            obj.wipe()
+            self._session_objects.pop(obj.handle, None)
+        session.objects.clear()
+        session.app.sessions.pop(session.handle, None)
+        self._sessions.pop(session.handle, None)
+
+    async def close_session(self, app: Application, handle: int) -> None:
+        session = self._session(app, handle)
+        self._drop_session(session)
+        if not any(s.instance is session.instance for s in app.sessions.values()):
+            # PKCS#11: closing the last session of a token logs the application out.
+            await self._release_login(app, session.instance.key)
+
+    async def close_all_sessions(self, app: Application, slot_id: int) -> None:
+        self.registry.slot(slot_id)
+        for session in list(app.sessions.values()):
+            if session.slot_id == slot_id:
+                self._drop_session(session)
+        for key in [k for k in app.logins if k[0] == slot_id]:
+            await self._release_login(app, key)
+
+    def session_info(self, app: Application, handle: int) -> dict[str, object]:
+        """Never touches the card (NSS polls this)."""
+        session = self._session(app, handle)
+        logged_in = session.instance.key in app.logins
+        if session.rw:
+            state = CKS.CKS_RW_USER_FUNCTIONS if logged_in else CKS.CKS_RW_PUBLIC_SESSION
+        else:
+            state = CKS.CKS_RO_USER_FUNCTIONS if logged_in else CKS.CKS_RO_PUBLIC_SESSION
+        flags = CKF_SESSION.CKF_SERIAL_SESSION | (CKF_SESSION.CKF_RW_SESSION if session.rw else 0)
+        return {
+            "slot_id": session.slot_id,
+            "state": state,
+            "flags": CKF_SESSION(flags),
+            "device_error": 0,
+        }
+
+    # --- login -------------------------------------------------------------------------
+
+    async def login(self, app: Application, handle: int, user_type: CKU, pin: bytearray) -> None:
+        try:
+            session = self._session(app, handle)
+            instance = session.instance
+            if user_type == CKU.CKU_CONTEXT_SPECIFIC:
+                op = session.operation
+                if op is None or not op.always_authenticate:
+                    raise OperationNotInitializedError(
+                        "CKU_CONTEXT_SPECIFIC needs an operation on an always-authenticate key"
+                    )
+                if instance.key not in app.logins:
+                    raise UserNotLoggedInError("log in as CKU_USER first")
+                await self._card(session, instance.token.login, pin)
+                # Kept only until the operation runs, then verified again right before it
+                # inside one exclusive section (nothing may come between, §7).
+                if op.context_pin is not None:
+                    op.wipe()
+                op.context_pin = bytearray(pin)
+                return
+            if user_type != CKU.CKU_USER:
+                raise UserTypeInvalidError("only CKU_USER and CKU_CONTEXT_SPECIFIC are supported")
+            if instance.key in app.logins:
+                raise UserAlreadyLoggedInError("already logged in to this token")
+            await self._card(session, instance.token.login, pin)
+            app.logins.add(instance.key)
+        finally:
+            pin[:] = bytes(len(pin))
+
+    async def logout(self, app: Application, handle: int) -> None:
+        session = self._session(app, handle)
+        if session.instance.key not in app.logins:
+            raise UserNotLoggedInError("not logged in")
+        await self._release_login(app, session.instance.key)
+
+    async def _release_login(self, app: Application, key: tuple[int, int]) -> None:
+        if key not in app.logins:
+            return
+        app.logins.discard(key)
+        if any(key in other.logins for other in self.apps.values() if other is not app):
+            return
+        # Last logged-in application of this token: reset the card's security state.
+        slot = self.registry.slot(key[0])
+        instance = slot.instance
+        if instance is not None and instance.key == key and not instance.retired:
+            with contextlib.suppress(Exception):
+                await instance.run(instance.token.logout)
+
+    def is_logged_in(self, app: Application, handle: int) -> bool:
+        session = self._session(app, handle)
+        return session.instance.key in app.logins
+
+    # --- objects -----------------------------------------------------------------------
+
+    def _handle_for(self, instance: TokenInstance, obj: TokenObject) -> int:
+        k = (instance.key, obj.key)
+        handle = self._token_handles.get(k)
+        if handle is None:
+            handle = next(self._object_ids)
+            self._token_handles[k] = handle
+            self._token_objects[handle] = k
+        return handle
+
+    def _visible(self, session: Session) -> list[tuple[int, Mapping[CKA, AttributeValue]]]:
+        logged_in = session.instance.key in session.app.logins
+        out: list[tuple[int, Mapping[CKA, AttributeValue]]] = []
+        for obj in session.instance.token.objects():
+            if obj.attributes.get(CKA.CKA_PRIVATE) and not logged_in:
+                continue
+            out.append((self._handle_for(session.instance, obj), obj.attributes))
+        for obj in session.objects.values():
+            out.append((obj.handle, obj.attributes))
+        return out
+
+    def _token_object(self, session: Session, handle: int) -> TokenObject:
+        entry = self._token_objects.get(handle)
+        if entry is None or entry[0] != session.instance.key:
+            raise ObjectHandleInvalidError(f"no object {handle}")
+        for obj in session.instance.token.objects():
+            if obj.key == entry[1]:
+                return obj
+        raise ObjectHandleInvalidError(f"object {handle} is gone")
+
+    def find_objects_init(
+        self, app: Application, handle: int, template: Mapping[CKA, AttributeValue]
+    ) -> None:
+        session = self._session(app, handle)
+        if session.find_results is not None:
+            raise OperationActiveError("a search is already active")
+        session.find_results = [
+            h
+            for h, attrs in self._visible(session)
+            if all(attrs.get(k, _MISSING) == v for k, v in template.items())
+        ]
+
+    def find_objects(self, app: Application, handle: int, max_count: int) -> list[int]:
+        session = self._session(app, handle)
+        if session.find_results is None:
+            raise OperationNotInitializedError("call C_FindObjectsInit first")
+        if max_count < 0:
+            raise ArgumentsBadError("max_object_count must be >= 0")
+        found, session.find_results = (
+            session.find_results[:max_count],
+            session.find_results[max_count:],
+        )
+        return found
+
+    def find_objects_final(self, app: Application, handle: int) -> None:
+        session = self._session(app, handle)
+        if session.find_results is None:
+            raise OperationNotInitializedError("no search active")
+        session.find_results = None
+
+    def get_attributes(
+        self, app: Application, handle: int, obj_handle: int, types: Sequence[CKA]
+    ) -> dict[CKA, AttributeValue]:
+        """Values of the asked attributes; a missing or sensitive one maps to None."""
+        session = self._session(app, handle)
+        attrs: Mapping[CKA, AttributeValue]
+        if obj_handle in session.objects:
+            sobj = session.objects[obj_handle]
+            values = {t: sobj.attributes.get(t) for t in types}
+            if CKA.CKA_VALUE in values:
+                values[CKA.CKA_VALUE] = bytes(sobj.secret)
+            return values
+        else:
+            obj = self._token_object(session, obj_handle)
+            if obj.attributes.get(CKA.CKA_PRIVATE) and session.instance.key not in app.logins:
+                raise ObjectHandleInvalidError(f"no object {obj_handle}")
+            attrs = obj.attributes
+        return {t: attrs.get(t) for t in types}
+
+    def destroy_object(self, app: Application, handle: int, obj_handle: int) -> None:
+        session = self._session(app, handle)
+        obj = session.objects.pop(obj_handle, None)
+        if obj is None:
+            raise ObjectHandleInvalidError(
+                f"object {obj_handle} is not a session object of this session"
+            )
+        obj.wipe()
+        self._session_objects.pop(obj_handle, None)
+
+    # --- private-key operations --------------------------------------------------------
+
+    def _private_key(self, session: Session, key_handle: int, usage: CKA) -> TokenObject:
+        try:
+            obj = self._token_object(session, key_handle)
+        except ObjectHandleInvalidError:
+            raise KeyHandleInvalidError(f"no key {key_handle}") from None
+        if obj.attributes.get(CKA.CKA_CLASS) != CKO.CKO_PRIVATE_KEY:
+            raise KeyTypeInconsistentError("not a private key")
+        if not obj.attributes.get(usage):
+            raise KeyFunctionNotPermittedError(f"key does not allow {usage.name}")
+        if session.instance.key not in session.app.logins:
+            raise UserNotLoggedInError("log in to the token first")
+        return obj
+
+    def _check_mechanism(self, session: Session, mechanism: Mechanism, flag: str) -> None:
+        for info in session.instance.token.mechanisms():
+            if info.mechanism == mechanism.mechanism:
+                return
+        raise MechanismInvalidError(f"{mechanism.mechanism.name} is not supported by the token")
+
+    def _start(self, session: Session, op: Operation) -> None:
+        if session.operation is not None:
+            raise OperationActiveError("another operation is active in this session")
+        session.operation = op
+
+    def decrypt_init(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
+        session = self._session(app, handle)
+        if mechanism.mechanism not in _DECRYPT_MECHANISMS:
+            raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot decrypt")
+        self._check_mechanism(session, mechanism, "decrypt")
+        obj = self._private_key(session, key, CKA.CKA_DECRYPT)
+        if obj.attributes.get(CKA.CKA_KEY_TYPE) != CKK.CKK_RSA:
+            raise KeyTypeInconsistentError("decryption needs an RSA key; use ECDH for EC keys")
+        self._start(
+            session,
+            Operation(
+                OpKind.DECRYPT,
+                mechanism,
+                obj,
+                bool(obj.attributes.get(CKA.CKA_ALWAYS_AUTHENTICATE)),
+            ),
+        )
+
+    async def decrypt(self, app: Application, handle: int, data: bytes) -> bytes:
+        session = self._session(app, handle)
+        op = self._take(session, OpKind.DECRYPT)
+        try:
+            self._require_login(session, op)
+            return await self._card(
+                session, session.instance.token.decrypt, op.key.key, op.mechanism, data
+            )
+        finally:
+            op.wipe()
+
+    def sign_init(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
+        session = self._session(app, handle)
+        self._check_mechanism(session, mechanism, "sign")
+        obj = self._private_key(session, key, CKA.CKA_SIGN)
+        self._start(
+            session,
+            Operation(
+                OpKind.SIGN, mechanism, obj, bool(obj.attributes.get(CKA.CKA_ALWAYS_AUTHENTICATE))
+            ),
+        )
+
+    def sign_update(self, app: Application, handle: int, data: bytes) -> None:
+        session = self._session(app, handle)
+        op = session.operation
+        if op is None or op.kind is not OpKind.SIGN:
+            raise OperationNotInitializedError("call C_SignInit first")
+        op.buffer += data
+
+    async def sign(self, app: Application, handle: int, data: bytes) -> bytes:
+        session = self._session(app, handle)
+        op = session.operation
+        if op is None or op.kind is not OpKind.SIGN:
+            raise OperationNotInitializedError("call C_SignInit first")
+        if op.buffer:
+            raise OperationActiveError("a multi-part signature is active; call C_SignFinal")
+        return await self._finish_sign(session, data)
+
+    async def sign_final(self, app: Application, handle: int) -> bytes:
+        session = self._session(app, handle)
+        op = session.operation
+        if op is None or op.kind is not OpKind.SIGN:
+            raise OperationNotInitializedError("call C_SignInit first")
+        return await self._finish_sign(session, bytes(op.buffer))
+
+    async def _finish_sign(self, session: Session, data: bytes) -> bytes:
+        op = self._take(session, OpKind.SIGN)
+        try:
+            self._require_login(session, op)
+            if op.always_authenticate and op.context_pin is None:
+                raise UserNotLoggedInError(
+                    "this key needs C_Login(CKU_CONTEXT_SPECIFIC) after C_SignInit"
+                )
+            return await self._card(
+                session,
+                session.instance.token.sign,
+                op.key.key,
+                op.mechanism,
+                data,
+                context_pin=op.context_pin,
+            )
+        finally:
+            op.wipe()
+
+    def _take(self, session: Session, kind: OpKind) -> Operation:
+        op = session.operation
+        if op is None or op.kind is not kind:
+            raise OperationNotInitializedError(f"call C_{kind.value.capitalize()}Init first")
+        session.operation = None  # one-shot: ends on success and on error
+        return op
+
+    def _require_login(self, session: Session, op: Operation) -> None:
+        if session.instance.key not in session.app.logins:
+            raise UserNotLoggedInError("not logged in (the login was lost or never made)")
+
+    async def derive_key(
+        self,
+        app: Application,
+        handle: int,
+        mechanism: Mechanism,
+        base_key: int,
+        template: Mapping[CKA, AttributeValue],
+    ) -> int:
+        session = self._session(app, handle)
+        if mechanism.mechanism not in _DERIVE_MECHANISMS:
+            raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot derive")
+        self._check_mechanism(session, mechanism, "derive")
+        if session.operation is not None:
+            raise OperationActiveError("another operation is active in this session")
+        obj = self._private_key(session, base_key, CKA.CKA_DERIVE)
+        secret = bytearray(
+            await self._card(session, session.instance.token.derive, obj.key, mechanism)
+        )
+        if session.removed:
+            secret[:] = bytes(len(secret))
+            raise DeviceRemovedError("the token was removed")
+        value_len = template.get(CKA.CKA_VALUE_LEN)
+        if isinstance(value_len, int) and 0 < value_len < len(secret):
+            del secret[value_len:]
+        obj_handle = next(self._object_ids)
+        attrs: dict[CKA, AttributeValue] = {
+            CKA.CKA_CLASS: CKO.CKO_SECRET_KEY,
+            CKA.CKA_KEY_TYPE: CKK.CKK_GENERIC_SECRET,
+            CKA.CKA_TOKEN: False,
+            CKA.CKA_PRIVATE: False,
+            CKA.CKA_SENSITIVE: False,
+            CKA.CKA_EXTRACTABLE: True,
+            CKA.CKA_LOCAL: False,
+            CKA.CKA_LABEL: "",
+        }
+        for k, v in template.items():
+            if k not in (CKA.CKA_CLASS, CKA.CKA_VALUE):
+                attrs[k] = v
+        attrs[CKA.CKA_VALUE_LEN] = len(secret)
+        sobj = SessionObject(obj_handle, handle, attrs, secret)
+        session.objects[obj_handle] = sobj
+        self._session_objects[obj_handle] = sobj
+        return obj_handle
+
+    # --- events ------------------------------------------------------------------------
+
+    async def wait_for_slot_event(self, app: Application, dont_block: bool) -> int:
+        return await app.wait_for_slot_event(dont_block)
+
+
+_MISSING = object()
