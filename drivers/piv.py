@@ -1,0 +1,1770 @@
+"""PIV applet driver (NIST SP 800-73-4, algorithm ids from SP 800-78-4), with the YubiKey
+vendor extensions (INS FD/F8/F7/FE/FF/FB/F6) used only where the card offers them.
+
+The driver sits on `tokend.iso7816.ApduChannel` over a `Transport` and does no I/O of its
+own. The card does raw RSA and ECDSA/ECDH; padding, hashing, KDFs and DER conversions are
+done here on the host (in constant time where secrets are involved).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TypeVar
+
+from asn1crypto import core as asn1_core
+from asn1crypto import keys as asn1_keys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
+from tokend.drivers.base import Transport
+
+from tokend.errors import (
+    ArgumentsBadError,
+    CardResetError,
+    DataInvalidError,
+    DataLenRangeError,
+    DeviceError,
+    DeviceMemoryError,
+    DeviceRemovedError,
+    EncryptedDataInvalidError,
+    EncryptedDataLenRangeError,
+    FunctionFailedError,
+    FunctionNotSupportedError,
+    FunctionRejectedError,
+    KeyFunctionNotPermittedError,
+    KeyHandleInvalidError,
+    KeySizeRangeError,
+    KeyTypeInconsistentError,
+    MechanismInvalidError,
+    MechanismParamInvalidError,
+    PinIncorrectError,
+    PinInvalidError,
+    PinLenRangeError,
+    PinLockedError,
+    TokendError,
+    TransportError,
+    UserNotLoggedInError,
+)
+from tokend.iso7816 import (
+    ApduChannel,
+    CommandApdu,
+    ResponseApdu,
+    encode_tlv,
+    find_tlv,
+    parse_tlvs,
+)
+from tokend.model import (
+    Ecdh1DeriveParams,
+    KeySlotInfo,
+    Mechanism,
+    MechanismInfo,
+    OaepParams,
+    PinStatus,
+    PssParams,
+    TokenIdentity,
+    TokenInfo,
+    TokenObject,
+    TokenStatus,
+)
+from tokend.pkcs11 import CKA, CKC, CKD, CKF_MECH, CKF_TOKEN, CKG, CKK, CKM, CKO
+
+try:  # cryptography >= 43 keeps 3DES in the "decrepit" module
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+except ImportError:  # pragma: no cover - older cryptography
+    TripleDES = algorithms.TripleDES  # type: ignore[attr-defined,misc]
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PIV_AID",
+    "Ins",
+    "KeyOrigin",
+    "PinPolicy",
+    "PivAlgorithm",
+    "PivNotFoundError",
+    "PivObject",
+    "PivSlot",
+    "PivToken",
+    "SlotMetadata",
+    "TouchPolicy",
+    "error_for_sw",
+    "oaep_unpad",
+    "pkcs1v15_sign_pad",
+    "pkcs1v15_unpad",
+    "pss_encode",
+]
+
+PIV_AID = bytes.fromhex("A000000308000010000100")
+DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
+
+
+# --- spec codes ----------------------------------------------------------------------------
+
+
+class Ins(IntEnum):
+    """Instructions: SP 800-73-4 part 2 §3, then YubiKey vendor ones."""
+
+    SELECT = 0xA4
+    VERIFY = 0x20
+    CHANGE_REFERENCE_DATA = 0x24
+    RESET_RETRY_COUNTER = 0x2C
+    GENERATE_ASYMMETRIC_KEY_PAIR = 0x47
+    GENERAL_AUTHENTICATE = 0x87
+    GET_DATA = 0xCB
+    PUT_DATA = 0xDB
+    # vendor (YubiKey, PivApplet)
+    MOVE_KEY = 0xF6
+    GET_METADATA = 0xF7
+    GET_SERIAL = 0xF8
+    ATTEST = 0xF9
+    SET_PIN_RETRIES = 0xFA
+    RESET = 0xFB
+    GET_VERSION = 0xFD
+    IMPORT_KEY = 0xFE
+    SET_MANAGEMENT_KEY = 0xFF
+
+
+class PivSlot(IntEnum):
+    """Asymmetric key references (SP 800-73-4 part 1 table 4b)."""
+
+    AUTHENTICATION = 0x9A
+    SIGNATURE = 0x9C
+    KEY_MANAGEMENT = 0x9D
+    CARD_AUTH = 0x9E
+    RETIRED1 = 0x82
+    RETIRED2 = 0x83
+    RETIRED3 = 0x84
+    RETIRED4 = 0x85
+    RETIRED5 = 0x86
+    RETIRED6 = 0x87
+    RETIRED7 = 0x88
+    RETIRED8 = 0x89
+    RETIRED9 = 0x8A
+    RETIRED10 = 0x8B
+    RETIRED11 = 0x8C
+    RETIRED12 = 0x8D
+    RETIRED13 = 0x8E
+    RETIRED14 = 0x8F
+    RETIRED15 = 0x90
+    RETIRED16 = 0x91
+    RETIRED17 = 0x92
+    RETIRED18 = 0x93
+    RETIRED19 = 0x94
+    RETIRED20 = 0x95
+
+    @property
+    def is_retired(self) -> bool:
+        return 0x82 <= self <= 0x95
+
+    @property
+    def retired_index(self) -> int:
+        """1 for 82 … 20 for 95; 0 for the four standard slots."""
+        return self - 0x81 if self.is_retired else 0
+
+    @property
+    def object_id(self) -> PivObject:
+        if self.is_retired:
+            return PivObject(PivObject.RETIRED1 + self - 0x82)
+        return _CERT_OBJECTS[self]
+
+    @property
+    def cka_id(self) -> bytes:
+        """One byte, numbered like ykcs11: 9A=1, 9C=2, 9D=3, 9E=4, 82..95=5..24."""
+        if self.is_retired:
+            return bytes((self - 0x82 + 5,))
+        return bytes((_STANDARD_IDS[self],))
+
+    @property
+    def label(self) -> str:
+        if self.is_retired:
+            return f"Retired Key {self.retired_index} ({self:02X})"
+        return f"{_STANDARD_NAMES[self]} ({self:02X})"
+
+    @property
+    def role(self) -> str:
+        if self.is_retired:
+            return "retired"
+        return _ROLES[self]
+
+    @property
+    def hex(self) -> str:
+        return f"{self:02x}"
+
+
+#: The symmetric card management key (administration), not a PivSlot.
+MANAGEMENT_KEY_REF = 0x9B
+#: Key references for VERIFY / CHANGE REFERENCE DATA / RESET RETRY COUNTER.
+PIN_REF = 0x80
+PUK_REF = 0x81
+#: P1 of MOVE KEY that deletes the key instead of moving it.
+DELETE_KEY = 0xFF
+
+
+class PivObject(IntEnum):
+    """Data object tags (SP 800-73-4 part 1 table 3), plus two vendor ones."""
+
+    CARD_CAPABILITY_CONTAINER = 0x5FC107
+    CHUID = 0x5FC102
+    CERT_AUTHENTICATION = 0x5FC105
+    FINGERPRINTS = 0x5FC103
+    SECURITY_OBJECT = 0x5FC106
+    FACIAL_IMAGE = 0x5FC108
+    PRINTED_INFORMATION = 0x5FC109
+    CERT_SIGNATURE = 0x5FC10A
+    CERT_KEY_MANAGEMENT = 0x5FC10B
+    CERT_CARD_AUTH = 0x5FC101
+    DISCOVERY = 0x7E
+    KEY_HISTORY = 0x5FC10C
+    RETIRED1 = 0x5FC10D
+    RETIRED2 = 0x5FC10E
+    RETIRED3 = 0x5FC10F
+    RETIRED4 = 0x5FC110
+    RETIRED5 = 0x5FC111
+    RETIRED6 = 0x5FC112
+    RETIRED7 = 0x5FC113
+    RETIRED8 = 0x5FC114
+    RETIRED9 = 0x5FC115
+    RETIRED10 = 0x5FC116
+    RETIRED11 = 0x5FC117
+    RETIRED12 = 0x5FC118
+    RETIRED13 = 0x5FC119
+    RETIRED14 = 0x5FC11A
+    RETIRED15 = 0x5FC11B
+    RETIRED16 = 0x5FC11C
+    RETIRED17 = 0x5FC11D
+    RETIRED18 = 0x5FC11E
+    RETIRED19 = 0x5FC11F
+    RETIRED20 = 0x5FC120
+    IRIS_IMAGES = 0x5FC121
+    BIOMETRIC_GROUP_TEMPLATE = 0x7F61
+    # vendor (YubiKey)
+    YUBICO_ADMIN_DATA = 0x5FFF00
+    YUBICO_ATTESTATION = 0x5FFF01
+
+
+_CERT_OBJECTS = {
+    PivSlot.AUTHENTICATION: PivObject.CERT_AUTHENTICATION,
+    PivSlot.SIGNATURE: PivObject.CERT_SIGNATURE,
+    PivSlot.KEY_MANAGEMENT: PivObject.CERT_KEY_MANAGEMENT,
+    PivSlot.CARD_AUTH: PivObject.CERT_CARD_AUTH,
+}
+_STANDARD_IDS = {
+    PivSlot.AUTHENTICATION: 1,
+    PivSlot.SIGNATURE: 2,
+    PivSlot.KEY_MANAGEMENT: 3,
+    PivSlot.CARD_AUTH: 4,
+}
+_STANDARD_NAMES = {
+    PivSlot.AUTHENTICATION: "PIV Authentication",
+    PivSlot.SIGNATURE: "PIV Digital Signature",
+    PivSlot.KEY_MANAGEMENT: "PIV Key Management",
+    PivSlot.CARD_AUTH: "PIV Card Authentication",
+}
+_ROLES = {
+    PivSlot.AUTHENTICATION: "authentication",
+    PivSlot.SIGNATURE: "signature",
+    PivSlot.KEY_MANAGEMENT: "encryption",
+    PivSlot.CARD_AUTH: "card-auth",
+}
+RETIRED_SLOTS = tuple(s for s in PivSlot if s.is_retired)
+STANDARD_SLOTS = tuple(s for s in PivSlot if not s.is_retired)
+
+
+class PivAlgorithm(IntEnum):
+    """Cryptographic mechanism identifiers (SP 800-78-4 table 6-2; 05/16 vendor)."""
+
+    TDES = 0x03
+    AES_128 = 0x08
+    AES_192 = 0x0A
+    AES_256 = 0x0C
+    RSA_1024 = 0x06
+    RSA_2048 = 0x07
+    RSA_3072 = 0x05
+    RSA_4096 = 0x16
+    ECC_P256 = 0x11
+    ECC_P384 = 0x14
+
+    @property
+    def is_rsa(self) -> bool:
+        return self in _RSA_BITS
+
+    @property
+    def is_ec(self) -> bool:
+        return self in _EC_CURVES
+
+
+_RSA_BITS = {
+    PivAlgorithm.RSA_1024: 1024,
+    PivAlgorithm.RSA_2048: 2048,
+    PivAlgorithm.RSA_3072: 3072,
+    PivAlgorithm.RSA_4096: 4096,
+}
+_EC_CURVES: dict[PivAlgorithm, type[ec.EllipticCurve]] = {
+    PivAlgorithm.ECC_P256: ec.SECP256R1,
+    PivAlgorithm.ECC_P384: ec.SECP384R1,
+}
+_MGMT_KEY_LEN = {
+    PivAlgorithm.TDES: 24,
+    PivAlgorithm.AES_128: 16,
+    PivAlgorithm.AES_192: 24,
+    PivAlgorithm.AES_256: 32,
+}
+_ALG_NAMES = {
+    PivAlgorithm.RSA_1024: "rsa1024",
+    PivAlgorithm.RSA_2048: "rsa2048",
+    PivAlgorithm.RSA_3072: "rsa3072",
+    PivAlgorithm.RSA_4096: "rsa4096",
+    PivAlgorithm.ECC_P256: "p256",
+    PivAlgorithm.ECC_P384: "p384",
+}
+
+
+class PinPolicy(IntEnum):
+    """Vendor tag AA at GENERATE / IMPORT (YubiKey, PivApplet)."""
+
+    DEFAULT = 0
+    NEVER = 1
+    ONCE = 2
+    ALWAYS = 3
+    MATCH_ONCE = 4
+    MATCH_ALWAYS = 5
+
+
+class TouchPolicy(IntEnum):
+    """Vendor tag AB at GENERATE / IMPORT."""
+
+    DEFAULT = 0
+    NEVER = 1
+    ALWAYS = 2
+    CACHED = 3
+
+
+class KeyOrigin(IntEnum):
+    """GET METADATA tag 03."""
+
+    GENERATED = 1
+    IMPORTED = 2
+
+
+# TLV tags inside the dynamic authentication template (7C) and elsewhere
+TAG_DYN_AUTH = 0x7C
+TAG_WITNESS = 0x80
+TAG_CHALLENGE = 0x81
+TAG_RESPONSE = 0x82
+TAG_EXPONENTIATION = 0x85
+TAG_OBJ_ID = 0x5C
+TAG_OBJ_DATA = 0x53
+TAG_CERTIFICATE = 0x70
+TAG_CERT_INFO = 0x71
+TAG_LRC = 0xFE
+TAG_GEN_TEMPLATE = 0xAC
+TAG_GEN_ALGORITHM = 0x80
+TAG_PIN_POLICY = 0xAA
+TAG_TOUCH_POLICY = 0xAB
+TAG_PUBLIC_KEY = 0x7F49
+TAG_CHUID_GUID = 0x34
+TAG_HISTORY_ON_CARD = 0xC1
+TAG_HISTORY_OFF_CARD = 0xC2
+TAG_HISTORY_URL = 0xF3
+TAG_DISCOVERY_PIN_POLICY = 0x5F2F
+# GET METADATA
+TAG_META_ALGORITHM = 0x01
+TAG_META_POLICY = 0x02
+TAG_META_ORIGIN = 0x03
+TAG_META_PUBLIC_KEY = 0x04
+TAG_META_IS_DEFAULT = 0x05
+TAG_META_RETRIES = 0x06
+
+#: Biggest certificate we accept after gzip decompression (the card holds a few KiB).
+_MAX_CERT = 64 * 1024
+
+
+# --- status words: the one mapping ---------------------------------------------------------
+
+
+class PivNotFoundError(FunctionFailedError):  # type: ignore[misc,valid-type]
+    """6A82: the data object or key does not exist on the card."""
+
+
+_SW_ERRORS: dict[int, tuple[type[TokendError], str]] = {
+    0x6983: (PinLockedError, "PIN or PUK blocked"),
+    0x6982: (UserNotLoggedInError, "security status not satisfied"),
+    0x6A82: (PivNotFoundError, "data object or key not found"),
+    0x6A80: (DataInvalidError, "card rejected the data"),
+    0x6A86: (ArgumentsBadError, "card rejected P1/P2 (unknown slot or algorithm)"),
+    0x6A88: (KeyHandleInvalidError, "reference data not found"),
+    0x6A84: (DeviceMemoryError, "not enough memory on the card"),
+    0x6700: (DataLenRangeError, "card rejected the length"),
+    0x6985: (FunctionRejectedError, "conditions of use not satisfied"),
+    0x6D00: (FunctionNotSupportedError, "instruction not supported by this card"),
+    0x6E00: (FunctionNotSupportedError, "class not supported by this card"),
+    0x6A81: (FunctionNotSupportedError, "function not supported by this card"),
+}
+
+
+def error_for_sw(sw: int, *, wrong_data: type[TokendError] = DataInvalidError) -> TokendError:
+    """The error for a status word other than 9000. ``wrong_data`` replaces the class used
+    for 6A80 where the caller knows better (e.g. a rejected ciphertext)."""
+    err: TokendError
+    retries = _retries_in(sw)
+    if retries is not None:
+        err = PinIncorrectError(retries=retries)
+    elif sw == 0x6A80:
+        err = wrong_data(f"card rejected the data (SW {sw:04X})")
+    elif sw in _SW_ERRORS:
+        klass, text = _SW_ERRORS[sw]
+        err = klass(f"{text} (SW {sw:04X})")
+    else:
+        err = DeviceError(f"card answered SW {sw:04X}")
+    err.sw = sw  # type: ignore[attr-defined]  # kept for diagnostics
+    return err
+
+
+def _retries_in(sw: int) -> int | None:
+    """Tries left in a 63Cx (or the older 630x, x > 0) status word, else None."""
+    if sw & 0xFFF0 == 0x63C0 or (sw & 0xFFF0 == 0x6300 and sw != 0x6300):
+        return sw & 0x0F
+    return None
+
+
+def _check(rapdu: ResponseApdu, **kw: type[TokendError]) -> bytes:
+    if rapdu.sw != 0x9000:
+        raise error_for_sw(rapdu.sw, **kw)
+    return rapdu.data
+
+
+# --- host-side padding (pure, constant time where secret) ----------------------------------
+
+
+def _ct_eq(a: int, b: int) -> int:
+    """1 if a == b else 0, without a data-dependent branch (0 <= a, b < 2**31)."""
+    return (((a ^ b) - 1) >> 31) & 1
+
+
+def _ct_ge(a: int, b: int) -> int:
+    """1 if a >= b else 0 (0 <= a, b < 2**31)."""
+    return 1 ^ (((a - b) >> 31) & 1)
+
+
+def pkcs1v15_unpad(em: bytes, k: int) -> bytes:
+    """Remove PKCS#1 v1.5 type 2 padding (RFC 8017 §7.2.2) from the raw RSA output.
+
+    Every failure raises the same EncryptedDataInvalidError, after a scan of the whole block
+    that does not depend on where the first problem is."""
+    if k < 11 or len(em) != k:
+        raise EncryptedDataInvalidError()
+    good = _ct_eq(em[0], 0) & _ct_eq(em[1], 2)
+    looking = 1
+    sep = 0
+    for i in range(2, k):
+        is_zero = _ct_eq(em[i], 0)
+        sep |= i & -(looking & is_zero)
+        looking &= 1 ^ is_zero
+    good &= 1 ^ looking
+    good &= _ct_ge(sep, 10)  # at least 8 padding bytes
+    if not good:
+        raise EncryptedDataInvalidError()
+    return em[sep + 1 :]
+
+
+def _mgf1(seed: bytes, length: int, hash_name: str) -> bytes:
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
+        counter += 1
+    return bytes(out[:length])
+
+
+def oaep_unpad(em: bytes, k: int, hash_name: str, mgf_hash_name: str, label: bytes) -> bytes:
+    """EME-OAEP decoding (RFC 8017 §7.1.2 step 3) with one uniform error, no early exit."""
+    h_len = hashlib.new(hash_name).digest_size
+    if len(em) != k or k < 2 * h_len + 2:
+        raise EncryptedDataInvalidError()
+    l_hash = hashlib.new(hash_name, label).digest()
+    masked_seed, masked_db = em[1 : 1 + h_len], em[1 + h_len :]
+    seed = bytes(
+        a ^ b for a, b in zip(masked_seed, _mgf1(masked_db, h_len, mgf_hash_name), strict=True)
+    )
+    db = bytes(
+        a ^ b for a, b in zip(masked_db, _mgf1(seed, k - h_len - 1, mgf_hash_name), strict=True)
+    )
+    good = _ct_eq(em[0], 0) & int(hmac.compare_digest(db[:h_len], l_hash))
+    looking = 1
+    invalid = 0
+    sep = 0
+    for i in range(h_len, len(db)):
+        is_zero = _ct_eq(db[i], 0)
+        is_one = _ct_eq(db[i], 1)
+        sep |= i & -(looking & is_one)
+        invalid |= looking & (1 ^ is_zero) & (1 ^ is_one)
+        looking &= 1 ^ is_one
+    good &= (1 ^ looking) & (1 ^ invalid)
+    if not good:
+        raise EncryptedDataInvalidError()
+    return db[sep + 1 :]
+
+
+def pkcs1v15_sign_pad(data: bytes, k: int) -> bytes:
+    """EMSA-PKCS1-v1_5 block type 1 around ``data`` (normally a DigestInfo)."""
+    if len(data) > k - 11:
+        raise DataLenRangeError(f"input of {len(data)} bytes is too long for a {k}-byte key")
+    return b"\x00\x01" + b"\xff" * (k - 3 - len(data)) + b"\x00" + data
+
+
+def pss_encode(
+    m_hash: bytes, mod_bits: int, hash_name: str, mgf_hash_name: str, s_len: int
+) -> bytes:
+    """EMSA-PSS-ENCODE (RFC 8017 §9.1.1) from the message hash; returns a modulus-sized block."""
+    h_len = hashlib.new(hash_name).digest_size
+    em_bits = mod_bits - 1
+    em_len = (em_bits + 7) // 8
+    if len(m_hash) != h_len:
+        raise DataLenRangeError(f"PSS input must be a {h_len}-byte hash")
+    if s_len < 0 or em_len < h_len + s_len + 2:
+        raise MechanismParamInvalidError("PSS salt too long for this key")
+    salt = os.urandom(s_len)
+    h = hashlib.new(hash_name, b"\x00" * 8 + m_hash + salt).digest()
+    db = b"\x00" * (em_len - s_len - h_len - 2) + b"\x01" + salt
+    masked = bytearray(
+        a ^ b for a, b in zip(db, _mgf1(h, em_len - h_len - 1, mgf_hash_name), strict=True)
+    )
+    masked[0] &= 0xFF >> (8 * em_len - em_bits)
+    em = bytes(masked) + h + b"\xbc"
+    k = (mod_bits + 7) // 8
+    return em.rjust(k, b"\x00")
+
+
+#: DigestInfo prefixes from RFC 8017 §9.2 note 1 (spec constants).
+_DIGEST_INFO = {
+    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
+    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
+}
+_HASH_OF_CKM = {
+    CKM.CKM_SHA_1: "sha1",
+    CKM.CKM_SHA256: "sha256",
+    CKM.CKM_SHA384: "sha384",
+    CKM.CKM_SHA512: "sha512",
+}
+_HASH_OF_MGF = {
+    CKG.CKG_MGF1_SHA1: "sha1",
+    CKG.CKG_MGF1_SHA256: "sha256",
+    CKG.CKG_MGF1_SHA384: "sha384",
+    CKG.CKG_MGF1_SHA512: "sha512",
+}
+_RSA_PKCS_HASHED = {
+    CKM.CKM_SHA1_RSA_PKCS: "sha1",
+    CKM.CKM_SHA256_RSA_PKCS: "sha256",
+    CKM.CKM_SHA384_RSA_PKCS: "sha384",
+    CKM.CKM_SHA512_RSA_PKCS: "sha512",
+}
+_RSA_PSS_HASHED = {
+    CKM.CKM_SHA1_RSA_PKCS_PSS: "sha1",
+    CKM.CKM_SHA256_RSA_PKCS_PSS: "sha256",
+    CKM.CKM_SHA384_RSA_PKCS_PSS: "sha384",
+    CKM.CKM_SHA512_RSA_PKCS_PSS: "sha512",
+}
+_ECDSA_HASHED = {
+    CKM.CKM_ECDSA_SHA256: "sha256",
+    CKM.CKM_ECDSA_SHA384: "sha384",
+    CKM.CKM_ECDSA_SHA512: "sha512",
+}
+_KDF_HASHES: dict[CKD, type[hashes.HashAlgorithm]] = {
+    CKD.CKD_SHA1_KDF: hashes.SHA1,
+    CKD.CKD_SHA256_KDF: hashes.SHA256,
+    CKD.CKD_SHA384_KDF: hashes.SHA384,
+    CKD.CKD_SHA512_KDF: hashes.SHA512,
+}
+_DECRYPT_MECHS = frozenset({CKM.CKM_RSA_PKCS, CKM.CKM_RSA_PKCS_OAEP, CKM.CKM_RSA_X_509})
+_RSA_SIGN_MECHS = frozenset(
+    {CKM.CKM_RSA_PKCS, CKM.CKM_RSA_PKCS_PSS, *_RSA_PKCS_HASHED, *_RSA_PSS_HASHED}
+)
+_EC_SIGN_MECHS = frozenset({CKM.CKM_ECDSA, *_ECDSA_HASHED})
+
+
+# --- TLV builders (pure) -------------------------------------------------------------------
+
+
+def _tag_bytes(tag: int) -> bytes:
+    return tag.to_bytes(max(1, (tag.bit_length() + 7) // 8), "big")
+
+
+def dyn_auth(*items: tuple[int, bytes]) -> bytes:
+    """A dynamic authentication template 7C{…}; an empty value asks for that tag back."""
+    return encode_tlv(TAG_DYN_AUTH, [encode_tlv(tag, value) for tag, value in items])
+
+
+def get_data_command(obj: int) -> CommandApdu:
+    return CommandApdu(0, Ins.GET_DATA, 0x3F, 0xFF, encode_tlv(TAG_OBJ_ID, _tag_bytes(obj)), le=0)
+
+
+def put_data_command(obj: int, content: bytes) -> CommandApdu:
+    data = encode_tlv(TAG_OBJ_ID, _tag_bytes(obj)) + encode_tlv(TAG_OBJ_DATA, content)
+    return CommandApdu(0, Ins.PUT_DATA, 0x3F, 0xFF, data)
+
+
+def certificate_object(der: bytes) -> bytes:
+    """Content of a certificate container (53 value): 70 cert, 71 CertInfo (plain), FE LRC."""
+    return (
+        encode_tlv(TAG_CERTIFICATE, der)
+        + encode_tlv(TAG_CERT_INFO, b"\x00")
+        + encode_tlv(TAG_LRC, b"")
+    )
+
+
+def key_history_object(on_card: int, off_card: int, url: bytes | None = None) -> bytes:
+    parts = [
+        encode_tlv(TAG_HISTORY_ON_CARD, bytes((on_card,))),
+        encode_tlv(TAG_HISTORY_OFF_CARD, bytes((off_card,))),
+    ]
+    if url:
+        parts.append(encode_tlv(TAG_HISTORY_URL, url))
+    parts.append(encode_tlv(TAG_LRC, b""))
+    return b"".join(parts)
+
+
+def pad_pin(pin: bytes | bytearray, *, digits_only: bool = True) -> bytearray:
+    """The 8-byte PIN block (ASCII, FF-padded). The caller wipes the result."""
+    if not 6 <= len(pin) <= 8:
+        raise PinLenRangeError("PIN must be 6 to 8 characters")
+    if digits_only and not all(0x30 <= b <= 0x39 for b in pin):
+        raise PinInvalidError("PIN must be digits")
+    block = bytearray(b"\xff" * 8)
+    block[: len(pin)] = pin
+    return block
+
+
+def _wipe(buf: bytearray) -> None:
+    for i in range(len(buf)):
+        buf[i] = 0
+
+
+# --- key material helpers ------------------------------------------------------------------
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def _algorithm_of(key: object) -> PivAlgorithm | None:
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        for alg, bits in _RSA_BITS.items():
+            if bits == key.key_size:
+                return alg
+        return None
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        for alg, curve in _EC_CURVES.items():
+            if isinstance(key.curve, curve):
+                return alg
+    return None
+
+
+def _parse_public_key(alg: PivAlgorithm, data: bytes) -> PublicKey:
+    """Public key from a 7F49 value (81 n, 82 e / 86 point)."""
+    try:
+        if alg.is_rsa:
+            n, e = find_tlv(data, 0x81), find_tlv(data, 0x82)
+            if n is None or e is None:
+                raise ValueError("missing modulus or exponent")
+            return rsa.RSAPublicNumbers(
+                int.from_bytes(e, "big"), int.from_bytes(n, "big")
+            ).public_key()
+        point = find_tlv(data, 0x86)
+        if point is None:
+            raise ValueError("missing EC point")
+        return ec.EllipticCurvePublicKey.from_encoded_point(_EC_CURVES[alg](), point)
+    except (ValueError, KeyError) as exc:
+        raise DeviceError(f"card returned a malformed public key: {exc}") from None
+
+
+def _field_len(key: ec.EllipticCurvePublicKey) -> int:
+    return (key.curve.key_size + 7) // 8
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def _ec_params_der(key: ec.EllipticCurvePublicKey) -> bytes:
+    return asn1_keys.ECDomainParameters(name="named", value=key.curve.name).dump()
+
+
+def _uncompressed(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+
+
+# --- per-slot state ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SlotMetadata:
+    """GET METADATA (vendor F7) for one key slot."""
+
+    algorithm: PivAlgorithm | None
+    pin_policy: PinPolicy | None = None
+    touch_policy: TouchPolicy | None = None
+    origin: KeyOrigin | None = None
+    public_key: PublicKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _SlotState:
+    slot: PivSlot
+    cert_der: bytes | None = None
+    certificate: x509.Certificate | None = None
+    public_key: PublicKey | None = None
+    metadata: SlotMetadata | None = None
+
+    @property
+    def algorithm(self) -> PivAlgorithm | None:
+        if self.metadata is not None and self.metadata.algorithm is not None:
+            return self.metadata.algorithm
+        return _algorithm_of(self.public_key) if self.public_key is not None else None
+
+    @property
+    def has_key(self) -> bool:
+        return self.public_key is not None and self.algorithm is not None
+
+    @property
+    def populated(self) -> bool:
+        return self.cert_der is not None or self.has_key
+
+    # usage per slot: 9C sign only, 9D/retired decrypt only, 9A both, 9E sign
+    @property
+    def can_sign(self) -> bool:
+        return self.slot in (PivSlot.AUTHENTICATION, PivSlot.SIGNATURE, PivSlot.CARD_AUTH)
+
+    @property
+    def can_decrypt(self) -> bool:
+        return self.slot in (PivSlot.AUTHENTICATION, PivSlot.KEY_MANAGEMENT) or self.slot.is_retired
+
+    @property
+    def always_authenticate(self) -> bool:
+        if self.slot == PivSlot.SIGNATURE:
+            return True
+        policy = self.metadata.pin_policy if self.metadata else None
+        return policy in (PinPolicy.ALWAYS, PinPolicy.MATCH_ALWAYS)
+
+
+# --- the token -----------------------------------------------------------------------------
+
+
+class PivToken:
+    """One PIV card instance (one insertion). Implements `tokend.model.Token` plus the
+    provisioning API used by `tokenctl` through the daemon."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._channel = ApduChannel(self._transmit, extended=transport.extended)
+        self._selected = False
+        self._closed = False
+        self._version: tuple[int, int, int] | None = None
+        self._vendor_serial: int | None = None
+        self._guid: bytes | None = None
+        self._metadata_supported = True
+        self._slots: dict[PivSlot, _SlotState] = {}
+        self._objects: tuple[TokenObject, ...] = ()
+        self._identity: TokenIdentity | None = None
+        self._info: TokenInfo | None = None
+
+    # -- opening and I/O plumbing --
+
+    @classmethod
+    def open(cls, transport: Transport) -> PivToken | None:
+        """SELECT the PIV applet and read everything public; None if this is no PIV card."""
+        token = cls(transport)
+        with transport.transaction():
+            if not token._select():
+                return None
+            token._read_card()
+        return token
+
+    def _transmit(self, apdu: bytes) -> bytes:
+        try:
+            return self._transport.transmit(apdu)
+        except CardResetError:
+            self._selected = False  # the card lost its selected application
+            raise
+        except TransportError:
+            self._selected = False
+            raise
+
+    def _send(self, apdu: CommandApdu) -> ResponseApdu:
+        return self._channel.send(apdu)
+
+    def _select(self) -> bool:
+        rapdu = self._send(CommandApdu(0, Ins.SELECT, 0x04, 0x00, PIV_AID, le=0))
+        self._selected = rapdu.ok
+        return rapdu.ok
+
+    @contextmanager
+    def _session(self) -> Iterator[None]:
+        """Exclusive section with the applet selected (re-selected after a card reset)."""
+        if self._closed:
+            raise DeviceRemovedError("token closed")
+        with self._transport.transaction():
+            if not self._selected:
+                if not self._select():
+                    raise TransportError("PIV applet no longer answers SELECT")
+                if self._guid is not None and self._read_guid() != self._guid:
+                    # another card behind the same connection: counts as a disconnect
+                    raise TransportError("card identity changed")
+            yield
+
+    def _read_card(self) -> None:
+        self._version = self._get_version()
+        self._vendor_serial = self._get_serial()
+        self._guid = self._read_guid()
+        self._read_slots()
+        self._identity = TokenIdentity(
+            applet="PIV", serial=self._identity_serial(), atr=self._transport.atr()
+        )
+        serial = self._identity.serial
+        version = self._version or (1, 0, 0)
+        self._info = TokenInfo(
+            label=f"PIV #{serial[:8]}",
+            manufacturer_id="Unknown" if self._version is None else "PIV (vendor extensions)",
+            model="PIV",
+            serial_number=serial[:16],
+            flags=CKF_TOKEN.CKF_LOGIN_REQUIRED
+            | CKF_TOKEN.CKF_USER_PIN_INITIALIZED
+            | CKF_TOKEN.CKF_TOKEN_INITIALIZED,
+            firmware_version=(version[0], version[1]),
+        )
+
+    def _identity_serial(self) -> str:
+        if self._guid is not None:
+            return self._guid.hex()
+        if self._vendor_serial is not None:
+            return str(self._vendor_serial)
+        digest = hashlib.sha256(self._transport.atr())
+        for slot in PivSlot:
+            state = self._slots.get(slot)
+            if state is not None and state.cert_der is not None:
+                digest.update(state.cert_der)
+        return digest.hexdigest()[:32]
+
+    def _get_version(self) -> tuple[int, int, int] | None:
+        rapdu = self._send(CommandApdu(0, Ins.GET_VERSION, 0, 0, le=0))
+        if rapdu.ok and len(rapdu.data) >= 3:
+            return rapdu.data[0], rapdu.data[1], rapdu.data[2]
+        return None  # plain PIV card (6D00) or unexpected answer
+
+    def _get_serial(self) -> int | None:
+        rapdu = self._send(CommandApdu(0, Ins.GET_SERIAL, 0, 0, le=0))
+        if rapdu.ok and len(rapdu.data) == 4:
+            return int.from_bytes(rapdu.data, "big")
+        return None
+
+    def _get_object(self, obj: int) -> bytes | None:
+        """The value of the 53 wrapper of a data object, or None if the card has none."""
+        rapdu = self._send(get_data_command(obj))
+        if rapdu.sw == 0x6A82:
+            return None
+        data = _check(rapdu)
+        try:
+            content = find_tlv(data, TAG_OBJ_DATA)
+        except ValueError:
+            raise DeviceError(f"malformed data object {obj:X}") from None
+        return content or None  # "53 00" is an emptied object
+
+    def _put_object(self, obj: int, content: bytes) -> None:
+        _check(self._send(put_data_command(obj, content)))
+
+    def _read_guid(self) -> bytes | None:
+        try:
+            chuid = self._get_object(PivObject.CHUID)
+            guid = find_tlv(chuid, TAG_CHUID_GUID) if chuid else None
+        except (ValueError, DeviceError):
+            return None
+        if not guid or not any(guid):
+            return None  # absent or all zero: no usable identity here
+        return guid
+
+    def _read_key_history(self) -> tuple[int, int, bytes | None] | None:
+        try:
+            content = self._get_object(PivObject.KEY_HISTORY)
+            if content is None:
+                return None
+            on = find_tlv(content, TAG_HISTORY_ON_CARD)
+            off = find_tlv(content, TAG_HISTORY_OFF_CARD)
+            url = find_tlv(content, TAG_HISTORY_URL)
+        except (ValueError, DeviceError):
+            return None
+        return (on[0] if on else 0), (off[0] if off else 0), url
+
+    def _read_certificate(self, slot: PivSlot) -> tuple[bytes, x509.Certificate] | None:
+        try:
+            content = self._get_object(slot.object_id)
+            if content is None:
+                return None
+            der = find_tlv(content, TAG_CERTIFICATE)
+            info = find_tlv(content, TAG_CERT_INFO)
+        except (ValueError, DeviceError):
+            log.warning("slot %02X: unreadable certificate object", slot)
+            return None
+        if not der:
+            return None
+        if info and info[0] & 0x01:  # gzip-compressed (YubiKey convention)
+            try:
+                der = gzip.GzipFile(fileobj=_Bytes(der)).read(_MAX_CERT)
+            except (OSError, EOFError):
+                log.warning("slot %02X: bad compressed certificate", slot)
+                return None
+        try:
+            return der, x509.load_der_x509_certificate(der)
+        except ValueError:
+            log.warning("slot %02X: certificate is not valid DER", slot)
+            return None
+
+    def _get_metadata(self, ref: int) -> dict[int, bytes] | None:
+        """Raw GET METADATA TLVs, or None when the card has no such key or no F7 at all."""
+        if not self._metadata_supported:
+            return None
+        rapdu = self._send(CommandApdu(0, Ins.GET_METADATA, 0, ref, le=0))
+        if rapdu.sw in (0x6D00, 0x6E00):
+            self._metadata_supported = False
+            return None
+        if not rapdu.ok:
+            return None
+        try:
+            return {t.tag: t.value for t in parse_tlvs(rapdu.data)}
+        except ValueError:
+            return None
+
+    def _slot_metadata(self, slot: PivSlot) -> SlotMetadata | None:
+        raw = self._get_metadata(slot)
+        if raw is None:
+            return None
+        try:
+            alg = PivAlgorithm(raw[TAG_META_ALGORITHM][0]) if TAG_META_ALGORITHM in raw else None
+        except ValueError:
+            alg = None
+        policy = raw.get(TAG_META_POLICY, b"")
+        origin = raw.get(TAG_META_ORIGIN, b"")
+        public = None
+        if alg is not None and (alg.is_rsa or alg.is_ec) and TAG_META_PUBLIC_KEY in raw:
+            public = _parse_public_key(alg, raw[TAG_META_PUBLIC_KEY])
+        return SlotMetadata(
+            algorithm=alg,
+            pin_policy=_enum_or_none(PinPolicy, policy[0:1]),
+            touch_policy=_enum_or_none(TouchPolicy, policy[1:2]),
+            origin=_enum_or_none(KeyOrigin, origin[0:1]),
+            public_key=public,
+        )
+
+    def _read_slot(self, slot: PivSlot, known_key: PublicKey | None = None) -> _SlotState:
+        """Read one slot. ``known_key`` is a public key this driver just generated or
+        imported there: fresher than a certificate that may predate it."""
+        cert = self._read_certificate(slot)
+        metadata = self._slot_metadata(slot)
+        # with GET METADATA the card says whether a key exists; without it, assume a key
+        # behind every certificate (as OpenSC and ykcs11 do)
+        key_known = metadata is not None or not self._metadata_supported
+        public: PublicKey | None = None
+        if metadata is not None and metadata.public_key is not None:
+            public = metadata.public_key
+        elif key_known and known_key is not None:
+            public = known_key
+        elif key_known and cert is not None:
+            key = cert[1].public_key()
+            if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+                public = key
+        return _SlotState(
+            slot=slot,
+            cert_der=cert[0] if cert else None,
+            certificate=cert[1] if cert else None,
+            public_key=public,
+            metadata=metadata,
+        )
+
+    def _read_slots(self) -> None:
+        slots: dict[PivSlot, _SlotState] = {}
+        for slot in STANDARD_SLOTS:
+            state = self._read_slot(slot)
+            if state.populated:
+                slots[slot] = state
+        history = self._read_key_history()
+        # Key History counts the retired keys with on-card certificates; walk 82.. until
+        # that many are found. Without it (or with off-card keys) try all twenty.
+        wanted = 20 if history is None or history[1] > 0 else history[0]
+        found = 0
+        for slot in RETIRED_SLOTS:
+            if found >= wanted:
+                break
+            state = self._read_slot(slot)
+            if state.populated:
+                slots[slot] = state
+                found += int(state.cert_der is not None and state.has_key)
+        self._slots = slots
+        self._rebuild_objects()
+
+    def _reload(self, *slots: PivSlot, generated: dict[PivSlot, PublicKey] | None = None) -> None:
+        generated = generated or {}
+        for slot in slots:
+            state = self._read_slot(slot, known_key=generated.get(slot))
+            if state.populated:
+                self._slots[slot] = state
+            else:
+                self._slots.pop(slot, None)
+        self._rebuild_objects()
+
+    # -- the Token protocol --
+
+    @property
+    def identity(self) -> TokenIdentity:
+        assert self._identity is not None
+        return self._identity
+
+    @property
+    def info(self) -> TokenInfo:
+        assert self._info is not None
+        return self._info
+
+    @property
+    def version(self) -> tuple[int, int, int] | None:
+        """Vendor GET VERSION, None on plain PIV cards."""
+        return self._version
+
+    def objects(self) -> Sequence[TokenObject]:
+        return self._objects
+
+    def refresh(self) -> None:
+        """Re-read every slot (after provisioning by another program)."""
+        with self._session():
+            self._read_slots()
+
+    def mechanisms(self) -> Sequence[MechanismInfo]:
+        rsa_bits = [
+            s.public_key.key_size
+            for s in self._slots.values()
+            if isinstance(s.public_key, rsa.RSAPublicKey)
+        ]
+        rsa_max = max([2048, *rsa_bits])
+        if self._version is not None and self._version >= (5, 7, 0):
+            rsa_max = 4096
+        hw = CKF_MECH.CKF_HW
+        ec_flags = CKF_MECH.CKF_EC_F_P | CKF_MECH.CKF_EC_NAMED_CURVE | CKF_MECH.CKF_EC_UNCOMPRESSED
+        out = [
+            MechanismInfo(
+                CKM.CKM_RSA_PKCS, 1024, rsa_max, hw | CKF_MECH.CKF_DECRYPT | CKF_MECH.CKF_SIGN
+            ),
+            MechanismInfo(CKM.CKM_RSA_PKCS_OAEP, 1024, rsa_max, hw | CKF_MECH.CKF_DECRYPT),
+            MechanismInfo(CKM.CKM_RSA_X_509, 1024, rsa_max, hw | CKF_MECH.CKF_DECRYPT),
+        ]
+        out += [
+            MechanismInfo(m, 1024, rsa_max, hw | CKF_MECH.CKF_SIGN)
+            for m in (*_RSA_PKCS_HASHED, CKM.CKM_RSA_PKCS_PSS, *_RSA_PSS_HASHED)
+        ]
+        out += [
+            MechanismInfo(m, 256, 384, hw | CKF_MECH.CKF_SIGN | ec_flags)
+            for m in (CKM.CKM_ECDSA, *_ECDSA_HASHED)
+        ]
+        out.append(
+            MechanismInfo(CKM.CKM_ECDH1_DERIVE, 256, 384, hw | CKF_MECH.CKF_DERIVE | ec_flags)
+        )
+        return tuple(out)
+
+    def pin_status(self) -> PinStatus:
+        with self._session():
+            rapdu = self._send(CommandApdu(0, Ins.VERIFY, 0, PIN_REF))
+            # 9000 = verified: then the count is only in the metadata
+            pin = 0 if rapdu.sw == 0x6983 else _retries_in(rapdu.sw)
+            if pin is None:
+                pin = self._retries_from_metadata(PIN_REF)
+            return PinStatus(pin_retries=pin, puk_retries=self._retries_from_metadata(PUK_REF))
+
+    def _retries_from_metadata(self, ref: int) -> int | None:
+        raw = self._get_metadata(ref)
+        if raw is None or len(raw.get(TAG_META_RETRIES, b"")) < 2:
+            return None
+        return raw[TAG_META_RETRIES][1]
+
+    def login(self, pin: bytearray) -> None:
+        with self._session():
+            self._verify(pin)
+
+    def _verify(self, pin: bytearray) -> None:
+        block = pad_pin(pin)
+        try:
+            _check(self._send(CommandApdu(0, Ins.VERIFY, 0, PIN_REF, bytes(block))))
+        finally:
+            _wipe(block)
+
+    def logout(self) -> None:
+        with self._session():
+            _check(self._send(CommandApdu(0, Ins.VERIFY, 0xFF, PIN_REF)))
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        return self._transport.transaction()
+
+    def close(self) -> None:
+        """Close the token and its transport (the token owns the transport once opened)."""
+        if not self._closed:
+            self._closed = True
+            self._transport.close()
+
+    # -- operations --
+
+    def _key(self, key: str) -> _SlotState:
+        kind, _, ref = key.partition(":")
+        try:
+            slot = PivSlot(int(ref, 16))
+        except ValueError:
+            raise KeyHandleInvalidError(f"no such key: {key!r}") from None
+        state = self._slots.get(slot)
+        if kind not in ("priv", "pub", "cert") or state is None or not state.has_key:
+            raise KeyHandleInvalidError(f"no such key: {key!r}")
+        if kind != "priv":
+            raise KeyFunctionNotPermittedError("operation needs the private key")
+        return state
+
+    def _general_authenticate(
+        self,
+        state: _SlotState,
+        tag: int,
+        payload: bytes,
+        *,
+        wrong_data: type[TokendError] = DataInvalidError,
+    ) -> bytes:
+        assert state.algorithm is not None
+        data = dyn_auth((TAG_RESPONSE, b""), (tag, payload))
+        rapdu = self._send(
+            CommandApdu(0, Ins.GENERAL_AUTHENTICATE, state.algorithm, state.slot, data, le=0)
+        )
+        body = _check(rapdu, wrong_data=wrong_data)
+        try:
+            template = find_tlv(body, TAG_DYN_AUTH)
+            result = find_tlv(template, TAG_RESPONSE) if template is not None else None
+        except ValueError:
+            result = None
+        if result is None:
+            raise DeviceError("GENERAL AUTHENTICATE answer has no response tag")
+        return result
+
+    def _rsa_raw(
+        self, state: _SlotState, block: bytes, wrong_data: type[TokendError] = DataInvalidError
+    ) -> bytes:
+        assert isinstance(state.public_key, rsa.RSAPublicKey)
+        k = (state.public_key.key_size + 7) // 8
+        result = self._general_authenticate(state, TAG_CHALLENGE, block, wrong_data=wrong_data)
+        if len(result) > k:
+            raise DeviceError("RSA result longer than the modulus")
+        return result.rjust(k, b"\x00")
+
+    def decrypt(self, key: str, mechanism: Mechanism, data: bytes) -> bytes:
+        mech = mechanism.mechanism
+        if mech not in _DECRYPT_MECHS:
+            raise MechanismInvalidError(f"{_name(mech)} cannot decrypt")
+        state = self._key(key)
+        public = state.public_key
+        if not isinstance(public, rsa.RSAPublicKey):
+            raise KeyTypeInconsistentError(f"{_name(mech)} needs an RSA key")
+        if not state.can_decrypt:
+            raise KeyFunctionNotPermittedError(f"key {state.slot.hex} may not decrypt")
+        oaep: OaepParams | None = None
+        if mech == CKM.CKM_RSA_PKCS_OAEP:
+            oaep = mechanism.params if isinstance(mechanism.params, OaepParams) else None
+            if oaep is None or oaep.hash_alg not in _HASH_OF_CKM or oaep.mgf not in _HASH_OF_MGF:
+                raise MechanismParamInvalidError("OAEP needs hash_alg, mgf (SHA-1/2) and label")
+        k = (public.key_size + 7) // 8
+        if len(data) != k:
+            raise EncryptedDataLenRangeError(f"ciphertext must be {k} bytes")
+        if int.from_bytes(data, "big") >= public.public_numbers().n:
+            raise EncryptedDataInvalidError()
+        with self._session():
+            em = self._rsa_raw(state, bytes(data), EncryptedDataInvalidError)
+        if mech == CKM.CKM_RSA_X_509:
+            return em
+        if oaep is not None:
+            return oaep_unpad(
+                em, k, _HASH_OF_CKM[oaep.hash_alg], _HASH_OF_MGF[oaep.mgf], oaep.source_data
+            )
+        return pkcs1v15_unpad(em, k)
+
+    def sign(
+        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+    ) -> bytes:
+        mech = mechanism.mechanism
+        if mech not in _RSA_SIGN_MECHS and mech not in _EC_SIGN_MECHS:
+            raise MechanismInvalidError(f"{_name(mech)} cannot sign")
+        state = self._key(key)
+        if mech in _RSA_SIGN_MECHS:
+            if not isinstance(state.public_key, rsa.RSAPublicKey):
+                raise KeyTypeInconsistentError(f"{_name(mech)} needs an RSA key")
+        elif not isinstance(state.public_key, ec.EllipticCurvePublicKey):
+            raise KeyTypeInconsistentError(f"{_name(mech)} needs an EC key")
+        if not state.can_sign:
+            raise KeyFunctionNotPermittedError(f"key {state.slot.hex} may not sign")
+        if state.always_authenticate and context_pin is None:
+            # never rely on the card to refuse: the PIN must come with this very signature
+            raise UserNotLoggedInError("this key needs the PIN with every signature")
+        if isinstance(state.public_key, rsa.RSAPublicKey):
+            block = self._rsa_sign_block(state.public_key, mechanism, data)
+        else:
+            block = self._ecdsa_input(state.public_key, mech, data)
+        with self._session():
+            if context_pin is not None:
+                self._verify(context_pin)
+            if isinstance(state.public_key, rsa.RSAPublicKey):
+                return self._rsa_raw(state, block)
+            der = self._general_authenticate(state, TAG_CHALLENGE, block)
+        try:
+            r, s = decode_dss_signature(der)
+        except ValueError:
+            raise DeviceError("card returned a malformed ECDSA signature") from None
+        size = _field_len(state.public_key)
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+    @staticmethod
+    def _rsa_sign_block(public: rsa.RSAPublicKey, mechanism: Mechanism, data: bytes) -> bytes:
+        mech = mechanism.mechanism
+        k = (public.key_size + 7) // 8
+        if mech == CKM.CKM_RSA_PKCS:
+            return pkcs1v15_sign_pad(data, k)
+        if mech in _RSA_PKCS_HASHED:
+            name = _RSA_PKCS_HASHED[mech]
+            return pkcs1v15_sign_pad(_DIGEST_INFO[name] + hashlib.new(name, data).digest(), k)
+        params = mechanism.params
+        if (
+            not isinstance(params, PssParams)
+            or params.hash_alg not in _HASH_OF_CKM
+            or params.mgf not in _HASH_OF_MGF
+        ):
+            raise MechanismParamInvalidError("PSS needs hash_alg, mgf and s_len")
+        hash_name = _HASH_OF_CKM[params.hash_alg]
+        if mech in _RSA_PSS_HASHED:
+            if _RSA_PSS_HASHED[mech] != hash_name:
+                raise MechanismParamInvalidError("PSS hash_alg does not match the mechanism")
+            data = hashlib.new(hash_name, data).digest()
+        return pss_encode(data, public.key_size, hash_name, _HASH_OF_MGF[params.mgf], params.s_len)
+
+    @staticmethod
+    def _ecdsa_input(public: ec.EllipticCurvePublicKey, mech: CKM, data: bytes) -> bytes:
+        if mech in _ECDSA_HASHED:
+            data = hashlib.new(_ECDSA_HASHED[mech], data).digest()
+        elif not 1 <= len(data) <= 1024:
+            raise DataLenRangeError("ECDSA input must be a hash")
+        size = _field_len(public)
+        # leftmost bits of the hash (FIPS 186-4 §6.4); shorter hashes keep their value
+        return data[:size].rjust(size, b"\x00")
+
+    def derive(self, key: str, mechanism: Mechanism) -> bytes:
+        if mechanism.mechanism != CKM.CKM_ECDH1_DERIVE:
+            raise MechanismInvalidError(f"{_name(mechanism.mechanism)} cannot derive")
+        state = self._key(key)
+        public = state.public_key
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise KeyTypeInconsistentError("ECDH needs an EC key")
+        if not state.can_decrypt:
+            raise KeyFunctionNotPermittedError(f"key {state.slot.hex} may not derive")
+        params = mechanism.params
+        if not isinstance(params, Ecdh1DeriveParams):
+            raise MechanismParamInvalidError("ECDH1_DERIVE needs CK_ECDH1_DERIVE_PARAMS")
+        if params.kdf != CKD.CKD_NULL and params.kdf not in _KDF_HASHES:
+            raise MechanismParamInvalidError(f"unsupported KDF {params.kdf!r}")
+        if params.kdf == CKD.CKD_NULL and params.shared_data:
+            raise MechanismParamInvalidError("CKD_NULL takes no shared data")
+        point = _peer_point(public, params.public_data)
+        with self._session():
+            z = self._general_authenticate(state, TAG_EXPONENTIATION, point)
+        if len(z) != _field_len(public):
+            raise DeviceError("card returned a shared secret of the wrong size")
+        if params.kdf == CKD.CKD_NULL:
+            return z
+        algo = _KDF_HASHES[params.kdf]()
+        return X963KDF(
+            algorithm=algo, length=algo.digest_size, sharedinfo=params.shared_data
+        ).derive(z)
+
+    # -- provisioning --
+
+    def _mgmt_algorithm(self, key: bytes) -> PivAlgorithm:
+        raw = self._get_metadata(MANAGEMENT_KEY_REF)
+        if raw is not None and raw.get(TAG_META_ALGORITHM):
+            try:
+                return PivAlgorithm(raw[TAG_META_ALGORITHM][0])
+            except ValueError:
+                pass
+        by_len = {24: PivAlgorithm.TDES, 16: PivAlgorithm.AES_128, 32: PivAlgorithm.AES_256}
+        if len(key) not in by_len:
+            raise PinLenRangeError("management key must be 16, 24 or 32 bytes")
+        return by_len[len(key)]
+
+    def authenticate_management_key(self, key: bytes) -> None:
+        """Mutual authentication with the card management key 9B (SP 800-73-4 part 2
+        appendix A.1): the card proves the key too. Wrong key → PinIncorrectError."""
+        with self._session():
+            alg = self._mgmt_algorithm(key)
+            if len(key) != _MGMT_KEY_LEN.get(alg, -1):
+                raise PinLenRangeError(f"management key for {alg.name} has the wrong length")
+            cipher = _mgmt_cipher(alg, key)
+            block = _block_size(alg)
+            answer = _check(
+                self._send(
+                    CommandApdu(
+                        0,
+                        Ins.GENERAL_AUTHENTICATE,
+                        alg,
+                        MANAGEMENT_KEY_REF,
+                        dyn_auth((TAG_WITNESS, b"")),
+                        le=0,
+                    )
+                )
+            )
+            witness_enc = find_tlv(find_tlv(answer, TAG_DYN_AUTH) or b"", TAG_WITNESS)
+            if witness_enc is None or len(witness_enc) != block:
+                raise DeviceError("card sent no witness")
+            decryptor = cipher.decryptor()
+            witness = decryptor.update(witness_enc) + decryptor.finalize()
+            challenge = os.urandom(block)
+            rapdu = self._send(
+                CommandApdu(
+                    0,
+                    Ins.GENERAL_AUTHENTICATE,
+                    alg,
+                    MANAGEMENT_KEY_REF,
+                    dyn_auth((TAG_WITNESS, witness), (TAG_CHALLENGE, challenge)),
+                    le=0,
+                )
+            )
+            if rapdu.sw in (0x6A80, 0x6982) or _retries_in(rapdu.sw) is not None:
+                raise PinIncorrectError("management key incorrect")
+            answer = _check(rapdu)
+            response = find_tlv(find_tlv(answer, TAG_DYN_AUTH) or b"", TAG_RESPONSE)
+            encryptor = cipher.encryptor()
+            expected = encryptor.update(challenge) + encryptor.finalize()
+            if response is None or not hmac.compare_digest(response, expected):
+                raise DeviceError("card failed to prove the management key")
+
+    def generate_key(
+        self,
+        slot: PivSlot,
+        alg: PivAlgorithm,
+        pin_policy: PinPolicy | None = None,
+        touch_policy: TouchPolicy | None = None,
+    ) -> PublicKey:
+        """GENERATE ASYMMETRIC KEY PAIR in ``slot`` (needs management-key authentication).
+        The slot's old certificate no longer matches; write a new one with put_certificate."""
+        slot, alg = PivSlot(slot), PivAlgorithm(alg)
+        if not (alg.is_rsa or alg.is_ec):
+            raise KeySizeRangeError(f"{alg.name} is not an asymmetric algorithm")
+        template = [encode_tlv(TAG_GEN_ALGORITHM, bytes((alg,)))]
+        template += _policy_tlvs(pin_policy, touch_policy)
+        apdu = CommandApdu(
+            0,
+            Ins.GENERATE_ASYMMETRIC_KEY_PAIR,
+            0,
+            slot,
+            encode_tlv(TAG_GEN_TEMPLATE, template),
+            le=0,
+        )
+        with self._session():
+            body = _check(self._send(apdu), wrong_data=KeySizeRangeError)
+            try:
+                inner = find_tlv(body, TAG_PUBLIC_KEY)
+            except ValueError:
+                inner = None
+            if inner is None:
+                raise DeviceError("GENERATE answer has no public key")
+            public = _parse_public_key(alg, inner)
+            self._reload(slot, generated={slot: public})
+        return public
+
+    def import_key(
+        self,
+        slot: PivSlot,
+        private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+        pin_policy: PinPolicy | None = None,
+        touch_policy: TouchPolicy | None = None,
+    ) -> None:
+        """Vendor IMPORT ASYMMETRIC KEY (INS FE); needs management-key authentication."""
+        slot = PivSlot(slot)
+        alg = _algorithm_of(private_key)
+        if alg is None:
+            raise KeySizeRangeError("unsupported key type or size")
+        if isinstance(private_key, rsa.RSAPrivateKey):
+            numbers = private_key.private_numbers()
+            if numbers.public_numbers.e != 65537:
+                raise ArgumentsBadError("PIV cards need the public exponent 65537")
+            half = private_key.key_size // 16
+            parts = [
+                (0x01, numbers.p),
+                (0x02, numbers.q),
+                (0x03, numbers.dmp1),
+                (0x04, numbers.dmq1),
+                (0x05, numbers.iqmp),
+            ]
+            items = [encode_tlv(tag, value.to_bytes(half, "big")) for tag, value in parts]
+            public: PublicKey = private_key.public_key()
+        else:
+            size = (private_key.curve.key_size + 7) // 8
+            items = [
+                encode_tlv(0x06, private_key.private_numbers().private_value.to_bytes(size, "big"))
+            ]
+            public = private_key.public_key()
+        items += _policy_tlvs(pin_policy, touch_policy)
+        data = bytearray(b"".join(items))
+        try:
+            with self._session():
+                _check(self._send(CommandApdu(0, Ins.IMPORT_KEY, alg, slot, bytes(data))))
+                self._reload(slot, generated={slot: public})
+        finally:
+            _wipe(data)
+
+    def put_certificate(self, slot: PivSlot, der: bytes) -> None:
+        slot = PivSlot(slot)
+        try:
+            x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise ArgumentsBadError("not a DER X.509 certificate") from None
+        with self._session():
+            self._put_object(slot.object_id, certificate_object(der))
+            self._reload(slot, generated=self._known_keys(slot))
+            if slot.is_retired:
+                self._sync_key_history()
+
+    def delete_certificate(self, slot: PivSlot) -> None:
+        slot = PivSlot(slot)
+        with self._session():
+            self._put_object(slot.object_id, b"")
+            self._reload(slot, generated=self._known_keys(slot))
+            if slot.is_retired:
+                self._sync_key_history()
+
+    def _known_keys(self, slot: PivSlot) -> dict[PivSlot, PublicKey]:
+        state = self._slots.get(slot)
+        if state is None or state.public_key is None:
+            return {}
+        return {slot: state.public_key}
+
+    def move_key(self, src: PivSlot, dst: PivSlot | int, *, with_certificate: bool = True) -> None:
+        """Vendor MOVE KEY (INS F6). ``dst`` 0xFF deletes the key. The certificate moves
+        with the key (or is deleted with it) unless ``with_certificate`` is False."""
+        src = PivSlot(src)
+        delete = dst == DELETE_KEY
+        target = None if delete else PivSlot(dst)
+        with self._session():
+            cert_der = self._slots[src].cert_der if src in self._slots else None
+            known = self._known_keys(src)
+            _check(self._send(CommandApdu(0, Ins.MOVE_KEY, DELETE_KEY if delete else target, src)))
+            touched = [src]
+            if with_certificate and cert_der is not None:
+                if target is not None:
+                    self._put_object(target.object_id, certificate_object(cert_der))
+                self._put_object(src.object_id, b"")
+            if target is not None:
+                touched.append(target)
+                moved = {target: known[src]} if src in known else {}
+            else:
+                moved = {}
+            self._reload(*touched, generated=moved)
+            if src.is_retired or (target is not None and target.is_retired):
+                self._sync_key_history()
+
+    def _sync_key_history(self) -> None:
+        """Key History (5FC10C) C1 = retired keys whose certificate is on the card
+        (SP 800-73-4 part 1 §3.3.2); the off-card count and URL are kept as they were."""
+        on_card = sum(
+            1 for s in self._slots.values() if s.slot.is_retired and s.cert_der and s.has_key
+        )
+        current = self._read_key_history()
+        if current is not None and current[0] == on_card:
+            return
+        off, url = (current[1], current[2]) if current else (0, None)
+        self._put_object(PivObject.KEY_HISTORY, key_history_object(on_card, off, url))
+
+    def change_pin(self, old: bytearray, new: bytearray) -> None:
+        self._change_reference(Ins.CHANGE_REFERENCE_DATA, PIN_REF, old, new, digits=(True, True))
+
+    def change_puk(self, old: bytearray, new: bytearray) -> None:
+        self._change_reference(Ins.CHANGE_REFERENCE_DATA, PUK_REF, old, new, digits=(False, False))
+
+    def unblock_pin(self, puk: bytearray, new: bytearray) -> None:
+        self._change_reference(Ins.RESET_RETRY_COUNTER, PIN_REF, puk, new, digits=(False, True))
+
+    def _change_reference(
+        self, ins: Ins, ref: int, first: bytearray, second: bytearray, *, digits: tuple[bool, bool]
+    ) -> None:
+        a = pad_pin(first, digits_only=digits[0])
+        try:
+            b = pad_pin(second, digits_only=digits[1])
+        except TokendError:
+            _wipe(a)
+            raise
+        data = a + b
+        try:
+            with self._session():
+                _check(self._send(CommandApdu(0, ins, 0, ref, bytes(data))))
+        finally:
+            _wipe(a)
+            _wipe(b)
+            _wipe(data)
+
+    def set_management_key(
+        self, new_key: bytes, alg: PivAlgorithm = PivAlgorithm.TDES, *, require_touch: bool = False
+    ) -> None:
+        """Vendor SET MANAGEMENT KEY (INS FF); needs management-key authentication first."""
+        alg = PivAlgorithm(alg)
+        if len(new_key) != _MGMT_KEY_LEN.get(alg, -1):
+            raise ArgumentsBadError(
+                f"{alg.name} management keys are {_MGMT_KEY_LEN.get(alg)} bytes"
+            )
+        data = bytes((alg, MANAGEMENT_KEY_REF, len(new_key))) + bytes(new_key)
+        with self._session():
+            _check(
+                self._send(
+                    CommandApdu(
+                        0, Ins.SET_MANAGEMENT_KEY, 0xFF, 0xFE if require_touch else 0xFF, data
+                    )
+                )
+            )
+
+    def reset(self) -> None:
+        """Vendor RESET (INS FB): blocks PIN and PUK first (the card only resets then), with
+        an all-FF block that can never be a real PIN, then erases keys, certificates and
+        PIN/PUK/management key to the defaults."""
+        with self._session():
+            # An all-FF block is never a PIV PIN (6-8 digits); to burn PUK tries, RESET
+            # RETRY COUNTER carries that PUK with a well-formed new PIN, so a card that checks
+            # the new PIN's format first still counts the try.
+            never_puk = b"\xff" * 8 + b"00000000"
+            for ins, data in ((Ins.VERIFY, b"\xff" * 8), (Ins.RESET_RETRY_COUNTER, never_puk)):
+                for _ in range(16):
+                    sw = self._send(CommandApdu(0, ins, 0, PIN_REF, data)).sw
+                    if sw == 0x6983 or _retries_in(sw) == 0:
+                        break
+                    if _retries_in(sw) is None:
+                        raise error_for_sw(sw) if sw != 0x9000 else DeviceError("PIN not blocked")
+            _check(self._send(CommandApdu(0, Ins.RESET, 0, 0)))
+            self._metadata_supported = True
+            self._read_slots()
+
+    def status(self) -> TokenStatus:
+        slots = []
+        for slot in PivSlot:
+            state = self._slots.get(slot)
+            if state is None:
+                continue
+            alg = state.algorithm
+            origin = state.metadata.origin if state.metadata else None
+            slots.append(
+                KeySlotInfo(
+                    slot=slot.hex,
+                    role=slot.role,
+                    algorithm=_ALG_NAMES.get(alg) if alg is not None else None,
+                    certificate=state.cert_der,
+                    origin=origin.name.lower() if origin is not None else None,
+                )
+            )
+        version = ".".join(map(str, self._version)) if self._version else None
+        return TokenStatus(
+            identity=self.identity,
+            info=self.info,
+            pin=self.pin_status(),
+            slots=tuple(slots),
+            version=version,
+        )
+
+    def slot_metadata(self, slot: PivSlot) -> SlotMetadata | None:
+        state = self._slots.get(PivSlot(slot))
+        return state.metadata if state else None
+
+    # -- PKCS#11 objects --
+
+    def _rebuild_objects(self) -> None:
+        objects: list[TokenObject] = []
+        for slot in PivSlot:
+            state = self._slots.get(slot)
+            if state is not None:
+                objects += _slot_objects(state)
+        self._objects = tuple(objects)
+
+
+def _slot_objects(state: _SlotState) -> list[TokenObject]:
+    slot = state.slot
+    common = {
+        CKA.CKA_TOKEN: True,
+        CKA.CKA_ID: slot.cka_id,
+        CKA.CKA_LABEL: slot.label,
+        CKA.CKA_MODIFIABLE: False,
+    }
+    subject = state.certificate.subject.public_bytes() if state.certificate else b""
+    out: list[TokenObject] = []
+    if state.certificate is not None and state.cert_der is not None:
+        cert = state.certificate
+        out.append(
+            TokenObject(
+                f"cert:{slot.hex}",
+                {
+                    CKA.CKA_CLASS: CKO.CKO_CERTIFICATE,
+                    **common,
+                    CKA.CKA_PRIVATE: False,
+                    CKA.CKA_CERTIFICATE_TYPE: CKC.CKC_X_509,
+                    CKA.CKA_TRUSTED: False,
+                    CKA.CKA_VALUE: state.cert_der,
+                    CKA.CKA_SUBJECT: subject,
+                    CKA.CKA_ISSUER: cert.issuer.public_bytes(),
+                    CKA.CKA_SERIAL_NUMBER: asn1_core.Integer(cert.serial_number).dump(),
+                },
+            )
+        )
+    public = state.public_key
+    if not state.has_key or public is None:
+        return out
+    key_attrs: dict[CKA, bool | int | bytes | str | None]
+    if isinstance(public, rsa.RSAPublicKey):
+        numbers = public.public_numbers()
+        key_attrs = {
+            CKA.CKA_KEY_TYPE: CKK.CKK_RSA,
+            CKA.CKA_MODULUS: _int_bytes(numbers.n),
+            CKA.CKA_PUBLIC_EXPONENT: _int_bytes(numbers.e),
+            CKA.CKA_MODULUS_BITS: public.key_size,
+        }
+        is_rsa = True
+    else:
+        key_attrs = {
+            CKA.CKA_KEY_TYPE: CKK.CKK_EC,
+            CKA.CKA_EC_PARAMS: _ec_params_der(public),
+            CKA.CKA_EC_POINT: asn1_core.OctetString(_uncompressed(public)).dump(),
+        }
+        is_rsa = False
+    origin = state.metadata.origin if state.metadata else None
+    local = origin == KeyOrigin.GENERATED
+    spki = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    out.append(
+        TokenObject(
+            f"priv:{slot.hex}",
+            {
+                CKA.CKA_CLASS: CKO.CKO_PRIVATE_KEY,
+                **common,
+                **key_attrs,
+                CKA.CKA_PRIVATE: True,
+                CKA.CKA_SUBJECT: subject,
+                CKA.CKA_SENSITIVE: True,
+                CKA.CKA_ALWAYS_SENSITIVE: True,
+                CKA.CKA_EXTRACTABLE: False,
+                CKA.CKA_NEVER_EXTRACTABLE: local,
+                CKA.CKA_LOCAL: local,
+                CKA.CKA_DECRYPT: is_rsa and state.can_decrypt,
+                CKA.CKA_UNWRAP: is_rsa and state.can_decrypt,
+                CKA.CKA_DERIVE: (not is_rsa) and state.can_decrypt,
+                CKA.CKA_SIGN: state.can_sign,
+                CKA.CKA_SIGN_RECOVER: False,
+                CKA.CKA_ALWAYS_AUTHENTICATE: state.always_authenticate,
+                CKA.CKA_PUBLIC_KEY_INFO: spki,
+            },
+        )
+    )
+    out.append(
+        TokenObject(
+            f"pub:{slot.hex}",
+            {
+                CKA.CKA_CLASS: CKO.CKO_PUBLIC_KEY,
+                **common,
+                **key_attrs,
+                CKA.CKA_PRIVATE: False,
+                CKA.CKA_SUBJECT: subject,
+                CKA.CKA_ENCRYPT: is_rsa and state.can_decrypt,
+                CKA.CKA_WRAP: is_rsa and state.can_decrypt,
+                CKA.CKA_VERIFY: state.can_sign,
+                CKA.CKA_VERIFY_RECOVER: False,
+                CKA.CKA_DERIVE: False,
+                CKA.CKA_PUBLIC_KEY_INFO: spki,
+            },
+        )
+    )
+    return out
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+class _Bytes:
+    """Minimal readable file object over bytes for GzipFile (avoids io import noise)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
+        chunk = bytes(self._data[self._pos : end])
+        self._pos = end
+        return chunk
+
+
+E = TypeVar("E", bound=IntEnum)
+
+
+def _enum_or_none(enum: type[E], raw: bytes) -> E | None:
+    if not raw:
+        return None
+    try:
+        return enum(raw[0])
+    except ValueError:
+        return None
+
+
+def _policy_tlvs(pin_policy: PinPolicy | None, touch_policy: TouchPolicy | None) -> list[bytes]:
+    out = []
+    if pin_policy is not None and pin_policy != PinPolicy.DEFAULT:
+        out.append(encode_tlv(TAG_PIN_POLICY, bytes((pin_policy,))))
+    if touch_policy is not None and touch_policy != TouchPolicy.DEFAULT:
+        out.append(encode_tlv(TAG_TOUCH_POLICY, bytes((touch_policy,))))
+    return out
+
+
+def _peer_point(own: ec.EllipticCurvePublicKey, public_data: bytes) -> bytes:
+    """The peer's uncompressed point, given raw (04||X||Y) or as a DER OCTET STRING."""
+    raw_len = 2 * _field_len(own) + 1
+    point = bytes(public_data)
+    if not (len(point) == raw_len and point[0] == 0x04):
+        try:
+            point = bytes(asn1_core.OctetString.load(point).native)
+        except (ValueError, TypeError):
+            raise MechanismParamInvalidError("ECDH public data is not an EC point") from None
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(own.curve, point)
+    except ValueError:
+        raise MechanismParamInvalidError("ECDH public point is not on the key's curve") from None
+    if len(point) != raw_len:
+        raise MechanismParamInvalidError("ECDH public point must be uncompressed")
+    return point
+
+
+def _mgmt_cipher(alg: PivAlgorithm, key: bytes) -> Cipher[modes.ECB]:
+    if alg == PivAlgorithm.TDES:
+        algo: algorithms.AES | TripleDES = TripleDES(key)
+    elif alg in (PivAlgorithm.AES_128, PivAlgorithm.AES_192, PivAlgorithm.AES_256):
+        algo = algorithms.AES(key)
+    else:
+        raise ArgumentsBadError(f"{alg.name} is not a management key algorithm")
+    # single-block challenge/response: ECB is what SP 800-73-4 specifies here
+    return Cipher(algo, modes.ECB())  # noqa: S305
+
+
+def _block_size(alg: PivAlgorithm) -> int:
+    return 8 if alg == PivAlgorithm.TDES else 16
+
+
+def _name(mech: int) -> str:
+    try:
+        return CKM(mech).name
+    except ValueError:
+        return f"mechanism 0x{mech:X}"

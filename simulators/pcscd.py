@@ -1,0 +1,305 @@
+"""Test harness for the PC/SC path: a pcscd with vpcd's virtual readers, and helpers that
+wait for a reader's card state with ``SCardGetStatusChange`` (no sleeping in loops).
+
+`PcscdService` reuses a pcscd that already answers and lists the virtual readers; otherwise
+it starts ``pcscd --foreground -c <temp reader.conf.d>`` as a child and, at exit, stops only
+that child, by its PID. The same functions back the test fixtures and ``tokend simulate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from smartcard import scard
+
+from tokend.simulators.vpcd import (
+    VPCD_BASE_PORT,
+    VPCD_FRIENDLY_NAME,
+    VPCD_SLOTS,
+    vpcd_reader_name,
+)
+
+log = logging.getLogger(__name__)
+
+PCSCD_BINARY = Path("/usr/sbin/pcscd")
+#: Fixed at pcsc-lite build time (ipcdir); the client library finds pcscd here.
+PCSCD_SOCKET = Path("/run/pcscd/pcscd.comm")
+PCSCD_PID_FILE = Path("/run/pcscd/pcscd.pid")
+VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+SYSTEM_VPCD_CONF = Path("/etc/reader.conf.d/vpcd")
+
+#: pcscd ignores SIGTERM for at most this long before we SIGKILL it.
+STOP_TIMEOUT = 5.0
+
+
+def pcscd_unavailable_reason() -> str | None:
+    """Why the PC/SC test tier cannot run here (None when it can): for ``pytest.skip``."""
+    if not PCSCD_BINARY.exists():
+        return f"{PCSCD_BINARY} missing (Debian package pcscd)"
+    if not VPCD_DRIVER.exists():
+        return f"{VPCD_DRIVER} missing (Debian package vsmartcard-vpcd)"
+    if not _service_answers() and os.geteuid() != 0 and not _can_write_run_dir():
+        return "no running pcscd and not allowed to start one (needs write access to /run/pcscd)"
+    return None
+
+
+def _can_write_run_dir() -> bool:
+    run_dir = PCSCD_SOCKET.parent
+    return os.access(run_dir if run_dir.exists() else run_dir.parent, os.W_OK)
+
+
+def list_readers() -> list[str] | None:
+    """Reader names, [] when pcscd has none, None when no pcscd answers."""
+    rv, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if rv != scard.SCARD_S_SUCCESS:
+        return None
+    try:
+        rv, readers = scard.SCardListReaders(ctx, [])
+        if rv == scard.SCARD_E_NO_READERS_AVAILABLE:
+            return []
+        if rv != scard.SCARD_S_SUCCESS:
+            return None
+        return list(readers)
+    finally:
+        scard.SCardReleaseContext(ctx)
+
+
+def _service_answers() -> bool:
+    return PCSCD_SOCKET.exists() and list_readers() is not None
+
+
+def _card_present(event_state: int) -> bool:
+    # A mute card (no ATR) is as good as no card for us.
+    return bool(event_state & scard.SCARD_STATE_PRESENT) and not (
+        event_state & scard.SCARD_STATE_MUTE
+    )
+
+
+def _wait_reader(reader: str, want_present: bool, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    rv, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if rv != scard.SCARD_S_SUCCESS:
+        raise RuntimeError(f"pcscd not reachable: {scard.SCardGetErrorMessage(rv)}")
+    try:
+        current = scard.SCARD_STATE_UNAWARE
+        while True:
+            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            rv, states = scard.SCardGetStatusChange(ctx, remaining_ms, [(reader, current)])
+            if rv == scard.SCARD_E_TIMEOUT:
+                break
+            if rv != scard.SCARD_S_SUCCESS:
+                raise RuntimeError(
+                    f"SCardGetStatusChange({reader!r}): {scard.SCardGetErrorMessage(rv)}"
+                )
+            _name, event_state, atr = states[0]
+            if _card_present(event_state) == want_present:
+                return bytes(atr)
+            current = event_state & ~scard.SCARD_STATE_CHANGED
+            if time.monotonic() >= deadline:
+                break
+    finally:
+        scard.SCardReleaseContext(ctx)
+    state = "present" if want_present else "absent"
+    raise TimeoutError(f"card in {reader!r} not {state} after {timeout:.1f} s")
+
+
+def wait_present(reader: str, timeout: float = 5.0) -> bytes:
+    """Block until pcscd reports a card in ``reader``; return its ATR."""
+    return _wait_reader(reader, True, timeout)
+
+
+def wait_absent(reader: str, timeout: float = 5.0) -> None:
+    """Block until pcscd reports ``reader`` empty."""
+    _wait_reader(reader, False, timeout)
+
+
+def vpcd_conf_text(
+    friendly_name: str = VPCD_FRIENDLY_NAME, base_port: int = VPCD_BASE_PORT
+) -> str:
+    """A reader.conf.d entry for vpcd slots on ``base_port`` and ``base_port + 1``."""
+    return (
+        f'FRIENDLYNAME "{friendly_name}"\n'
+        f"DEVICENAME   /dev/null:0x{base_port:04X}\n"
+        f"LIBPATH      {VPCD_DRIVER}\n"
+        f"CHANNELID    0x{base_port:04X}\n"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # Field 3, after the parenthesised command name (which may contain spaces).
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
+class PcscdService:
+    """A pcscd with the vpcd readers, reused or started. Context manager.
+
+    ``reader_names`` are the virtual readers (slot 0, slot 1). ``started`` tells whether this
+    object owns the daemon; only then can ``stop()`` / ``start()`` cycle it (tests of pcscd
+    going away). The child's log is at ``log_path``.
+    """
+
+    def __init__(
+        self,
+        *,
+        friendly_name: str = VPCD_FRIENDLY_NAME,
+        base_port: int = VPCD_BASE_PORT,
+        debug: bool = False,
+        startup_timeout: float = 5.0,
+    ) -> None:
+        self.friendly_name = friendly_name
+        self.base_port = base_port
+        self.debug = debug
+        self.startup_timeout = startup_timeout
+        self.reader_names = [vpcd_reader_name(i, friendly_name) for i in range(VPCD_SLOTS)]
+        self.started = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def port(self, reader: int) -> int:
+        return self.base_port + reader
+
+    def _readers_listed(self) -> bool:
+        readers = list_readers()
+        return readers is not None and all(name in readers for name in self.reader_names)
+
+    def __enter__(self) -> PcscdService:
+        if PCSCD_SOCKET.exists() and self._readers_listed():
+            log.info("reusing the running pcscd")
+            return self
+        if _service_answers():
+            raise RuntimeError(
+                f"a pcscd is running without the readers {self.reader_names}; stop it or "
+                "add the vpcd entry to its reader.conf.d"
+            )
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self.stop()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def _conf_dir(self) -> Path:
+        if self._tmpdir is None:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="tokend-pcscd-")
+            base = Path(self._tmpdir.name)
+            conf = base / "reader.conf.d"
+            conf.mkdir()
+            default = self.friendly_name == VPCD_FRIENDLY_NAME
+            if default and self.base_port == VPCD_BASE_PORT and SYSTEM_VPCD_CONF.exists():
+                shutil.copy(SYSTEM_VPCD_CONF, conf / "vpcd")
+            else:
+                (conf / "vpcd").write_text(vpcd_conf_text(self.friendly_name, self.base_port))
+            self.log_path = base / "pcscd.log"
+        return Path(self._tmpdir.name) / "reader.conf.d"
+
+    def _clear_stale_pid_file(self) -> None:
+        """pcscd refuses to start while its PID file names a live process."""
+        try:
+            pid = int(PCSCD_PID_FILE.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if _pid_alive(pid) and _process_name(pid) == "pcscd":
+            if _process_state(pid) == "Z":
+                raise RuntimeError(
+                    f"pcscd {pid} is an unreaped zombie; its parent must reap it first"
+                )
+            raise RuntimeError(f"pcscd {pid} is running but does not answer on {PCSCD_SOCKET}")
+        log.info("removing stale %s (pid %d is gone)", PCSCD_PID_FILE, pid)
+        with contextlib.suppress(OSError):
+            PCSCD_PID_FILE.unlink()
+        # A socket left behind by a killed pcscd makes clients fail until the new one binds.
+        with contextlib.suppress(OSError):
+            PCSCD_SOCKET.unlink()
+
+    def start(self) -> None:
+        """Start our own pcscd child and wait until it lists the virtual readers."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._clear_stale_pid_file()
+        conf = self._conf_dir()
+        args = [str(PCSCD_BINARY), "--foreground", "-c", str(conf)]
+        if self.debug:
+            args.append("--debug")  # never --apdu by default: it logs PINs
+        assert self.log_path is not None
+        with open(self.log_path, "ab") as logfile:
+            self._proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT
+            )
+        self.started = True
+        deadline = time.monotonic() + self.startup_timeout
+        # Polling is the only option here: there is no service yet to wait on (≈10 ms).
+        while not self._readers_listed():
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise RuntimeError(f"pcscd exited with {code} at startup; see {self.log_path}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(
+                    f"pcscd did not list {self.reader_names} within {self.startup_timeout} s"
+                )
+            time.sleep(0.01)
+        log.info("started pcscd pid %d", self._proc.pid)
+
+    def stop(self) -> None:
+        """Stop the pcscd this object started (SIGTERM, then SIGKILL after 5 s)."""
+        proc = self._proc
+        if proc is None:
+            if not self.started:
+                raise RuntimeError("this pcscd was not started by us; refusing to stop it")
+            return
+        self._proc = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.info("stopped pcscd pid %d (exit %s)", proc.pid, proc.returncode)

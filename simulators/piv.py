@@ -1,0 +1,1163 @@
+"""A virtual PIV card: an APDU processor following NIST SP 800-73-4 (algorithm ids from
+SP 800-78-4) closely enough that OpenSC's PIV driver, yubikit and tokend's own driver accept
+it. It does real cryptography with `cryptography`, keeps PIN/PUK retry counters and can
+persist its state to a JSON file.
+
+Standard (SP 800-73-4) part: SELECT (any >= 5-byte prefix of the PIV AID), VERIFY (with data,
+status-only, ``P1=FF`` reset), CHANGE REFERENCE DATA (PIN 80, PUK 81), RESET RETRY COUNTER,
+GENERAL AUTHENTICATE (raw RSA, ECDSA with a DER signature, ECDH via tag 85, 9B
+mutual/external authentication with 3DES or AES), GENERATE ASYMMETRIC KEY PAIR, GET DATA /
+PUT DATA (certificates of 9A/9C/9D/9E and retired 82-95, Discovery, CHUID, CCC, Key History),
+command chaining, 61xx + GET RESPONSE, extended length.
+
+Vendor-specific part (YubiKey-compatible, *not* SP 800-73-4), marked ``YK_`` in `Ins`:
+FD GET VERSION, F8 GET SERIAL, F7 GET METADATA, FE IMPORT ASYMMETRIC KEY, FF SET MANAGEMENT
+KEY, FB RESET, FA SET PIN RETRIES, F6 MOVE / DELETE KEY. F9 (attestation) is not implemented.
+
+Simulator-only choices (documented here because a real card would not tell):
+
+- The card answers nothing but SELECT until the PIV applet is selected (6D00).
+- CHUID carries a random GUID chosen at construction (the token's stable identity, like a
+  serial number); the vendor RESET keeps that factory GUID and serial.
+- Key History (5FC10C): the card keeps ``keysWithOnCardCerts`` equal to the number of retired
+  slots holding both a key and its certificate; off-card count and URL are kept as written.
+- A PIN-always key (9C by default) needs a VERIFY before *each* use: the use consumes it.
+- The persisted state file holds PINs and private keys **unprotected** (PEM, no password); it
+  is written with mode 0600 and is for tests and demos only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hmac
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from tokend.iso7816 import SW, CommandApdu, Tlv, encode_tlv, parse_tlvs
+
+log = logging.getLogger(__name__)
+
+PIV_AID = bytes.fromhex("A000000308000010000100")
+#: Neutral T=1 ATR, historical bytes ``80 "tokend"`` (not a YubiKey ATR, so hosts treat the
+#: card as generic PIV).
+DEFAULT_ATR = bytes.fromhex("3B9713810180746F6B656E649B")
+DEFAULT_PIN = b"123456"
+DEFAULT_PUK = b"12345678"
+DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
+DEFAULT_RETRIES = 3
+#: Reported by the vendor GET VERSION (FD).
+FIRMWARE_VERSION = (5, 7, 1)
+
+#: Largest value of one data object (YubiKey-like limit).
+MAX_OBJECT_SIZE = 3072
+#: Largest command assembled from a chain.
+MAX_CHAIN_SIZE = 16384
+
+_STATE_FORMAT = "tokend-virtual-piv"
+_STATE_VERSION = 1
+
+
+class Ins(IntEnum):
+    """Instruction bytes. ``YK_`` members are YubiKey vendor extensions, not SP 800-73-4."""
+
+    VERIFY = 0x20
+    CHANGE_REFERENCE_DATA = 0x24
+    RESET_RETRY_COUNTER = 0x2C
+    GENERATE_ASYMMETRIC_KEY_PAIR = 0x47
+    GENERAL_AUTHENTICATE = 0x87
+    SELECT = 0xA4
+    GET_RESPONSE = 0xC0
+    GET_DATA = 0xCB
+    PUT_DATA = 0xDB
+    YK_MOVE_KEY = 0xF6
+    YK_GET_METADATA = 0xF7
+    YK_GET_SERIAL = 0xF8
+    YK_ATTEST = 0xF9
+    YK_SET_PIN_RETRIES = 0xFA
+    YK_RESET = 0xFB
+    YK_GET_VERSION = 0xFD
+    YK_IMPORT_KEY = 0xFE
+    YK_SET_MANAGEMENT_KEY = 0xFF
+
+
+class PivAlg(IntEnum):
+    """Cryptographic mechanism identifiers (SP 800-78-4 Table 6-2; 05/16 are vendor)."""
+
+    TDES_LEGACY = 0x00
+    TDES = 0x03
+    RSA_3072 = 0x05  # vendor (YubiKey 5.7)
+    RSA_1024 = 0x06
+    RSA_2048 = 0x07
+    AES_128 = 0x08
+    AES_192 = 0x0A
+    AES_256 = 0x0C
+    ECC_P256 = 0x11
+    ECC_P384 = 0x14
+    RSA_4096 = 0x16  # vendor (YubiKey 5.7)
+
+
+class KeyRef(IntEnum):
+    """Key references (SP 800-73-4 Table 4b); retired 82-95 are `RETIRED_SLOTS`."""
+
+    PIV_PIN = 0x80
+    PUK = 0x81
+    PIV_AUTHENTICATION = 0x9A
+    CARD_MANAGEMENT = 0x9B
+    DIGITAL_SIGNATURE = 0x9C
+    KEY_MANAGEMENT = 0x9D
+    CARD_AUTHENTICATION = 0x9E
+
+
+class PinPolicy(IntEnum):
+    """Vendor (YubiKey) PIN policy, tag AA at generate/import."""
+
+    DEFAULT = 0
+    NEVER = 1
+    ONCE = 2
+    ALWAYS = 3
+    MATCH_ONCE = 4
+    MATCH_ALWAYS = 5
+
+
+class TouchPolicy(IntEnum):
+    """Vendor (YubiKey) touch policy, tag AB. Stored and reported; the simulator never waits."""
+
+    DEFAULT = 0
+    NEVER = 1
+    ALWAYS = 2
+    CACHED = 3
+
+
+class KeyOrigin(IntEnum):
+    """Vendor GET METADATA origin (tag 03)."""
+
+    GENERATED = 1
+    IMPORTED = 2
+
+
+class DataTag(IntEnum):
+    """Data object tags (SP 800-73-4 Table 3) used by the card itself."""
+
+    DISCOVERY = 0x7E
+    BIOMETRIC_GROUP_TEMPLATE = 0x7F61
+    CARD_AUTHENTICATION_CERT = 0x5FC101
+    CHUID = 0x5FC102
+    FINGERPRINTS = 0x5FC103
+    PIV_AUTHENTICATION_CERT = 0x5FC105
+    SECURITY_OBJECT = 0x5FC106
+    CCC = 0x5FC107
+    FACIAL_IMAGE = 0x5FC108
+    PRINTED_INFORMATION = 0x5FC109
+    DIGITAL_SIGNATURE_CERT = 0x5FC10A
+    KEY_MANAGEMENT_CERT = 0x5FC10B
+    KEY_HISTORY = 0x5FC10C
+    RETIRED_CERT_1 = 0x5FC10D
+    RETIRED_CERT_20 = 0x5FC120
+    IRIS_IMAGES = 0x5FC121
+
+
+RETIRED_SLOTS = tuple(range(0x82, 0x96))
+KEY_SLOTS = (0x9A, 0x9C, 0x9D, 0x9E, *RETIRED_SLOTS)
+
+_CERT_TAGS = {
+    0x9A: DataTag.PIV_AUTHENTICATION_CERT,
+    0x9C: DataTag.DIGITAL_SIGNATURE_CERT,
+    0x9D: DataTag.KEY_MANAGEMENT_CERT,
+    0x9E: DataTag.CARD_AUTHENTICATION_CERT,
+    **{slot: DataTag.RETIRED_CERT_1 + i for i, slot in enumerate(RETIRED_SLOTS)},
+}
+#: Objects readable only after PIN verification (SP 800-73-4 Table 2).
+_PIN_PROTECTED_OBJECTS = frozenset(
+    {
+        DataTag.FINGERPRINTS,
+        DataTag.FACIAL_IMAGE,
+        DataTag.PRINTED_INFORMATION,
+        DataTag.IRIS_IMAGES,
+    }
+)
+_RSA_BITS = {
+    PivAlg.RSA_1024: 1024,
+    PivAlg.RSA_2048: 2048,
+    PivAlg.RSA_3072: 3072,
+    PivAlg.RSA_4096: 4096,
+}
+_EC_CURVES: dict[int, type[ec.EllipticCurve]] = {
+    PivAlg.ECC_P256: ec.SECP256R1,
+    PivAlg.ECC_P384: ec.SECP384R1,
+}
+_MGMT_KEY_LENGTHS = {
+    PivAlg.TDES_LEGACY: 24,
+    PivAlg.TDES: 24,
+    PivAlg.AES_128: 16,
+    PivAlg.AES_192: 24,
+    PivAlg.AES_256: 32,
+}
+# FASC-N of a non-federal issuer (agency code 9999), as yubikit and OpenSC examples use.
+_FASCN = bytes.fromhex("D4E739DA739CED39CE739D836858210842108421C84210C3EB")
+
+
+def cert_tag(slot: int) -> int:
+    """The certificate data object of a key slot (9A/9C/9D/9E, retired 82-95)."""
+    return int(_CERT_TAGS[slot])
+
+
+def build_chuid(guid: bytes) -> bytes:
+    """CHUID content (inside 53): FASC-N, GUID, expiry in ten years, empty signature."""
+    if len(guid) != 16:
+        raise ValueError("GUID must be 16 bytes")
+    expiry = (dt.date.today() + dt.timedelta(days=3650)).strftime("%Y%m%d").encode()
+    return b"".join(
+        (
+            encode_tlv(0x30, _FASCN),
+            encode_tlv(0x34, guid),
+            encode_tlv(0x35, expiry),
+            encode_tlv(0x3E),  # issuer signature: empty (unsigned CHUID)
+            encode_tlv(0xFE),  # error detection code
+        )
+    )
+
+
+def default_pin_policy(slot: int) -> PinPolicy:
+    """SP 800-73-4 access rule per key reference: 9C always, 9E never, others once."""
+    if slot == KeyRef.DIGITAL_SIGNATURE:
+        return PinPolicy.ALWAYS
+    if slot == KeyRef.CARD_AUTHENTICATION:
+        return PinPolicy.NEVER
+    return PinPolicy.ONCE
+
+
+class _CardError(Exception):
+    """Ends a command with a status word (internal control flow, never leaves the card)."""
+
+    def __init__(self, sw: int) -> None:
+        super().__init__(f"{sw:04X}")
+        self.sw = sw
+
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True, slots=True)
+class _SlotKey:
+    private_key: PrivateKey
+    alg: PivAlg
+    pin_policy: PinPolicy  # effective policy, never DEFAULT
+    touch_policy: TouchPolicy  # effective policy, never DEFAULT
+    origin: KeyOrigin
+
+
+@dataclass(slots=True)
+class _Counter:
+    """A PIN or PUK: padded 8-byte value, retry limit and tries left (persistent)."""
+
+    value: bytes
+    max_tries: int
+    left: int
+
+    @property
+    def blocked(self) -> bool:
+        return self.left == 0
+
+
+def _pad_reference(value: bytes) -> bytes:
+    return value.ljust(8, b"\xff")
+
+
+def _valid_reference(value: bytes) -> bool:
+    """8 bytes: 6-8 characters, right-padded with FF (SP 800-73-4 §2.4.3)."""
+    stripped = value.rstrip(b"\xff")
+    return len(value) == 8 and 6 <= len(stripped) <= 8 and b"\xff" not in stripped
+
+
+def _wrong_tries_sw(left: int) -> int:
+    return 0x63C0 | min(left, 0x0F)
+
+
+def _key_alg(key: PrivateKey) -> PivAlg:
+    if isinstance(key, rsa.RSAPrivateKey):
+        for alg, bits in _RSA_BITS.items():
+            if bits == key.key_size:
+                return PivAlg(alg)
+        raise ValueError(f"unsupported RSA key size {key.key_size}")
+    for alg, curve in _EC_CURVES.items():
+        if isinstance(key.curve, curve):
+            return PivAlg(alg)
+    raise ValueError(f"unsupported curve {key.curve.name}")
+
+
+def _public_key_tlvs(key: PrivateKey) -> bytes:
+    """The content of the 7F49 template: RSA ``81 n 82 e``, EC ``86 point``."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        numbers = key.public_key().public_numbers()
+        n = numbers.n.to_bytes((key.key_size + 7) // 8, "big")
+        e = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
+        return encode_tlv(0x81, n) + encode_tlv(0x82, e)
+    point = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return encode_tlv(0x86, point)
+
+
+def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
+    """``block^d mod n`` (CRT). `cryptography` has no raw private-key operation; the host
+    builds/strips the padding itself (SP 800-73-4 leaves padding to the host)."""
+    size = (key.key_size + 7) // 8
+    numbers = key.private_numbers()
+    n = numbers.public_numbers.n
+    c = int.from_bytes(block, "big")
+    if len(block) != size or c >= n:
+        raise _CardError(SW.SW_WRONG_DATA)
+    p, q = numbers.p, numbers.q
+    m1 = pow(c, numbers.dmp1, p)
+    m2 = pow(c, numbers.dmq1, q)
+    h = (numbers.iqmp * (m1 - m2)) % p
+    return (m2 + h * q).to_bytes(size, "big")
+
+
+def _mgmt_cipher(alg: int, key: bytes) -> Cipher[modes.ECB]:
+    # SP 800-73-4 9B authentication encrypts single random blocks: ECB is the spec.
+    if alg in (PivAlg.TDES, PivAlg.TDES_LEGACY):
+        return Cipher(TripleDES(key), modes.ECB())  # noqa: S305
+    return Cipher(algorithms.AES(key), modes.ECB())  # noqa: S305
+
+
+def _single_tlv(data: bytes, tag: int) -> Tlv:
+    try:
+        tlvs = parse_tlvs(data)
+    except ValueError:
+        raise _CardError(SW.SW_WRONG_DATA) from None
+    if len(tlvs) != 1 or tlvs[0].tag != tag:
+        raise _CardError(SW.SW_WRONG_DATA)
+    return tlvs[0]
+
+
+def _tlv_dict(data: bytes) -> dict[int, bytes]:
+    """Children by tag; duplicates are an error (a request must be unambiguous)."""
+    try:
+        tlvs = parse_tlvs(data)
+    except ValueError:
+        raise _CardError(SW.SW_WRONG_DATA) from None
+    out: dict[int, bytes] = {}
+    for tlv in tlvs:
+        if tlv.tag in out:
+            raise _CardError(SW.SW_WRONG_DATA)
+        out[tlv.tag] = tlv.value
+    return out
+
+
+def _policies(fields: dict[int, bytes], slot: int) -> tuple[PinPolicy, TouchPolicy]:
+    """Vendor tags AA (PIN policy) and AB (touch policy); biometric match is unsupported."""
+    pin, touch = PinPolicy.DEFAULT, TouchPolicy.DEFAULT
+    try:
+        if 0xAA in fields:
+            (raw,) = fields[0xAA]
+            pin = PinPolicy(raw)
+        if 0xAB in fields:
+            (raw,) = fields[0xAB]
+            touch = TouchPolicy(raw)
+    except ValueError:
+        raise _CardError(SW.SW_WRONG_DATA) from None
+    if pin in (PinPolicy.MATCH_ONCE, PinPolicy.MATCH_ALWAYS):
+        raise _CardError(SW.SW_WRONG_DATA)
+    if pin == PinPolicy.DEFAULT:
+        pin = default_pin_policy(slot)
+    if touch == TouchPolicy.DEFAULT:
+        touch = TouchPolicy.NEVER
+    return pin, touch
+
+
+class VirtualPivCard:
+    """A PIV card (SP 800-73-4 + YubiKey vendor extensions) behind `VirtualCard`.
+
+    ``serial``/``guid``: factory identity (random unless given). ``state_file``: load the
+    state from this file if it exists and save it there (0600) after every state change.
+    All methods may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        serial: int | None = None,
+        guid: bytes | None = None,
+        state_file: str | os.PathLike[str] | None = None,
+        atr: bytes = DEFAULT_ATR,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._atr = bytes(atr)
+        self._state_file = Path(state_file) if state_file is not None else None
+        self._serial = serial if serial is not None else 10_000_000 + secrets.randbelow(80_000_000)
+        if guid is not None and len(guid) != 16:
+            raise ValueError("GUID must be 16 bytes")
+        self._guid = bytes(guid) if guid is not None else secrets.token_bytes(16)
+        self._factory_reset()
+        self._clear_volatile()
+        self._dirty = False
+        if self._state_file is not None:
+            if self._state_file.exists():
+                self._restore(json.loads(self._state_file.read_text()))
+            else:
+                self._write(self._state_file)
+
+    # --- VirtualCard -----------------------------------------------------------------------
+
+    @property
+    def atr(self) -> bytes:
+        return self._atr
+
+    def power_on(self) -> None:
+        with self._lock:
+            self._clear_volatile()
+
+    def power_off(self) -> None:
+        with self._lock:
+            self._clear_volatile()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._clear_volatile()
+
+    def process(self, apdu: bytes) -> bytes:
+        """One command APDU in, one response APDU out; never raises (internal errors 6F00)."""
+        with self._lock:
+            try:
+                response = self._process(bytes(apdu))
+            except Exception as exc:  # the card must answer, whatever went wrong inside
+                log.error("virtual PIV card: internal error (%s)", type(exc).__name__)
+                self._pending_response = b""
+                response = SW.SW_UNKNOWN.to_bytes(2, "big")
+            if self._dirty and self._state_file is not None:
+                try:
+                    self._write(self._state_file)
+                except OSError as exc:
+                    log.error("virtual PIV card: cannot save state: %s", exc)
+            self._dirty = False
+            return response
+
+    # --- identity, persistence -------------------------------------------------------------
+
+    @property
+    def serial(self) -> int:
+        """The vendor serial number (GET SERIAL)."""
+        return self._serial
+
+    def set_serial(self, serial: int) -> None:
+        """Factory setting (not reachable over APDUs): the vendor serial number."""
+        if not 0 <= serial <= 0xFFFFFFFF:
+            raise ValueError("serial out of range")
+        with self._lock:
+            self._serial = serial
+            self._dirty = True
+            self._autosave()
+
+    @property
+    def guid(self) -> bytes:
+        """The GUID in the current CHUID (the factory GUID unless the host rewrote CHUID)."""
+        with self._lock:
+            chuid = self._objects.get(DataTag.CHUID)
+            if chuid:
+                with contextlib.suppress(ValueError):
+                    for tlv in parse_tlvs(chuid):
+                        if tlv.tag == 0x34 and len(tlv.value) == 16:
+                            return tlv.value
+            return self._guid
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the persistent state as JSON (mode 0600). PINs and private keys are stored
+        unprotected: this is a simulator file, not a key store."""
+        with self._lock:
+            self._write(Path(path))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        state_file: str | os.PathLike[str] | None = None,
+        atr: bytes = DEFAULT_ATR,
+    ) -> VirtualPivCard:
+        """A card with the state saved by `save` (volatile state starts cleared)."""
+        state = json.loads(Path(path).read_text())
+        card = cls(atr=atr)
+        card._restore(state)
+        card._state_file = Path(state_file) if state_file is not None else None
+        card._autosave()
+        return card
+
+    def _autosave(self) -> None:
+        if self._state_file is not None:
+            self._write(self._state_file)
+        self._dirty = False
+
+    def _write(self, path: Path) -> None:
+        text = json.dumps(self._snapshot(), indent=1, sort_keys=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".piv-", dir=path.parent)  # created 0600
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        def counter(c: _Counter) -> dict[str, Any]:
+            return {"value": c.value.hex(), "max": c.max_tries, "left": c.left}
+
+        keys = {}
+        for slot, k in self._keys.items():
+            pem = k.private_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            keys[f"{slot:02x}"] = {
+                "alg": int(k.alg),
+                "pin_policy": int(k.pin_policy),
+                "touch_policy": int(k.touch_policy),
+                "origin": int(k.origin),
+                "private_key_pem": pem.decode(),
+            }
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "warning": "unprotected simulator state: PINs and private keys in clear",
+            "serial": self._serial,
+            "guid": self._guid.hex(),
+            "pin": counter(self._pin),
+            "puk": counter(self._puk),
+            "management_key": {
+                "alg": int(self._mgmt_alg),
+                "key": self._mgmt_key.hex(),
+                "touch_policy": int(self._mgmt_touch),
+            },
+            "keys": keys,
+            "objects": {f"{tag:x}": value.hex() for tag, value in self._objects.items()},
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != _STATE_FORMAT or state.get("version") != _STATE_VERSION:
+            raise ValueError("not a virtual PIV card state file")
+
+        def counter(d: dict[str, Any]) -> _Counter:
+            return _Counter(bytes.fromhex(d["value"]), int(d["max"]), int(d["left"]))
+
+        keys: dict[int, _SlotKey] = {}
+        for slot_hex, k in state["keys"].items():
+            private_key = serialization.load_pem_private_key(
+                k["private_key_pem"].encode(), password=None
+            )
+            if not isinstance(private_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+                raise ValueError("unsupported key type in state file")
+            keys[int(slot_hex, 16)] = _SlotKey(
+                private_key,
+                PivAlg(k["alg"]),
+                PinPolicy(k["pin_policy"]),
+                TouchPolicy(k["touch_policy"]),
+                KeyOrigin(k["origin"]),
+            )
+        with self._lock:
+            self._serial = int(state["serial"])
+            self._guid = bytes.fromhex(state["guid"])
+            self._pin = counter(state["pin"])
+            self._puk = counter(state["puk"])
+            mgmt = state["management_key"]
+            self._mgmt_alg = PivAlg(mgmt["alg"])
+            self._mgmt_key = bytes.fromhex(mgmt["key"])
+            self._mgmt_touch = TouchPolicy(mgmt["touch_policy"])
+            self._keys = keys
+            self._objects = {int(t, 16): bytes.fromhex(v) for t, v in state["objects"].items()}
+            self._clear_volatile()
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _factory_reset(self) -> None:
+        """Persistent state as shipped: default PIN/PUK/management key, no keys, CHUID + CCC."""
+        self._pin = _Counter(_pad_reference(DEFAULT_PIN), DEFAULT_RETRIES, DEFAULT_RETRIES)
+        self._puk = _Counter(_pad_reference(DEFAULT_PUK), DEFAULT_RETRIES, DEFAULT_RETRIES)
+        self._mgmt_alg = PivAlg.TDES
+        self._mgmt_key = DEFAULT_MANAGEMENT_KEY
+        self._mgmt_touch = TouchPolicy.NEVER
+        self._keys: dict[int, _SlotKey] = {}
+        self._objects: dict[int, bytes] = {
+            DataTag.CHUID: build_chuid(self._guid),
+            DataTag.CCC: self._make_ccc(),
+        }
+
+    @staticmethod
+    def _make_ccc() -> bytes:
+        card_id = bytes.fromhex("A0000001 16 FF 02".replace(" ", "")) + secrets.token_bytes(14)
+        parts = [encode_tlv(0xF0, card_id), encode_tlv(0xF1, b"\x21"), encode_tlv(0xF2, b"\x21")]
+        parts += [encode_tlv(0xF3), encode_tlv(0xF4, b"\x00"), encode_tlv(0xF5, b"\x10")]
+        parts += [encode_tlv(tag) for tag in (0xF6, 0xF7, 0xFA, 0xFB, 0xFC, 0xFD, 0xFE)]
+        return b"".join(parts)
+
+    def _clear_volatile(self) -> None:
+        self._selected = False
+        self._pin_verified = False
+        self._pin_always = False  # a fresh VERIFY, consumed by a PIN-always key
+        self._mgmt_authenticated = False
+        self._mgmt_pending: tuple[str, bytes] | None = None  # ("witness"|"challenge", value)
+        self._chain_header: tuple[int, int, int] | None = None
+        self._chain_data = bytearray()
+        self._pending_response = b""
+
+    # --- dispatch --------------------------------------------------------------------------
+
+    def _process(self, raw: bytes) -> bytes:
+        try:
+            cmd = CommandApdu.decode(raw)
+        except ValueError:
+            self._chain_header, self._chain_data = None, bytearray()
+            return self._sw(SW.SW_WRONG_LENGTH)
+        body = raw[4:]
+        extended = len(body) >= 3 and body[0] == 0
+        if cmd.cla & ~0x10:
+            return self._sw(SW.SW_CLA_NOT_SUPPORTED)
+        if cmd.ins == Ins.GET_RESPONSE and not cmd.cla & 0x10:
+            return self._get_response(cmd)
+        self._pending_response = b""  # any other command discards what GET RESPONSE had
+        header = (cmd.ins, cmd.p1, cmd.p2)
+        if cmd.cla & 0x10:
+            if cmd.ins in (Ins.SELECT, Ins.GET_RESPONSE):
+                return self._sw(SW.SW_COMMAND_CHAINING_NOT_SUPPORTED)
+            if self._chain_header != header:  # a different header aborts the old chain
+                self._chain_header, self._chain_data = header, bytearray()
+            self._chain_data += cmd.data
+            if len(self._chain_data) > MAX_CHAIN_SIZE:
+                self._chain_header, self._chain_data = None, bytearray()
+                return self._sw(SW.SW_NOT_ENOUGH_MEMORY)
+            return self._sw(SW.SW_OK)
+        data = cmd.data
+        if self._chain_header is not None:
+            if self._chain_header == header:
+                data = bytes(self._chain_data) + data
+            self._chain_header, self._chain_data = None, bytearray()
+        try:
+            result = self._dispatch(cmd.ins, cmd.p1, cmd.p2, data)
+        except _CardError as err:
+            return self._sw(err.sw)
+        return self._respond(result, extended)
+
+    @staticmethod
+    def _sw(sw: int) -> bytes:
+        return int(sw).to_bytes(2, "big")
+
+    def _respond(self, data: bytes, extended: bool) -> bytes:
+        # Le is ignored for sizing (yubikit sends none): up to 256 bytes, then 61xx.
+        if extended or len(data) <= 256:
+            return data + self._sw(SW.SW_OK)
+        self._pending_response = data[256:]
+        return data[:256] + bytes((0x61, min(len(self._pending_response), 256) & 0xFF))
+
+    def _get_response(self, cmd: CommandApdu) -> bytes:
+        if cmd.p1 or cmd.p2:
+            return self._sw(SW.SW_INCORRECT_P1P2)
+        if not self._pending_response:
+            return self._sw(SW.SW_CONDITIONS_NOT_SATISFIED)
+        size = min(cmd.le or 256, 256)
+        chunk, self._pending_response = (
+            self._pending_response[:size],
+            self._pending_response[size:],
+        )
+        rest = len(self._pending_response)
+        if rest:
+            return chunk + bytes((0x61, min(rest, 256) & 0xFF))
+        return chunk + self._sw(SW.SW_OK)
+
+    def _dispatch(self, ins: int, p1: int, p2: int, data: bytes) -> bytes:
+        if ins == Ins.SELECT:
+            return self._select(p1, p2, data)
+        if not self._selected:
+            raise _CardError(SW.SW_INS_NOT_SUPPORTED)
+        handlers = {
+            Ins.VERIFY: self._verify,
+            Ins.CHANGE_REFERENCE_DATA: self._change_reference_data,
+            Ins.RESET_RETRY_COUNTER: self._reset_retry_counter,
+            Ins.GENERAL_AUTHENTICATE: self._general_authenticate,
+            Ins.GENERATE_ASYMMETRIC_KEY_PAIR: self._generate,
+            Ins.GET_DATA: self._get_data,
+            Ins.PUT_DATA: self._put_data,
+            Ins.YK_GET_VERSION: self._yk_get_version,
+            Ins.YK_GET_SERIAL: self._yk_get_serial,
+            Ins.YK_GET_METADATA: self._yk_get_metadata,
+            Ins.YK_IMPORT_KEY: self._yk_import_key,
+            Ins.YK_SET_MANAGEMENT_KEY: self._yk_set_management_key,
+            Ins.YK_RESET: self._yk_reset,
+            Ins.YK_SET_PIN_RETRIES: self._yk_set_pin_retries,
+            Ins.YK_MOVE_KEY: self._yk_move_key,
+        }
+        handler = handlers.get(ins)  # type: ignore[call-overload]
+        if handler is None:
+            raise _CardError(SW.SW_INS_NOT_SUPPORTED)
+        return handler(p1, p2, data)
+
+    def _require_mgmt(self) -> None:
+        if not self._mgmt_authenticated:
+            raise _CardError(SW.SW_SECURITY_STATUS_NOT_SATISFIED)
+
+    def _changed(self) -> None:
+        self._dirty = True
+
+    # --- SELECT ----------------------------------------------------------------------------
+
+    def _select(self, p1: int, p2: int, data: bytes) -> bytes:
+        if p1 != 0x04:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        if len(data) < 5 or not PIV_AID.startswith(data):
+            self._clear_volatile()  # another (absent) application: PIV is deselected
+            raise _CardError(SW.SW_FILE_NOT_FOUND)
+        if not self._selected:
+            self._clear_volatile()
+            self._selected = True
+        # Application Property Template: PIX + version, coexistent tag allocation authority.
+        return encode_tlv(
+            0x61,
+            encode_tlv(0x4F, PIV_AID[5:]) + encode_tlv(0x79, encode_tlv(0x4F, PIV_AID[:5])),
+        )
+
+    # --- PIN / PUK -------------------------------------------------------------------------
+
+    def _counter(self, ref: int) -> _Counter:
+        if ref == KeyRef.PIV_PIN:
+            return self._pin
+        if ref == KeyRef.PUK:
+            return self._puk
+        raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
+
+    def _check(self, counter: _Counter, value: bytes) -> None:
+        """Compare a PIN/PUK, counting the try; raises 6983 / 63Cx."""
+        if counter.blocked:
+            raise _CardError(SW.SW_AUTH_METHOD_BLOCKED)
+        if hmac.compare_digest(counter.value, value):
+            if counter.left != counter.max_tries:
+                counter.left = counter.max_tries
+                self._changed()
+            return
+        counter.left -= 1
+        self._changed()
+        if counter is self._pin:
+            self._pin_verified = self._pin_always = False
+        raise _CardError(_wrong_tries_sw(counter.left))
+
+    def _verify(self, p1: int, p2: int, data: bytes) -> bytes:
+        if p2 != KeyRef.PIV_PIN:  # global PIN 00 and OCC 96 are not offered (Discovery)
+            raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
+        if p1 == 0xFF:
+            if data:
+                raise _CardError(SW.SW_WRONG_DATA)
+            self._pin_verified = self._pin_always = False
+            return b""
+        if p1 != 0x00:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        if not data:  # status query
+            if self._pin.blocked:
+                raise _CardError(SW.SW_AUTH_METHOD_BLOCKED)
+            if self._pin_verified:
+                return b""
+            raise _CardError(_wrong_tries_sw(self._pin.left))
+        if len(data) != 8:
+            raise _CardError(SW.SW_WRONG_DATA)
+        self._check(self._pin, data)
+        self._pin_verified = self._pin_always = True
+        return b""
+
+    def _change_reference_data(self, p1: int, p2: int, data: bytes) -> bytes:
+        if p1 != 0x00:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        counter = self._counter(p2)
+        if len(data) != 16:
+            raise _CardError(SW.SW_WRONG_DATA)
+        old, new = data[:8], data[8:]
+        if counter.blocked:
+            raise _CardError(SW.SW_AUTH_METHOD_BLOCKED)
+        if not _valid_reference(new):  # before counting a try: a malformed request is free
+            raise _CardError(SW.SW_WRONG_DATA)
+        self._check(counter, old)
+        counter.value = new
+        counter.left = counter.max_tries
+        self._changed()
+        return b""
+
+    def _reset_retry_counter(self, p1: int, p2: int, data: bytes) -> bytes:
+        if p1 != 0x00:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        if p2 != KeyRef.PIV_PIN:
+            raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
+        if len(data) != 16:
+            raise _CardError(SW.SW_WRONG_DATA)
+        puk, new_pin = data[:8], data[8:]
+        if self._puk.blocked:
+            raise _CardError(SW.SW_AUTH_METHOD_BLOCKED)
+        if not _valid_reference(new_pin):
+            raise _CardError(SW.SW_WRONG_DATA)
+        self._check(self._puk, puk)
+        self._pin.value = new_pin
+        self._pin.left = self._pin.max_tries
+        self._pin_verified = self._pin_always = False
+        self._changed()
+        return b""
+
+    # --- GENERAL AUTHENTICATE --------------------------------------------------------------
+
+    def _general_authenticate(self, p1: int, p2: int, data: bytes) -> bytes:
+        fields = _tlv_dict(_single_tlv(data, 0x7C).value)
+        if p2 == KeyRef.CARD_MANAGEMENT:
+            return self._authenticate_management(p1, fields)
+        if p2 not in KEY_SLOTS:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        slot_key = self._keys.get(p2)
+        if slot_key is None:
+            raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
+        if p1 != slot_key.alg:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        self._require_pin_for(slot_key)
+        key = slot_key.private_key
+        challenge, peer = fields.get(0x81), fields.get(0x85)
+        if fields.get(0x82, b"") or (challenge is None) == (peer is None):
+            raise _CardError(SW.SW_WRONG_DATA)
+        if isinstance(key, rsa.RSAPrivateKey):
+            if challenge is None:
+                raise _CardError(SW.SW_WRONG_DATA)
+            result = _raw_rsa(key, challenge)
+        elif challenge is not None:
+            result = self._ecdsa(key, challenge)
+        else:
+            assert peer is not None
+            try:
+                peer_key = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, peer)
+                result = key.exchange(ec.ECDH(), peer_key)
+            except ValueError:
+                raise _CardError(SW.SW_WRONG_DATA) from None
+        return encode_tlv(0x7C, encode_tlv(0x82, result))
+
+    def _require_pin_for(self, slot_key: _SlotKey) -> None:
+        if slot_key.pin_policy == PinPolicy.NEVER:
+            return
+        if not self._pin_verified:
+            raise _CardError(SW.SW_SECURITY_STATUS_NOT_SATISFIED)
+        if slot_key.pin_policy == PinPolicy.ALWAYS:
+            if not self._pin_always:
+                raise _CardError(SW.SW_SECURITY_STATUS_NOT_SATISFIED)
+            self._pin_always = False  # consumed: the next use needs a new VERIFY
+
+    @staticmethod
+    def _ecdsa(key: ec.EllipticCurvePrivateKey, digest: bytes) -> bytes:
+        size = (key.curve.key_size + 7) // 8
+        # The host sends the hash left-truncated/padded to the field size; be lenient.
+        digest = digest[:size].rjust(size, b"\x00")
+        algorithm = hashes.SHA256() if size == 32 else hashes.SHA384()
+        return key.sign(digest, ec.ECDSA(utils.Prehashed(algorithm)))
+
+    def _authenticate_management(self, alg: int, fields: dict[int, bytes]) -> bytes:
+        """9B: mutual (witness 80, then 80+81) or external (challenge 81, then 82)."""
+        if alg != self._mgmt_alg and not (
+            {alg, self._mgmt_alg} <= {PivAlg.TDES, PivAlg.TDES_LEGACY}
+        ):
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        cipher = _mgmt_cipher(self._mgmt_alg, self._mgmt_key)
+        block = 8 if self._mgmt_alg in (PivAlg.TDES, PivAlg.TDES_LEGACY) else 16
+        pending, self._mgmt_pending = self._mgmt_pending, None
+        witness, challenge, response = fields.get(0x80), fields.get(0x81), fields.get(0x82)
+
+        def encrypt(value: bytes) -> bytes:
+            enc = cipher.encryptor()
+            return enc.update(value) + enc.finalize()
+
+        def fail() -> _CardError:
+            self._mgmt_authenticated = False
+            return _CardError(SW.SW_SECURITY_STATUS_NOT_SATISFIED)
+
+        if witness == b"" and not challenge and not response:  # mutual, step 1
+            plain = secrets.token_bytes(block)
+            self._mgmt_pending = ("witness", plain)
+            return encode_tlv(0x7C, encode_tlv(0x80, encrypt(plain)))
+        if challenge == b"" and witness is None and not response:  # external, step 1
+            value = secrets.token_bytes(block)
+            self._mgmt_pending = ("challenge", value)
+            return encode_tlv(0x7C, encode_tlv(0x81, value))
+        if witness and challenge and not response:  # mutual, step 2 (82 00 optional)
+            if (
+                pending is None
+                or pending[0] != "witness"
+                or not hmac.compare_digest(pending[1], witness)
+            ):
+                raise fail()
+            if len(challenge) != block:
+                raise fail()
+            self._mgmt_authenticated = True
+            return encode_tlv(0x7C, encode_tlv(0x82, encrypt(challenge)))
+        if response and witness is None and challenge is None:  # external, step 2
+            if (
+                pending is None
+                or pending[0] != "challenge"
+                or not hmac.compare_digest(encrypt(pending[1]), response)
+            ):
+                raise fail()
+            self._mgmt_authenticated = True
+            return b""
+        raise _CardError(SW.SW_WRONG_DATA)
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def _key_slot(self, slot: int) -> int:
+        if slot not in KEY_SLOTS:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        return slot
+
+    def _store_key(
+        self, slot: int, key: PrivateKey, fields: dict[int, bytes], origin: KeyOrigin
+    ) -> None:
+        pin, touch = _policies(fields, slot)
+        self._keys[slot] = _SlotKey(key, _key_alg(key), pin, touch, origin)
+        self._sync_key_history()
+        self._changed()
+
+    def _generate(self, p1: int, p2: int, data: bytes) -> bytes:
+        if p1 != 0x00:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        slot = self._key_slot(p2)
+        self._require_mgmt()
+        fields = _tlv_dict(_single_tlv(data, 0xAC).value)
+        alg_field = fields.get(0x80, b"")
+        if len(alg_field) != 1:
+            raise _CardError(SW.SW_WRONG_DATA)
+        alg = alg_field[0]
+        key: PrivateKey
+        if alg in _RSA_BITS:
+            key = rsa.generate_private_key(65537, _RSA_BITS[alg])
+        elif alg in _EC_CURVES:
+            key = ec.generate_private_key(_EC_CURVES[alg]())
+        else:
+            raise _CardError(SW.SW_WRONG_DATA)
+        _policies(fields, slot)  # validate before storing
+        self._store_key(slot, key, fields, KeyOrigin.GENERATED)
+        return encode_tlv(0x7F49, _public_key_tlvs(key))
+
+    # --- data objects ----------------------------------------------------------------------
+
+    @staticmethod
+    def _object_tag(data: bytes) -> tuple[int, bytes]:
+        """Split ``5C L tag`` off the front; returns the tag and what follows."""
+        if len(data) < 3 or data[0] != 0x5C or not 1 <= data[1] <= 3:
+            raise _CardError(SW.SW_WRONG_DATA)
+        end = 2 + data[1]
+        if len(data) < end:
+            raise _CardError(SW.SW_WRONG_DATA)
+        return int.from_bytes(data[2:end], "big"), data[end:]
+
+    def _get_data(self, p1: int, p2: int, data: bytes) -> bytes:
+        if (p1, p2) != (0x3F, 0xFF):
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        tag, rest = self._object_tag(data)
+        if rest:
+            raise _CardError(SW.SW_WRONG_DATA)
+        if tag == DataTag.DISCOVERY:
+            # PIV AID; PIN usage policy: PIV PIN only, PIV PIN primary.
+            return encode_tlv(
+                0x7E, encode_tlv(0x4F, PIV_AID) + encode_tlv(0x5F2F, bytes((0x40, 0x00)))
+            )
+        if tag in _PIN_PROTECTED_OBJECTS and not self._pin_verified:
+            raise _CardError(SW.SW_SECURITY_STATUS_NOT_SATISFIED)
+        value = self._objects.get(tag)
+        if value is None:
+            raise _CardError(SW.SW_FILE_NOT_FOUND)
+        return encode_tlv(0x53, value)
+
+    @staticmethod
+    def _writable(tag: int) -> bool:
+        return 0x5FC101 <= tag <= 0x5FC123 or 0x5FFF00 <= tag <= 0x5FFFFF
+
+    def _put_data(self, p1: int, p2: int, data: bytes) -> bytes:
+        if (p1, p2) != (0x3F, 0xFF):
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        self._require_mgmt()
+        tag, rest = self._object_tag(data)
+        if not self._writable(tag):
+            raise _CardError(SW.SW_WRONG_DATA)
+        value = _single_tlv(rest, 0x53).value
+        if len(value) > MAX_OBJECT_SIZE:
+            raise _CardError(SW.SW_NOT_ENOUGH_MEMORY)
+        if value:
+            self._objects[tag] = value
+        else:  # 53 00 deletes the object
+            self._objects.pop(tag, None)
+        if tag == DataTag.KEY_HISTORY or DataTag.RETIRED_CERT_1 <= tag <= DataTag.RETIRED_CERT_20:
+            self._sync_key_history()
+        self._changed()
+        return b""
+
+    def _sync_key_history(self) -> None:
+        """Keep keysWithOnCardCerts (C1) equal to the retired slots holding key + cert;
+        keysWithOffCardCerts (C2) and the URL (F3) stay as the host wrote them."""
+        on_card = sum(1 for s in RETIRED_SLOTS if s in self._keys and cert_tag(s) in self._objects)
+        existing = self._objects.get(DataTag.KEY_HISTORY)
+        if existing is None and on_card == 0:
+            return
+        off_card, url = 0, None
+        if existing:
+            with contextlib.suppress(ValueError):
+                for tlv in parse_tlvs(existing):
+                    if tlv.tag == 0xC2 and len(tlv.value) == 1:
+                        off_card = tlv.value[0]
+                    elif tlv.tag == 0xF3:
+                        url = tlv.value
+        parts = [encode_tlv(0xC1, bytes((on_card,))), encode_tlv(0xC2, bytes((off_card,)))]
+        if url is not None:
+            parts.append(encode_tlv(0xF3, url))
+        parts.append(encode_tlv(0xFE))
+        self._objects[DataTag.KEY_HISTORY] = b"".join(parts)
+
+    # --- vendor (YubiKey-compatible) extensions --------------------------------------------
+
+    def _yk_get_version(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor FD GET VERSION."""
+        return bytes(FIRMWARE_VERSION)
+
+    def _yk_get_serial(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor F8 GET SERIAL."""
+        return self._serial.to_bytes(4, "big")
+
+    def _yk_get_metadata(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor F7 GET METADATA: 01 alg, 02 policy, 03 origin, 04 public key, 05 is-default,
+        06 retries (total, left)."""
+        if p2 in (KeyRef.PIV_PIN, KeyRef.PUK):
+            counter = self._counter(p2)
+            default = _pad_reference(DEFAULT_PIN if p2 == KeyRef.PIV_PIN else DEFAULT_PUK)
+            return (
+                encode_tlv(0x01, b"\xff")
+                + encode_tlv(0x05, bytes((int(counter.value == default),)))
+                + encode_tlv(0x06, bytes((counter.max_tries, counter.left)))
+            )
+        if p2 == KeyRef.CARD_MANAGEMENT:
+            is_default = (
+                self._mgmt_alg in (PivAlg.TDES, PivAlg.TDES_LEGACY)
+                and self._mgmt_key == DEFAULT_MANAGEMENT_KEY
+            )
+            return (
+                encode_tlv(0x01, bytes((self._mgmt_alg,)))
+                + encode_tlv(0x02, bytes((PinPolicy.NEVER, self._mgmt_touch)))
+                + encode_tlv(0x05, bytes((int(is_default),)))
+            )
+        slot_key = self._keys.get(self._key_slot(p2))
+        if slot_key is None:
+            raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
+        return (
+            encode_tlv(0x01, bytes((slot_key.alg,)))
+            + encode_tlv(0x02, bytes((slot_key.pin_policy, slot_key.touch_policy)))
+            + encode_tlv(0x03, bytes((slot_key.origin,)))
+            + encode_tlv(0x04, _public_key_tlvs(slot_key.private_key))
+        )
+
+    def _yk_import_key(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor FE IMPORT ASYMMETRIC KEY: RSA ``01 p 02 q 03 dP 04 dQ 05 qInv``
+        (e = 65537) or EC ``06 d``; optional AA / AB."""
+        slot = self._key_slot(p2)
+        self._require_mgmt()
+        fields = _tlv_dict(data)
+        key: PrivateKey
+        if p1 in _RSA_BITS:
+            try:
+                p, q, dmp1, dmq1, iqmp = (int.from_bytes(fields[t], "big") for t in range(1, 6))
+            except KeyError:
+                raise _CardError(SW.SW_WRONG_DATA) from None
+            e = 65537
+            if p < 3 or q < 3 or (p * q).bit_length() != _RSA_BITS[p1]:
+                raise _CardError(SW.SW_WRONG_DATA)
+            try:
+                d = rsa.rsa_recover_private_exponent(e, p, q)
+                if (dmp1, dmq1, iqmp) != (d % (p - 1), d % (q - 1), pow(q, -1, p)):
+                    raise ValueError("inconsistent CRT components")
+                key = rsa.RSAPrivateNumbers(
+                    p, q, d, dmp1, dmq1, iqmp, rsa.RSAPublicNumbers(e, p * q)
+                ).private_key()
+            except ValueError:
+                raise _CardError(SW.SW_WRONG_DATA) from None
+        elif p1 in _EC_CURVES:
+            scalar = fields.get(0x06)
+            curve = _EC_CURVES[p1]()
+            if scalar is None or len(scalar) != (curve.key_size + 7) // 8:
+                raise _CardError(SW.SW_WRONG_DATA)
+            try:
+                key = ec.derive_private_key(int.from_bytes(scalar, "big"), curve)
+            except ValueError:
+                raise _CardError(SW.SW_WRONG_DATA) from None
+        else:
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        self._store_key(slot, key, fields, KeyOrigin.IMPORTED)
+        return b""
+
+    def _yk_set_management_key(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor FF SET MANAGEMENT KEY: ``00 FF FF FF|FE  <alg> 9B <len> <key>``."""
+        if p1 != 0xFF or p2 not in (0xFE, 0xFF):
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        self._require_mgmt()
+        if not data:
+            raise _CardError(SW.SW_WRONG_DATA)
+        alg = data[0]
+        key = _single_tlv(data[1:], KeyRef.CARD_MANAGEMENT).value
+        if alg not in _MGMT_KEY_LENGTHS or len(key) != _MGMT_KEY_LENGTHS[alg]:
+            raise _CardError(SW.SW_WRONG_DATA)
+        self._mgmt_alg = PivAlg.TDES if alg == PivAlg.TDES_LEGACY else PivAlg(alg)
+        self._mgmt_key = bytes(key)
+        self._mgmt_touch = TouchPolicy.ALWAYS if p2 == 0xFE else TouchPolicy.NEVER
+        self._changed()
+        return b""
+
+    def _yk_reset(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor FB RESET: back to factory state, allowed only with PIN and PUK blocked."""
+        if not (self._pin.blocked and self._puk.blocked):
+            raise _CardError(SW.SW_CONDITIONS_NOT_SATISFIED)
+        self._factory_reset()
+        self._clear_volatile()
+        self._selected = True
+        self._changed()
+        return b""
+
+    def _yk_set_pin_retries(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor FA SET PIN RETRIES (P1 PIN tries, P2 PUK tries); needs 9B and PIN; resets
+        PIN and PUK to their defaults, as the YubiKey does."""
+        self._require_mgmt()
+        if not self._pin_verified:
+            raise _CardError(SW.SW_SECURITY_STATUS_NOT_SATISFIED)
+        if not (1 <= p1 <= 0xFF and 1 <= p2 <= 0xFF):
+            raise _CardError(SW.SW_INCORRECT_P1P2)
+        self._pin = _Counter(_pad_reference(DEFAULT_PIN), p1, p1)
+        self._puk = _Counter(_pad_reference(DEFAULT_PUK), p2, p2)
+        self._pin_verified = self._pin_always = False
+        self._changed()
+        return b""
+
+    def _yk_move_key(self, p1: int, p2: int, data: bytes) -> bytes:
+        """Vendor F6 MOVE KEY: ``00 F6 <to> <from>``; to = FF deletes the key in ``from``.
+        The destination must be empty; certificates (data objects) are not moved."""
+        self._require_mgmt()
+        source = self._key_slot(p2)
+        if source not in self._keys:
+            raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
+        if p1 == 0xFF:
+            del self._keys[source]
+        else:
+            target = self._key_slot(p1)
+            if target == source or target in self._keys:
+                raise _CardError(SW.SW_CONDITIONS_NOT_SATISFIED)
+            self._keys[target] = self._keys.pop(source)
+        self._sync_key_history()
+        self._changed()
+        return b""

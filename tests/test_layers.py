@@ -1,0 +1,119 @@
+"""Imports point down the layers of the design brief (§3). An `ast` walk over every module:
+a module may import its own layer or any layer below it, never above."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (module prefix, rank). Lower rank = lower layer. Longest prefix wins.
+LAYERS: list[tuple[str, int]] = [
+    ("tokend", 0),  # the package root holds only __version__
+    ("tokend.pkcs11", 0),
+    ("tokend.errors", 0),
+    ("tokend.iso7816", 0),
+    ("tokend.model", 0),
+    ("tokend.protocol", 0),
+    ("tokend.paths", 0),
+    ("tokend.drivers", 1),
+    ("tokend.simulators", 1),
+    ("tokend.registry", 2),
+    ("tokend.session", 3),
+    ("tokend.api", 4),
+    ("tokend.daemon", 4),
+    ("tokend.client", 5),
+    ("tokend.smime", 6),
+    ("tokend.p11kit", 6),
+    ("tokend.cli", 7),
+]
+#: Third-party libraries that only one layer may touch (design §3).
+ONLY_IN = {
+    "smartcard": ("tokend.drivers.pcsc", "tokend.simulators"),
+    "usb": ("tokend.drivers.usb_ccid", "tokend.simulators"),
+    "bleak": ("tokend.drivers.ble",),
+}
+#: Simulators implement the seams; they may not reach the driver modules themselves.
+SIMULATOR_MAY_IMPORT = (
+    "tokend.iso7816",
+    "tokend.pkcs11",
+    "tokend.errors",
+    "tokend.model",
+    "tokend.drivers.base",
+    "tokend.simulators",
+    "tokend.paths",
+)
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] in ("drivers", "simulators"):
+        parts = ["tokend", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def rank(module: str) -> int | None:
+    best: tuple[int, int] | None = None
+    for prefix, r in LAYERS:
+        matches = module == prefix or module.startswith(prefix + ".")
+        if matches and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), r)
+    return None if best is None else best[1]
+
+
+def imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+def sources() -> list[Path]:
+    out = []
+    for folder in ("tokend", "drivers", "simulators"):
+        out += sorted((ROOT / folder).rglob("*.py"))
+    return out
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = [module_name(p) for p in sources() if rank(module_name(p)) is None]
+    assert missing == []
+
+
+def test_imports_point_down() -> None:
+    violations = []
+    for path in sources():
+        me = module_name(path)
+        my_rank = rank(me)
+        for target in imports(path):
+            if target.split(".")[0] in ("drivers", "simulators"):
+                violations.append(f"{me} imports {target} (use tokend.{target})")
+                continue
+            if not target.startswith("tokend"):
+                allowed = ONLY_IN.get(target.split(".")[0])
+                if allowed and not me.startswith(allowed):
+                    violations.append(f"{me} imports {target}")
+                continue
+            if target == "tokend":
+                continue
+            their_rank = rank(target)
+            if me.startswith("tokend.simulators") and not target.startswith(SIMULATOR_MAY_IMPORT):
+                violations.append(f"simulator {me} imports {target}")
+            if their_rank is not None and my_rank is not None and their_rank > my_rank:
+                violations.append(f"{me} (layer {my_rank}) imports {target} (layer {their_rank})")
+    assert violations == []
+
+
+def test_checker_catches_an_upward_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from tokend.daemon import Daemon\n")
+    assert imports(bad) == ["tokend.daemon"]
+    assert rank("tokend.daemon") > rank("tokend.session")  # type: ignore[operator]
