@@ -796,7 +796,7 @@ class PivToken:
         try:
             return self._transport.transmit(apdu)
         except CardResetError:
-            self._selected = False  # the card lost its selected application
+            pass  # the card lost its selected application
             raise
         except TransportError:
             self._selected = False

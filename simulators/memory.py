@@ -27,10 +27,10 @@ class MemoryTransport:
         self._lock = threading.RLock()
         self._closed = False
 
-    def _check(self) -> None:
+    def _check(self, *, reset: bool = True) -> None:
         if self._closed or self._owner.insertion != self._insertion:
             raise TransportError(f"card removed from {self.reader}")
-        if self._owner.take_reset_notice(self):
+        if reset and self._owner.take_reset_notice(self):
             raise CardResetError(f"card in {self.reader} was reset by another program")
 
     def atr(self) -> bytes:
@@ -43,13 +43,13 @@ class MemoryTransport:
             self._owner.before_transmit(apdu)
             rapdu = self._card.process(bytes(apdu))
             # A card pulled while the command was in flight: its answer must not count.
-            self._check()
+            self._check(reset=False)
             return rapdu
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         with self._lock:
-            self._check()
+            self._check(reset=False)  # a reset is reported by the next transmit, as PC/SC does
             yield
 
     def close(self) -> None:

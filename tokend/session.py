@@ -233,6 +233,10 @@ class Engine:
         except UserNotLoggedInError:
             self._lost_card_login(instance)
             raise
+        except DeviceRemovedError:
+            if session.removed:  # reported now, so from here on the handle is invalid
+                self._drop_session(session)
+            raise
 
     # --- slots and tokens ----------------------------------------------------------------
 

@@ -1,0 +1,152 @@
+"""Fixtures for the PC/SC tier (pcscd + vpcd). Test modules import them by name:
+
+    from tests.pcsc_fixtures import pcscd_service, vpcd  # noqa: F401
+
+The session-wide pcscd is reused if one is running with the vpcd readers, else started (and
+stopped at the end) by `PcscdService`. Every test starts and ends with empty slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tokend.drivers.base import ReaderEvent, ReaderEventKind, Watcher
+from tokend.simulators.base import VirtualCard
+from tokend.simulators.pcscd import (
+    PcscdService,
+    pcscd_unavailable_reason,
+    wait_absent,
+    wait_present,
+)
+from tokend.simulators.vpcd import VpcdCardConnection
+
+ECHO_ATR = bytes.fromhex("3B9713810180746F6B656E649B")  # T=1, historical bytes 80 "tokend"
+OTHER_ATR = bytes.fromhex("3B8880010000000000000000C1")  # T=1, another "card model"
+
+
+class EchoCard:
+    """A minimal `VirtualCard`: answers any command with its data and 90 00, and counts
+    commands, power events and resets (so tests see what reached the card)."""
+
+    def __init__(self, atr: bytes = ECHO_ATR) -> None:
+        self._atr = atr
+        self.commands = 0
+        self.resets = 0
+        self.powered = False
+
+    @property
+    def atr(self) -> bytes:
+        return self._atr
+
+    def power_on(self) -> None:
+        self.powered = True
+
+    def power_off(self) -> None:
+        self.powered = False
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def process(self, apdu: bytes) -> bytes:
+        self.commands += 1
+        data = apdu[5 : 5 + apdu[4]] if len(apdu) > 5 and apdu[4] else b""
+        return bytes(data) + b"\x90\x00"
+
+
+@dataclass
+class Vpcd:
+    """Plugs virtual cards into the vpcd readers; unplugs them all at teardown."""
+
+    service: PcscdService
+    connections: list[VpcdCardConnection] = field(default_factory=list)
+
+    def reader(self, index: int = 0) -> str:
+        return self.service.reader_names[index]
+
+    def connection(self, card: VirtualCard, reader: int = 0) -> VpcdCardConnection:
+        conn = VpcdCardConnection(card, port=self.service.port(reader))
+        self.connections.append(conn)
+        return conn
+
+    def plug(self, card: VirtualCard, reader: int = 0, *, wait: bool = True) -> VpcdCardConnection:
+        conn = self.connection(card, reader)
+        conn.plug()
+        if wait:
+            wait_present(self.reader(reader))
+        return conn
+
+    def unplug_all(self) -> None:
+        for conn in self.connections:
+            conn.unplug()
+        self.connections.clear()
+
+
+@pytest.fixture(scope="session")
+def pcscd_service() -> Iterator[PcscdService]:
+    reason = pcscd_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with PcscdService() as service:
+        yield service
+
+
+@pytest.fixture
+def vpcd(pcscd_service: PcscdService) -> Iterator[Vpcd]:
+    if pcscd_service.started and not pcscd_service.pid:
+        pcscd_service.start()  # an earlier test stopped it and failed before restarting
+    for name in pcscd_service.reader_names:
+        # A stale client from an earlier test would hold the slot and break this one.
+        wait_absent(name, timeout=5.0)
+    harness = Vpcd(pcscd_service)
+    try:
+        yield harness
+    finally:
+        harness.unplug_all()
+        for name in pcscd_service.reader_names:
+            with contextlib.suppress(RuntimeError):  # pcscd stopped by the test
+                wait_absent(name, timeout=5.0)
+
+
+class EventRecorder:
+    """Drains a watcher's event stream into a queue, so tests can wait with timeouts
+    (cancelling a wait on an async generator would close the generator itself)."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self.queue: asyncio.Queue[tuple[float, ReaderEvent]] = asyncio.Queue()
+        self._task = asyncio.create_task(self._drain(watcher.events()))
+
+    async def _drain(self, events: AsyncIterator[ReaderEvent]) -> None:
+        loop = asyncio.get_running_loop()
+        async for event in events:
+            self.queue.put_nowait((loop.time(), event))
+
+    async def next(self, timeout: float = 3.0) -> tuple[float, ReaderEvent]:
+        """(loop time of arrival, event); TimeoutError when none comes in time."""
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def expect(
+        self, kind: ReaderEventKind, reader: str, timeout: float = 3.0
+    ) -> tuple[float, ReaderEvent]:
+        at, event = await self.next(timeout)
+        assert (event.kind, event.reader) == (kind, reader), f"unexpected {event}"
+        return at, event
+
+    async def aclose(self) -> None:
+        await self.watcher.aclose()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self._task, 5.0)
+
+
+@contextlib.asynccontextmanager
+async def recording(watcher: Watcher) -> AsyncIterator[EventRecorder]:
+    recorder = EventRecorder(watcher)
+    try:
+        yield recorder
+    finally:
+        await recorder.aclose()
