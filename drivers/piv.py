@@ -796,7 +796,7 @@ class PivToken:
         try:
             return self._transport.transmit(apdu)
         except CardResetError:
-            pass  # the card lost its selected application
+            self._selected = False  # the card lost its selected application
             raise
         except TransportError:
             self._selected = False
@@ -1260,7 +1260,7 @@ class PivToken:
             raise DataLenRangeError("ECDSA input must be a hash")
         size = _field_len(public)
         # leftmost bits of the hash (FIPS 186-4 §6.4); shorter hashes keep their value
-        return data[:size].rjust(size, b"\x00")
+        return data.rjust(size, b"\x00")
 
     def derive(self, key: str, mechanism: Mechanism) -> bytes:
         if mechanism.mechanism != CKM.CKM_ECDH1_DERIVE:

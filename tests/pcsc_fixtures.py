@@ -54,7 +54,12 @@ class EchoCard:
 
     def process(self, apdu: bytes) -> bytes:
         self.commands += 1
-        data = apdu[5 : 5 + apdu[4]] if len(apdu) > 5 and apdu[4] else b""
+        if len(apdu) > 7 and apdu[4] == 0:  # extended Lc
+            data = apdu[7 : 7 + int.from_bytes(apdu[5:7], "big")]
+        elif len(apdu) > 5:
+            data = apdu[5 : 5 + apdu[4]]
+        else:
+            data = b""
         return bytes(data) + b"\x90\x00"
 
 

@@ -474,10 +474,14 @@ def test_ecdsa_on_9c_needs_the_pin_with_each_signature(
 
 
 def test_ecdsa_longer_hash_is_truncated_to_the_field(
-    token: PivToken, material: DemoMaterial
+    demo: tuple[VirtualPivCard, DemoMaterial, CardTransport, PivToken],
 ) -> None:
+    _, material, transport, token = demo
     digest = os.urandom(64)  # SHA-512 on P-256: leftmost 256 bits count
     sig = token.sign("priv:9c", Mechanism(CKM.CKM_ECDSA), digest, context_pin=bytearray(PIN))
+    # the card sees exactly the field-sized prefix (the simulator would also truncate)
+    general_authenticate = [a for a in transport.apdus if a[1] == 0x87 and a[3] == 0x9C]
+    assert bytes.fromhex("8120") + digest[:32] in general_authenticate[-1]
     der = utils.encode_dss_signature(
         int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
     )

@@ -1,0 +1,74 @@
+"""`make run`: pcscd (started if needed) + a demo-provisioned virtual PIV card on vpcd +
+the daemon, in the foreground. Ctrl-C stops everything this started, by process id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tokend.cli.tokend_main import ServeConfig, build_registry
+from tokend.daemon import Daemon, DaemonAlreadyRunning
+from tokend.paths import default_socket_path, runtime_dir
+from tokend.session import Engine
+from tokend.simulators.demo import provision_demo
+from tokend.simulators.pcscd import PcscdService, wait_present
+from tokend.simulators.piv import VirtualPivCard
+from tokend.simulators.vpcd import VpcdCardConnection
+
+log = logging.getLogger("tokend.demo")
+
+
+async def _serve(cfg: ServeConfig, banner: str) -> int:
+    engine = Engine(build_registry(cfg))
+    daemon = Daemon(engine, cfg.socket)
+    try:
+        await daemon.start()
+    except DaemonAlreadyRunning as exc:
+        print(f"tokend: {exc}", file=sys.stderr)
+        return 1
+    await engine.registry.wait_settled()
+    print(banner, flush=True)
+    await daemon.serve_until_stopped()
+    return 0
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    socket_path = default_socket_path()
+    export_dir = Path(os.environ.get("TOKEND_DEMO_DIR", runtime_dir() / "tokend" / "demo"))
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with PcscdService() as pcscd:
+        card = VirtualPivCard()
+        provision_demo(card, export_dir)
+        with VpcdCardConnection(card, reader=0):
+            wait_present(pcscd.reader_names[0], timeout=10)
+            cfg = ServeConfig(socket=socket_path, transports=["pcsc"], allow_virtual_readers=True)
+            bin_dir = Path(sys.executable).parent
+            banner = "\n".join(
+                [
+                    "",
+                    f"tokend is serving a demo virtual PIV card on {socket_path}",
+                    f"(pcscd {'started by us, pid ' + str(pcscd.pid) if pcscd.started else 'reused'}"
+                    f"; demo certificates in {export_dir})",
+                    "Try, in another shell:",
+                    f"  export TOKEND_SOCKET={socket_path}; {bin_dir}/tokenctl list",
+                    f"  openssl rand 32 > /tmp/k && openssl pkeyutl -encrypt -certin -inkey "
+                    f"{export_dir}/encryption.pem -in /tmp/k -out /tmp/blob && "
+                    f"echo 123456 | {bin_dir}/tokenctl decrypt --pin-fd 0 --in /tmp/blob | xxd",
+                    "Ctrl-C stops the daemon, the card and (if we started it) pcscd.",
+                    "",
+                ]
+            )
+            try:
+                return asyncio.run(_serve(cfg, banner))
+            except KeyboardInterrupt:
+                return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
