@@ -836,7 +836,7 @@ class PivToken:
         version = self._version or (1, 0, 0)
         self._info = TokenInfo(
             label=f"PIV #{serial[:8]}",
-            manufacturer_id="Unknown" if self._version is None else "PIV (vendor extensions)",
+            manufacturer_id="Unknown" if self._version is None else "PIV (YubiKey-compatible)",
             model="PIV",
             serial_number=serial[:16],
             flags=CKF_TOKEN.CKF_LOGIN_REQUIRED
@@ -888,7 +888,9 @@ class PivToken:
         try:
             chuid = self._get_object(PivObject.CHUID)
             guid = find_tlv(chuid, TAG_CHUID_GUID) if chuid else None
-        except (ValueError, DeviceError):
+        except (TransportError, CardResetError):
+            raise
+        except (TokendError, ValueError):  # any card refusal: treat as absent
             return None
         if not guid or not any(guid):
             return None  # absent or all zero: no usable identity here
@@ -902,7 +904,9 @@ class PivToken:
             on = find_tlv(content, TAG_HISTORY_ON_CARD)
             off = find_tlv(content, TAG_HISTORY_OFF_CARD)
             url = find_tlv(content, TAG_HISTORY_URL)
-        except (ValueError, DeviceError):
+        except (TransportError, CardResetError):
+            raise
+        except (TokendError, ValueError):  # any card refusal: treat as absent
             return None
         return (on[0] if on else 0), (off[0] if off else 0), url
 
@@ -913,7 +917,9 @@ class PivToken:
                 return None
             der = find_tlv(content, TAG_CERTIFICATE)
             info = find_tlv(content, TAG_CERT_INFO)
-        except (ValueError, DeviceError):
+        except (TransportError, CardResetError):
+            raise
+        except (TokendError, ValueError):  # any card refusal: treat as absent
             log.warning("slot %02X: unreadable certificate object", slot)
             return None
         if not der:
@@ -1260,7 +1266,7 @@ class PivToken:
             raise DataLenRangeError("ECDSA input must be a hash")
         size = _field_len(public)
         # leftmost bits of the hash (FIPS 186-4 §6.4); shorter hashes keep their value
-        return data.rjust(size, b"\x00")
+        return data[:size].rjust(size, b"\x00")
 
     def derive(self, key: str, mechanism: Mechanism) -> bytes:
         if mechanism.mechanism != CKM.CKM_ECDH1_DERIVE:

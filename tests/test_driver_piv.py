@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from cryptography.x509.oid import NameOID
-
 from tokend.drivers.piv import (
     PinPolicy,
     PivAlgorithm,
@@ -33,6 +32,9 @@ from tokend.drivers.piv import (
     pkcs1v15_unpad,
     pss_encode,
 )
+from tokend.simulators.demo import DemoMaterial, provision_demo
+from tokend.simulators.piv import DEFAULT_MANAGEMENT_KEY, VirtualPivCard
+
 from tokend.errors import (
     CardResetError,
     DataLenRangeError,
@@ -60,8 +62,6 @@ from tokend.model import (
     Token,
 )
 from tokend.pkcs11 import CKA, CKC, CKD, CKG, CKK, CKM, CKO
-from tokend.simulators.demo import DemoMaterial, provision_demo
-from tokend.simulators.piv import DEFAULT_MANAGEMENT_KEY, VirtualPivCard
 
 PIN = bytearray(b"123456")
 PUK = bytearray(b"12345678")
@@ -284,7 +284,7 @@ def test_pin_block_validation() -> None:
 def test_open_reads_identity_and_objects(
     demo: tuple[VirtualPivCard, DemoMaterial, CardTransport, PivToken],
 ) -> None:
-    card, material, transport, token = demo
+    card, material, _, token = demo
     assert isinstance(token, Token)
     assert token.identity.applet == "PIV"
     assert token.identity.serial == card.guid.hex()
@@ -322,7 +322,9 @@ def test_open_reads_identity_and_objects(
     assert priv[CKA.CKA_SUBJECT] == cert[CKA.CKA_SUBJECT]
     pub = _obj(token, "pub:9d")
     assert (pub[CKA.CKA_CLASS], pub[CKA.CKA_ENCRYPT], pub[CKA.CKA_VERIFY]) == (
-        CKO.CKO_PUBLIC_KEY, True, False,
+        CKO.CKO_PUBLIC_KEY,
+        True,
+        False,
     )
 
     sig = _obj(token, "priv:9c")
@@ -333,7 +335,9 @@ def test_open_reads_identity_and_objects(
     )
     assert sig[CKA.CKA_EC_POINT] == b"\x04\x41" + point
     assert (sig[CKA.CKA_SIGN], sig[CKA.CKA_DERIVE], sig[CKA.CKA_ALWAYS_AUTHENTICATE]) == (
-        True, False, True,
+        True,
+        False,
+        True,
     )
     assert _obj(token, "pub:9c")[CKA.CKA_VERIFY] is True
 
@@ -354,8 +358,14 @@ def test_open_returns_none_for_a_card_without_piv() -> None:
 def test_mechanisms_cover_what_mail_needs(token: PivToken) -> None:
     mechs = {m.mechanism: m for m in token.mechanisms()}
     for needed in (
-        CKM.CKM_RSA_PKCS, CKM.CKM_RSA_PKCS_OAEP, CKM.CKM_RSA_X_509, CKM.CKM_SHA256_RSA_PKCS,
-        CKM.CKM_RSA_PKCS_PSS, CKM.CKM_ECDSA, CKM.CKM_ECDSA_SHA256, CKM.CKM_ECDH1_DERIVE,
+        CKM.CKM_RSA_PKCS,
+        CKM.CKM_RSA_PKCS_OAEP,
+        CKM.CKM_RSA_X_509,
+        CKM.CKM_SHA256_RSA_PKCS,
+        CKM.CKM_RSA_PKCS_PSS,
+        CKM.CKM_ECDSA,
+        CKM.CKM_ECDSA_SHA256,
+        CKM.CKM_ECDH1_DERIVE,
     ):
         assert needed in mechs
     assert mechs[CKM.CKM_RSA_PKCS].max_key_size >= 2048
@@ -401,7 +411,7 @@ def test_rsa_oaep_decrypt(
 
 def test_decrypt_errors(token: PivToken, material: DemoMaterial) -> None:
     token.login(bytearray(PIN))
-    garbage = (b"\x00" + os.urandom(255))
+    garbage = b"\x00" + os.urandom(255)
     with pytest.raises(EncryptedDataInvalidError):  # raw result is no type-2 block
         token.decrypt("priv:9d", Mechanism(CKM.CKM_RSA_PKCS), garbage)
     assert len(token.decrypt("priv:9d", Mechanism(CKM.CKM_RSA_X_509), garbage)) == 256
@@ -485,9 +495,7 @@ def test_ecdsa_longer_hash_is_truncated_to_the_field(
     der = utils.encode_dss_signature(
         int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
     )
-    material.signing_public_key.verify(
-        der, digest[:32], ec.ECDSA(utils.Prehashed(hashes.SHA256()))
-    )
+    material.signing_public_key.verify(der, digest[:32], ec.ECDSA(utils.Prehashed(hashes.SHA256())))
 
 
 def test_wrong_context_pin_counts_down(token: PivToken) -> None:
@@ -638,10 +646,14 @@ def test_ecdh_with_a_generated_p256_key(token: PivToken) -> None:
     local = X963KDF(hashes.SHA256(), 32, b"shared info").derive(expected)
     assert token.derive("priv:83", kdf) == local
     with pytest.raises(MechanismParamInvalidError):  # a point of another curve
-        other = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
-            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        other = (
+            ec.generate_private_key(ec.SECP384R1())
+            .public_key()
+            .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
         )
-        token.derive("priv:83", Mechanism(CKM.CKM_ECDH1_DERIVE, Ecdh1DeriveParams(CKD.CKD_NULL, other)))
+        token.derive(
+            "priv:83", Mechanism(CKM.CKM_ECDH1_DERIVE, Ecdh1DeriveParams(CKD.CKD_NULL, other))
+        )
     with pytest.raises(KeyTypeInconsistentError):
         token.derive("priv:9d", null)
     with pytest.raises(KeyFunctionNotPermittedError):
