@@ -1,7 +1,8 @@
 """Provision a `VirtualPivCard` as the product would: a demo CA; an imported RSA-2048
 encryption key + certificate in 9D (39 months); a P-256 signing key generated on the card +
 certificate in 9C (13 months); one expired encryption key + certificate kept in retired slot
-82; PIN 123456, PUK 12345678, default management key.
+82; optionally (``key_agreement=True``) a P-256 key generated on the card + certificate in 9A
+(13 months) for ECDH tests; PIN 123456, PUK 12345678, default management key.
 
 Everything goes through the card's own APDUs (SELECT, 9B mutual authentication, vendor FE
 IMPORT, GENERATE, PUT DATA), so the result is exactly what a provisioning client would leave.
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tokend.iso7816 import ApduChannel, CommandApdu, encode_tlv, find_tlv
 from tokend.simulators.piv import (
     DEFAULT_MANAGEMENT_KEY,
     DEFAULT_PIN,
@@ -37,8 +40,6 @@ from tokend.simulators.piv import (
     build_chuid,
     cert_tag,
 )
-
-from tokend.iso7816 import ApduChannel, CommandApdu, encode_tlv, find_tlv
 
 DEMO_NAME = "Demo User"
 DEMO_EMAIL = "demo@example.org"
@@ -60,6 +61,8 @@ class DemoMaterial:
     serial: int
     guid: bytes
     out_dir: Path | None = None
+    #: 9A, P-256, digitalSignature + keyAgreement; only with ``key_agreement=True``.
+    authentication_cert: x509.Certificate | None = None
 
     @property
     def encryption_public_key(self) -> rsa.RSAPublicKey:
@@ -70,6 +73,15 @@ class DemoMaterial:
     @property
     def signing_public_key(self) -> ec.EllipticCurvePublicKey:
         key = self.signing_cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        return key
+
+    @property
+    def key_agreement_public_key(self) -> ec.EllipticCurvePublicKey:
+        """The 9A key (PIN once) for ECDH; provision with ``key_agreement=True``."""
+        if self.authentication_cert is None:
+            raise ValueError("provisioned without key_agreement=True: no key in 9A")
+        key = self.authentication_cert.public_key()
         assert isinstance(key, ec.EllipticCurvePublicKey)
         return key
 
@@ -105,13 +117,14 @@ def _user_cert(
     not_before: dt.datetime,
     months: int,
     encryption: bool,
+    key_agreement: bool = False,
 ) -> x509.Certificate:
     usage = {
         "digital_signature": not encryption,
         "content_commitment": False,
         "key_encipherment": encryption,
         "data_encipherment": False,
-        "key_agreement": False,
+        "key_agreement": key_agreement,
         "key_cert_sign": False,
         "crl_sign": False,
         "encipher_only": False,
@@ -260,13 +273,19 @@ class _Provisioner:
 
 
 def provision_demo(
-    card: VirtualPivCard, out_dir: Path | None = None, *, serial: int | None = None
+    card: VirtualPivCard,
+    out_dir: Path | None = None,
+    *,
+    serial: int | None = None,
+    key_agreement: bool = False,
 ) -> DemoMaterial:
     """Provision a factory-fresh ``card`` (default management key) for the demo user.
 
     ``serial``: give the card this vendor serial and a CHUID GUID derived from it (stable
     across runs); otherwise the card keeps its own random identity. ``out_dir``: also write
-    ``ca.pem``, ``encryption.pem``, ``signing.pem``, ``retired-82.pem`` and ``README.txt``.
+    ``ca.pem``, ``encryption.pem``, ``signing.pem``, ``retired-82.pem`` and ``README.txt``
+    (and ``authentication.pem``). ``key_agreement``: also generate a P-256 key in 9A with a
+    certificate (keyAgreement), the card's ECDH key.
     """
     host = _host_material()
     if serial is not None:
@@ -284,15 +303,28 @@ def provision_demo(
     apdu.put_certificate(RETIRED_SLOT, host.retired_cert)
     # The signing key is generated on the token and never leaves it (as in the product).
     signing_public = apdu.generate_p256(KeyRef.DIGITAL_SIGNATURE)
+    not_before = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=1)
     signing_cert = _user_cert(
         host.ca_key,
         host.ca_cert,
         signing_public,
-        not_before=dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=1),
+        not_before=not_before,
         months=13,
         encryption=False,
     )
     apdu.put_certificate(KeyRef.DIGITAL_SIGNATURE, signing_cert)
+    authentication_cert = None
+    if key_agreement:
+        authentication_cert = _user_cert(
+            host.ca_key,
+            host.ca_cert,
+            apdu.generate_p256(KeyRef.PIV_AUTHENTICATION),
+            not_before=not_before,
+            months=13,
+            encryption=False,
+            key_agreement=True,
+        )
+        apdu.put_certificate(KeyRef.PIV_AUTHENTICATION, authentication_cert)
     card.reset()  # leave no management-key authentication behind
 
     material = DemoMaterial(
@@ -306,6 +338,7 @@ def provision_demo(
         serial=card.serial,
         guid=card.guid,
         out_dir=out_dir,
+        authentication_cert=authentication_cert,
     )
     if out_dir is not None:
         _write_files(material, Path(out_dir))
@@ -320,6 +353,8 @@ def _write_files(material: DemoMaterial, out_dir: Path) -> None:
         "signing.pem": material.signing_cert,
         "retired-82.pem": material.retired_cert,
     }
+    if material.authentication_cert is not None:
+        files["authentication.pem"] = material.authentication_cert
     for name, cert in files.items():
         (out_dir / name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (out_dir / "README.txt").write_text(

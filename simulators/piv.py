@@ -37,6 +37,7 @@ import os
 import secrets
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -686,7 +687,7 @@ class VirtualPivCard:
             return self._select(p1, p2, data)
         if not self._selected:
             raise _CardError(SW.SW_INS_NOT_SUPPORTED)
-        handlers = {
+        handlers: dict[int, Callable[[int, int, bytes], bytes]] = {
             Ins.VERIFY: self._verify,
             Ins.CHANGE_REFERENCE_DATA: self._change_reference_data,
             Ins.RESET_RETRY_COUNTER: self._reset_retry_counter,
@@ -703,7 +704,7 @@ class VirtualPivCard:
             Ins.YK_SET_PIN_RETRIES: self._yk_set_pin_retries,
             Ins.YK_MOVE_KEY: self._yk_move_key,
         }
-        handler = handlers.get(ins)  # type: ignore[call-overload]
+        handler = handlers.get(ins)
         if handler is None:
             raise _CardError(SW.SW_INS_NOT_SUPPORTED)
         return handler(p1, p2, data)
@@ -785,11 +786,11 @@ class VirtualPivCard:
         if len(data) != 16:
             raise _CardError(SW.SW_WRONG_DATA)
         old, new = data[:8], data[8:]
-        if counter.blocked:
-            raise _CardError(SW.SW_AUTH_METHOD_BLOCKED)
-        if not _valid_reference(new):  # before counting a try: a malformed request is free
-            raise _CardError(SW.SW_WRONG_DATA)
+        # The old value is checked (and a try counted) first: yubikit blocks a PUK by sending
+        # an empty old and new value and expects 63Cx, not 6A80.
         self._check(counter, old)
+        if not _valid_reference(new):
+            raise _CardError(SW.SW_WRONG_DATA)
         counter.value = new
         counter.left = counter.max_tries
         self._changed()
@@ -803,11 +804,9 @@ class VirtualPivCard:
         if len(data) != 16:
             raise _CardError(SW.SW_WRONG_DATA)
         puk, new_pin = data[:8], data[8:]
-        if self._puk.blocked:
-            raise _CardError(SW.SW_AUTH_METHOD_BLOCKED)
+        self._check(self._puk, puk)  # first, as in CHANGE REFERENCE DATA
         if not _valid_reference(new_pin):
             raise _CardError(SW.SW_WRONG_DATA)
-        self._check(self._puk, puk)
         self._pin.value = new_pin
         self._pin.left = self._pin.max_tries
         self._pin_verified = self._pin_always = False

@@ -94,7 +94,7 @@ def memory_piv(sock_path: Path) -> Iterator[RunningDaemon]:
     from tokend.simulators.piv import VirtualPivCard
 
     card = VirtualPivCard()
-    demo = provision_demo(card)
+    demo = provision_demo(card, key_agreement=True)
     reader = MemoryReader("Memory Reader 0")
     reader.insert(card)
     running = start_daemon(sock_path, [MemoryWatcher(reader)])

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tokend.iso7816 import ApduChannel, CommandApdu, ResponseApdu, encode_tlv, find_tlv
 from tokend.simulators.base import VirtualCard
 from tokend.simulators.demo import provision_demo
 from tokend.simulators.piv import (
@@ -25,8 +27,6 @@ from tokend.simulators.piv import (
     PIV_AID,
     VirtualPivCard,
 )
-
-from tokend.iso7816 import ApduChannel, CommandApdu, ResponseApdu, encode_tlv, find_tlv
 
 APT = bytes.fromhex("61114F0600001000010079074F05A000000308")
 DISCOVERY = bytes.fromhex("7E124F0BA0000003080000100001005F2F024000")
@@ -469,8 +469,9 @@ def test_vendor_reset_only_when_pin_and_puk_blocked(host: Host) -> None:
     for _ in range(3):
         host.verify(b"000000")
     assert host.send(0xFB, 0, 0).sw == 0x6985  # PUK still usable
-    for _ in range(3):
-        host.send(0x2C, 0x00, 0x80, pin_block(b"00000000") + pin_block(b"123456"))
+    # yubikit blocks the PUK with empty (all-FF) PUK and PIN: each try must count.
+    tries = [host.send(0x2C, 0x00, 0x80, b"\xff" * 16).sw for _ in range(4)]
+    assert tries == [0x63C2, 0x63C1, 0x63C0, 0x6983]
     assert host.send(0xFB, 0, 0).sw == 0x9000
     assert host.verify() == 0x9000
     assert host.send(0xF7, 0x00, 0x9A).sw == 0x6A88  # keys gone
@@ -589,7 +590,7 @@ def _months(cert: x509.Certificate) -> float:
 
 
 def test_provision_demo(tmp_path: Path, card: VirtualPivCard) -> None:
-    demo = provision_demo(card, tmp_path / "demo")
+    demo = provision_demo(card, tmp_path / "demo", key_agreement=True)
     host = Host(card)
     host.select()
     assert host.verify(None) == 0x63C3  # left logged out, default PIN
@@ -612,6 +613,7 @@ def test_provision_demo(tmp_path: Path, card: VirtualPivCard) -> None:
         (0x9D, "5FC10B", enc),
         (0x9C, "5FC10A", demo.signing_cert),
         (0x82, "5FC10D", demo.retired_cert),
+        (0x9A, "5FC105", demo.authentication_cert),
     ):
         stored = find_tlv(find_tlv(host.get_data(bytes.fromhex(tag)).data, 0x53), 0x70)
         assert stored == cert.public_bytes(serialization.Encoding.DER)
@@ -626,12 +628,23 @@ def test_provision_demo(tmp_path: Path, card: VirtualPivCard) -> None:
     digest = b"\x5a" * 32
     der = host.result(host.general_authenticate(0x11, 0x9C, 0x81, digest))
     demo.signing_public_key.verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    reply = host.general_authenticate(0x11, 0x9A, 0x85, ec_point(ephemeral.public_key()))
+    shared = host.result(reply)
+    assert shared == ephemeral.exchange(ec.ECDH(), demo.key_agreement_public_key)
     ciphertext = demo.retired_public_key.encrypt(b"2019 mail", padding.PKCS1v15())
     assert host.result(host.general_authenticate(0x07, 0x82, 0x81, ciphertext)).endswith(
         b"2019 mail"
     )
     files = sorted(p.name for p in (tmp_path / "demo").iterdir())
-    assert files == ["README.txt", "ca.pem", "encryption.pem", "retired-82.pem", "signing.pem"]
+    assert files == [
+        "README.txt",
+        "authentication.pem",
+        "ca.pem",
+        "encryption.pem",
+        "retired-82.pem",
+        "signing.pem",
+    ]
     assert (
         x509.load_pem_x509_certificate((tmp_path / "demo" / "encryption.pem").read_bytes()) == enc
     )

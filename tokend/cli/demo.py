@@ -44,17 +44,17 @@ def main() -> int:
     export_dir.mkdir(parents=True, exist_ok=True)
     with PcscdService() as pcscd:
         card = VirtualPivCard()
-        provision_demo(card, export_dir)
+        provision_demo(card, export_dir, key_agreement=True)
         with VpcdCardConnection(card, reader=0):
             wait_present(pcscd.reader_names[0], timeout=10)
             cfg = ServeConfig(socket=socket_path, transports=["pcsc"], allow_virtual_readers=True)
             bin_dir = Path(sys.executable).parent
+            origin = f"started by us, pid {pcscd.pid}" if pcscd.started else "reused"
             banner = "\n".join(
                 [
                     "",
                     f"tokend is serving a demo virtual PIV card on {socket_path}",
-                    f"(pcscd {'started by us, pid ' + str(pcscd.pid) if pcscd.started else 'reused'}"
-                    f"; demo certificates in {export_dir})",
+                    f"(pcscd {origin}; demo certificates in {export_dir})",
                     "Try, in another shell:",
                     f"  export TOKEND_SOCKET={socket_path}; {bin_dir}/tokenctl list",
                     f"  openssl rand 32 > /tmp/k && openssl pkeyutl -encrypt -certin -inkey "

@@ -21,7 +21,7 @@ def make_card(
     fresh = state is None or not state.exists()
     card = VirtualPivCard(state_file=state) if state is not None else VirtualPivCard()
     if provision == "demo" or (provision is None and fresh):
-        provision_demo(card, export_dir)
+        provision_demo(card, export_dir, key_agreement=True)
         return card, True
     return card, False
 

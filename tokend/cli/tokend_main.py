@@ -79,7 +79,7 @@ def build_registry(cfg: ServeConfig):  # type: ignore[no-untyped-def]
         from tokend.simulators.piv import VirtualPivCard
 
         card = VirtualPivCard()
-        provision_demo(card, cfg.export_dir)
+        provision_demo(card, cfg.export_dir, key_agreement=True)
         reader = MemoryReader("Simulated PIV 0")
         reader.insert(card)
         registry.add_watcher(MemoryWatcher(reader))
