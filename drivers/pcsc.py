@@ -85,9 +85,7 @@ class PcscTransport:
         if rv != scard.SCARD_S_SUCCESS:
             raise TransportError(f"pcscd not reachable: {_describe(rv)}")
         self._ctx = ctx
-        rv, card, protocol = scard.SCardConnect(
-            ctx, reader, scard.SCARD_SHARE_SHARED, _PROTOCOLS
-        )
+        rv, card, protocol = scard.SCardConnect(ctx, reader, scard.SCARD_SHARE_SHARED, _PROTOCOLS)
         if rv != scard.SCARD_S_SUCCESS:
             scard.SCardReleaseContext(ctx)
             raise TransportError(f"cannot connect to the card in {reader!r}: {_describe(rv)}")
@@ -231,6 +229,7 @@ class PcscWatcher:
         self._ctx: int | None = None
         self._warned_virtual: set[str] = set()
         self._closed = False
+        self._finished = False
 
     # -- asyncio side -------------------------------------------------------------------
 
@@ -256,6 +255,8 @@ class PcscWatcher:
                 for reader, seen in self._present.items()
             ]
             self._queues.append(queue)
+            if self._finished:  # the thread is gone (closed or crashed): end at once
+                queue.put_nowait(None)
         try:
             for event in snapshot:
                 yield event
@@ -332,7 +333,9 @@ class PcscWatcher:
                 loop.call_soon_threadsafe(ready.set)
 
     def _service_lost(self, ctx: int, rv: int) -> None:
-        log.warning("pcscd went away (%s); retrying every %.1f s", _describe(rv), self.retry_interval)
+        log.warning(
+            "pcscd went away (%s); retrying every %.1f s", _describe(rv), self.retry_interval
+        )
         for reader in list(self._present):
             self._observe(reader, None)
         with self._lock:
@@ -342,6 +345,20 @@ class PcscWatcher:
         self._stop.wait(self.retry_interval)
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception:
+            log.exception("PC/SC watcher failed; no more PC/SC events")
+        finally:
+            # Never leave events() waiting on a thread that is gone.
+            self._mark_ready()
+            with self._lock:
+                self._finished = True
+                for queue in self._queues:
+                    with contextlib.suppress(RuntimeError):
+                        self._loop.call_soon_threadsafe(queue.put_nowait, None)  # type: ignore[union-attr]
+
+    def _watch(self) -> None:
         ctx: int | None = None
         known: dict[str, int] = {}
         pnp_state = scard.SCARD_STATE_UNAWARE

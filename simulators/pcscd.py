@@ -9,6 +9,7 @@ that child, by its PID. The same functions back the test fixtures and ``tokend s
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -16,6 +17,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -122,9 +125,7 @@ def wait_absent(reader: str, timeout: float = 5.0) -> None:
     _wait_reader(reader, False, timeout)
 
 
-def vpcd_conf_text(
-    friendly_name: str = VPCD_FRIENDLY_NAME, base_port: int = VPCD_BASE_PORT
-) -> str:
+def vpcd_conf_text(friendly_name: str = VPCD_FRIENDLY_NAME, base_port: int = VPCD_BASE_PORT) -> str:
     """A reader.conf.d entry for vpcd slots on ``base_port`` and ``base_port + 1``."""
     return (
         f'FRIENDLYNAME "{friendly_name}"\n'
@@ -160,12 +161,32 @@ def _process_state(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[0]
 
 
-class PcscdService:
-    """A pcscd with the vpcd readers, reused or started. Context manager.
+@dataclass(frozen=True, slots=True)
+class VpcdEntry:
+    """One vpcd entry of reader.conf.d: two reader slots on ``base_port`` and the next."""
 
-    ``reader_names`` are the virtual readers (slot 0, slot 1). ``started`` tells whether this
-    object owns the daemon; only then can ``stop()`` / ``start()`` cycle it (tests of pcscd
-    going away). The child's log is at ``log_path``.
+    friendly_name: str
+    base_port: int
+
+    @property
+    def reader_names(self) -> tuple[str, ...]:
+        return tuple(vpcd_reader_name(i, self.friendly_name) for i in range(VPCD_SLOTS))
+
+    def port(self, reader: int) -> int:
+        return self.base_port + reader
+
+    def conf_text(self) -> str:
+        return vpcd_conf_text(self.friendly_name, self.base_port)
+
+
+class PcscdService:
+    """A pcscd with vpcd's virtual readers, reused or started. Context manager.
+
+    ``reader_names`` / ``port(n)`` are the readers of the one vpcd ``entry`` (slot 0, 1).
+    One entry only: vpcd keeps its sockets in per-slot globals, so a second entry in the
+    same pcscd shares (and breaks) the first one's slots *(obs.)*. Processes sharing the
+    machine's pcscd take turns with `lease`. ``started`` tells whether this object owns the
+    daemon; only then can ``stop()`` / ``start()`` cycle it. The child's log: ``log_path``.
     """
 
     def __init__(
@@ -176,38 +197,55 @@ class PcscdService:
         debug: bool = False,
         startup_timeout: float = 5.0,
     ) -> None:
-        self.friendly_name = friendly_name
-        self.base_port = base_port
+        self.entry = VpcdEntry(friendly_name, base_port)
         self.debug = debug
         self.startup_timeout = startup_timeout
-        self.reader_names = [vpcd_reader_name(i, friendly_name) for i in range(VPCD_SLOTS)]
         self.started = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self.log_path: Path | None = None
 
     @property
+    def reader_names(self) -> list[str]:
+        return list(self.entry.reader_names)
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def port(self, reader: int) -> int:
-        return self.base_port + reader
+        return self.entry.port(reader)
 
     def _readers_listed(self) -> bool:
         readers = list_readers()
         return readers is not None and all(name in readers for name in self.reader_names)
 
     def __enter__(self) -> PcscdService:
-        if PCSCD_SOCKET.exists() and self._readers_listed():
-            log.info("reusing the running pcscd")
-            return self
-        if _service_answers():
-            raise RuntimeError(
-                f"a pcscd is running without the readers {self.reader_names}; stop it or "
-                "add the vpcd entry to its reader.conf.d"
-            )
-        self.start()
+        self.ensure_running()
         return self
+
+    def ensure_running(self) -> None:
+        """Reuse a pcscd listing our default entry, else start our own. Called again by
+        fixtures: a reused pcscd may belong to another test process that has since ended."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        for attempt in range(2):
+            if PCSCD_SOCKET.exists() and self._readers_listed():
+                log.info("using the running pcscd")
+                self.started = False  # not ours: never stopped by us
+                return
+            if _service_answers():
+                raise RuntimeError(
+                    f"a pcscd is running without the readers {self.reader_names}; stop it "
+                    "or add the vpcd entry to its reader.conf.d"
+                )
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                # Another process may have started one at the same moment: reuse it.
+                if attempt == 1:
+                    raise
 
     def __exit__(
         self,
@@ -216,6 +254,31 @@ class PcscdService:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def lease(self, timeout: float = 300.0) -> Iterator[VpcdEntry]:
+        """Exclusive use of the vpcd readers among the processes on this machine (an flock
+        per port pair), so parallel test runs do not plug cards into each other's slots."""
+        lock_dir = Path(tempfile.gettempdir()) / "tokend-vpcd-locks"
+        lock_dir.mkdir(mode=0o1777, exist_ok=True)
+        fd = os.open(lock_dir / f"{self.entry.base_port}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"vpcd readers stayed leased for {timeout} s") from None
+                    # flock has no timeout of its own; the period is not critical here.
+                    time.sleep(0.05)
+            try:
+                yield self.entry
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._proc is not None:
@@ -230,11 +293,12 @@ class PcscdService:
             base = Path(self._tmpdir.name)
             conf = base / "reader.conf.d"
             conf.mkdir()
-            default = self.friendly_name == VPCD_FRIENDLY_NAME
-            if default and self.base_port == VPCD_BASE_PORT and SYSTEM_VPCD_CONF.exists():
+            if self.entry == VpcdEntry(VPCD_FRIENDLY_NAME, VPCD_BASE_PORT) and (
+                SYSTEM_VPCD_CONF.exists()
+            ):
                 shutil.copy(SYSTEM_VPCD_CONF, conf / "vpcd")
             else:
-                (conf / "vpcd").write_text(vpcd_conf_text(self.friendly_name, self.base_port))
+                (conf / "vpcd").write_text(self.entry.conf_text())
             self.log_path = base / "pcscd.log"
         return Path(self._tmpdir.name) / "reader.conf.d"
 

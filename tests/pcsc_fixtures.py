@@ -19,6 +19,7 @@ from tokend.drivers.base import ReaderEvent, ReaderEventKind, Watcher
 from tokend.simulators.base import VirtualCard
 from tokend.simulators.pcscd import (
     PcscdService,
+    VpcdEntry,
     pcscd_unavailable_reason,
     wait_absent,
     wait_present,
@@ -65,16 +66,18 @@ class EchoCard:
 
 @dataclass
 class Vpcd:
-    """Plugs virtual cards into the vpcd readers; unplugs them all at teardown."""
+    """Plugs virtual cards into the two readers of one leased vpcd entry; unplugs them all
+    at teardown."""
 
     service: PcscdService
+    entry: VpcdEntry
     connections: list[VpcdCardConnection] = field(default_factory=list)
 
     def reader(self, index: int = 0) -> str:
-        return self.service.reader_names[index]
+        return self.entry.reader_names[index]
 
     def connection(self, card: VirtualCard, reader: int = 0) -> VpcdCardConnection:
-        conn = VpcdCardConnection(card, port=self.service.port(reader))
+        conn = VpcdCardConnection(card, port=self.entry.port(reader))
         self.connections.append(conn)
         return conn
 
@@ -102,19 +105,21 @@ def pcscd_service() -> Iterator[PcscdService]:
 
 @pytest.fixture
 def vpcd(pcscd_service: PcscdService) -> Iterator[Vpcd]:
-    if pcscd_service.started and not pcscd_service.pid:
-        pcscd_service.start()  # an earlier test stopped it and failed before restarting
-    for name in pcscd_service.reader_names:
-        # A stale client from an earlier test would hold the slot and break this one.
-        wait_absent(name, timeout=5.0)
-    harness = Vpcd(pcscd_service)
-    try:
-        yield harness
-    finally:
-        harness.unplug_all()
-        for name in pcscd_service.reader_names:
-            with contextlib.suppress(RuntimeError):  # pcscd stopped by the test
-                wait_absent(name, timeout=5.0)
+    # An earlier test may have stopped ours, or a reused pcscd may have left with its owner.
+    pcscd_service.ensure_running()
+    # A lease: parallel test processes on this machine share one pcscd, not the slots.
+    with pcscd_service.lease() as entry:
+        for name in entry.reader_names:
+            # A stale client from an earlier test would hold the slot and break this one.
+            wait_absent(name, timeout=5.0)
+        harness = Vpcd(pcscd_service, entry)
+        try:
+            yield harness
+        finally:
+            harness.unplug_all()
+            for name in entry.reader_names:
+                with contextlib.suppress(RuntimeError):  # pcscd stopped by the test
+                    wait_absent(name, timeout=5.0)
 
 
 class EventRecorder:

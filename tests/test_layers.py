@@ -21,6 +21,8 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
     ("tokend.session", 3),
+    ("tokend.provisioning", 3),
+    ("tokend.api_provision", 4),
     ("tokend.api", 4),
     ("tokend.daemon", 4),
     ("tokend.client", 5),
@@ -59,7 +61,8 @@ def module_name(path: Path) -> str:
 def rank(module: str) -> int | None:
     best: tuple[int, int] | None = None
     for prefix, r in LAYERS:
-        matches = module == prefix or module.startswith(prefix + ".")
+        # The package root matches only itself, so a new module must be given a layer.
+        matches = module == prefix or (prefix != "tokend" and module.startswith(prefix + "."))
         if matches and (best is None or len(prefix) > best[0]):
             best = (len(prefix), r)
     return None if best is None else best[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import statistics
 import subprocess
@@ -82,6 +83,9 @@ async def test_unplug_to_left_latency(vpcd: Vpcd) -> None:  # noqa: F811
             conn = vpcd.connection(EchoCard())
             conn.plug()
             await events.expect(ARRIVED, reader, timeout=2.0)
+            # ARRIVED comes right after pcscd's 400 ms presence poll; unplugging at once
+            # would always measure the worst case. A random phase measures what users see.
+            await asyncio.sleep(random.uniform(0.0, 0.4))
             unplugged_at = loop.time()
             conn.unplug()
             left_at, _ = await events.expect(LEFT, reader, timeout=2.0)
@@ -332,3 +336,29 @@ def test_wait_helpers_follow_the_card(vpcd: Vpcd) -> None:  # noqa: F811
     wait_absent(reader, timeout=3.0)
     with pytest.raises(TimeoutError):
         wait_present(reader, timeout=0.3)
+
+
+async def test_piv_token_over_pcsc(vpcd: Vpcd) -> None:  # noqa: F811
+    """The PIV driver on the real PC/SC path: opens, identifies, and fails cleanly on removal."""
+    from tokend.drivers.piv import PivToken
+    from tokend.simulators.piv import VirtualPivCard
+
+    card = VirtualPivCard()
+    reader = vpcd.reader(0)
+    async with recording(watcher()) as events:
+        conn = vpcd.connection(card)
+        conn.plug()
+        await events.expect(ARRIVED, reader, timeout=2.0)
+        transport = await events.watcher.connect(reader)
+        token = await asyncio.to_thread(PivToken.open, transport)
+        assert token is not None
+        identity = token.identity
+        assert identity.applet == "PIV"
+        assert await asyncio.to_thread(token.pin_status) is not None
+
+        conn.unplug()
+        await events.expect(LEFT, reader, timeout=2.0)
+        with pytest.raises(TransportError):
+            await asyncio.to_thread(token.pin_status)
+        token.close()
+        transport.close()
