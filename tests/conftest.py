@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tokend.drivers.base import Watcher
 
 from tokend.daemon import Daemon
+from tokend.drivers.base import Watcher
 from tokend.registry import SlotRegistry
 from tokend.session import Engine
 
@@ -86,20 +86,149 @@ def sock_path(tmp_path: Path) -> Path:
     return d / "tokend.sock"
 
 
-@pytest.fixture
-def memory_piv(sock_path: Path) -> Iterator[RunningDaemon]:
-    """The daemon with one demo-provisioned virtual PIV card in an in-process reader."""
+class HookedCard:
+    """A `VirtualCard` wrapper that runs test hooks before each command reaches the card
+    (e.g. to pull the card while a GENERAL AUTHENTICATE is on its way)."""
+
+    def __init__(self, card, hooks: list) -> None:  # type: ignore[no-untyped-def]
+        self.card = card
+        self._hooks = hooks
+
+    @property
+    def atr(self) -> bytes:
+        return self.card.atr
+
+    def power_on(self) -> None:
+        self.card.power_on()
+
+    def power_off(self) -> None:
+        self.card.power_off()
+
+    def reset(self) -> None:
+        self.card.reset()
+
+    def process(self, apdu: bytes) -> bytes:
+        for hook in list(self._hooks):
+            hook(apdu)
+        return self.card.process(apdu)
+
+
+class MemoryPlug:
+    """Plug/unplug a card in the in-process reader."""
+
+    kind = "memory"
+
+    def __init__(self, reader) -> None:  # type: ignore[no-untyped-def]
+        self.reader = reader
+        self.on_transmit: list = []
+
+    def insert(self, card) -> None:  # type: ignore[no-untyped-def]
+        self.reader.insert(HookedCard(card, self.on_transmit))
+
+    def remove(self) -> None:
+        self.reader.remove()
+
+    def reset_by_other_program(self) -> None:
+        self.reader.reset_by_other_program()
+
+
+class VpcdPlug:
+    """Plug/unplug a card in vpcd reader 0 behind the real pcscd."""
+
+    kind = "pcsc"
+
+    def __init__(self, harness) -> None:  # type: ignore[no-untyped-def]
+        self.harness = harness
+        self.on_transmit: list = []
+        self.connection = None
+
+    def insert(self, card) -> None:  # type: ignore[no-untyped-def]
+        self.remove()
+        self.connection = self.harness.plug(HookedCard(card, self.on_transmit), wait=False)
+
+    def remove(self) -> None:
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.unplug()
+
+    def reset_by_other_program(self) -> None:
+        """What another PC/SC client does: connect, then disconnect resetting the card."""
+        from smartcard import scard
+
+        rv, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        assert rv == scard.SCARD_S_SUCCESS
+        try:
+            rv, handle, _ = scard.SCardConnect(
+                ctx,
+                self.harness.reader(0),
+                scard.SCARD_SHARE_SHARED,
+                scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+            )
+            assert rv == scard.SCARD_S_SUCCESS, scard.SCardGetErrorMessage(rv)
+            assert scard.SCardDisconnect(handle, scard.SCARD_RESET_CARD) == 0
+        finally:
+            scard.SCardReleaseContext(ctx)
+
+
+def wait_for_token(running: RunningDaemon, timeout: float = 10.0) -> int:
+    """The slot id of the first token present, once the daemon has it."""
+    import time
+
+    from tokend.client import Client
+
+    deadline = time.monotonic() + timeout
+    with Client(running.socket) as client:
+        while True:
+            slots = client.slot_list(token_present=True)
+            if slots:
+                return slots[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError("the daemon did not see the token")
+            time.sleep(0.02)  # nothing to wait on from outside the daemon
+
+
+def _piv_daemon(kind: str, request, sock_path: Path) -> Iterator[RunningDaemon]:  # type: ignore[no-untyped-def]
+    """The daemon with a demo virtual PIV card, in the in-process reader or behind real
+    pcscd + vpcd. ``extras``: card, demo, plug (insert/remove/reset), slot."""
     from tokend.simulators.demo import provision_demo
     from tokend.simulators.memory import MemoryReader, MemoryWatcher
     from tokend.simulators.piv import VirtualPivCard
 
     card = VirtualPivCard()
     demo = provision_demo(card, key_agreement=True)
-    reader = MemoryReader("Memory Reader 0")
-    reader.insert(card)
-    running = start_daemon(sock_path, [MemoryWatcher(reader)])
-    running.extras.update(card=card, demo=demo, reader=reader)
+    if kind == "memory":
+        reader = MemoryReader("Memory Reader 0")
+        plug: MemoryPlug | VpcdPlug = MemoryPlug(reader)
+        plug.insert(card)
+        running = start_daemon(sock_path, [MemoryWatcher(reader)])
+    else:
+        from tokend.drivers.pcsc import PcscWatcher
+
+        harness = request.getfixturevalue("vpcd")
+        plug = VpcdPlug(harness)
+        plug.insert(card)
+        from tokend.simulators.pcscd import wait_present
+
+        wait_present(harness.reader(0))
+        running = start_daemon(sock_path, [PcscWatcher(allow_virtual_readers=True)])
     try:
+        slot = wait_for_token(running)
+        running.extras.update(card=card, demo=demo, plug=plug, slot=slot)
         yield running
     finally:
         stop_daemon(running)
+        if isinstance(plug, VpcdPlug):
+            plug.remove()
+
+
+@pytest.fixture
+def memory_piv(request, sock_path: Path) -> Iterator[RunningDaemon]:  # type: ignore[no-untyped-def]
+    yield from _piv_daemon("memory", request, sock_path)
+
+
+@pytest.fixture
+def pcsc_piv(request, sock_path: Path) -> Iterator[RunningDaemon]:  # type: ignore[no-untyped-def]
+    yield from _piv_daemon("pcsc", request, sock_path)
+
+
+from tests.pcsc_fixtures import pcscd_service, vpcd  # noqa: E402, F401

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from cryptography.x509.oid import NameOID
+
 from tokend.drivers.piv import (
     PinPolicy,
     PivAlgorithm,
@@ -32,9 +33,6 @@ from tokend.drivers.piv import (
     pkcs1v15_unpad,
     pss_encode,
 )
-from tokend.simulators.demo import DemoMaterial, provision_demo
-from tokend.simulators.piv import DEFAULT_MANAGEMENT_KEY, VirtualPivCard
-
 from tokend.errors import (
     CardResetError,
     DataLenRangeError,
@@ -62,6 +60,8 @@ from tokend.model import (
     Token,
 )
 from tokend.pkcs11 import CKA, CKC, CKD, CKG, CKK, CKM, CKO
+from tokend.simulators.demo import DemoMaterial, provision_demo
+from tokend.simulators.piv import DEFAULT_MANAGEMENT_KEY, VirtualPivCard
 
 PIN = bytearray(b"123456")
 PUK = bytearray(b"12345678")

@@ -329,3 +329,6 @@ def unsupported(name: str) -> Handler:
         raise FunctionNotSupportedError(f"{name} is not supported")
 
     return handler
+
+
+import tokend.api_provision  # noqa: E402,F401  (registers the provisioning extensions)

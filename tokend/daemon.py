@@ -241,6 +241,8 @@ class Daemon:
             self._connections.add(task)
         try:
             await conn.serve()
+        except asyncio.CancelledError:
+            pass  # the daemon is stopping; asyncio's stream callback must not see this
         finally:
             if task is not None:
                 self._connections.discard(task)

@@ -186,3 +186,53 @@ class Token(Protocol):
 def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
     now = now or dt.datetime.now(dt.UTC)
     return (not_after - now).days
+
+
+@runtime_checkable
+class Provisionable(Protocol):
+    """The optional provisioning side of a token (PIV today). The session layer finds these
+    methods by duck typing; a token without them answers CKR_FUNCTION_NOT_SUPPORTED.
+
+    Slots and algorithms are the applet's own numbers (PIV: key references 9A/9C/9D/9E,
+    82-95; SP 800-78-4 algorithm identifiers). Secrets are ``bytearray`` and wiped by the
+    caller; every method blocks and runs inside the token's executor."""
+
+    def status(self) -> TokenStatus: ...
+
+    def refresh(self) -> None: ...
+
+    def authenticate_management_key(self, key: bytes) -> None: ...
+
+    def generate_key(
+        self, slot: int, alg: int, pin_policy: int | None = None, touch_policy: int | None = None
+    ) -> object:
+        """Returns the new public key (a `cryptography` public key object)."""
+        ...
+
+    def import_key(
+        self,
+        slot: int,
+        private_key: object,
+        pin_policy: int | None = None,
+        touch_policy: int | None = None,
+    ) -> None: ...
+
+    def put_certificate(self, slot: int, der: bytes) -> None: ...
+
+    def delete_certificate(self, slot: int) -> None: ...
+
+    def move_key(self, src: int, dst: int, *, with_certificate: bool = True) -> None:
+        """``dst`` 0xFF deletes the key (and its certificate)."""
+        ...
+
+    def change_pin(self, old: bytearray, new: bytearray) -> None: ...
+
+    def change_puk(self, old: bytearray, new: bytearray) -> None: ...
+
+    def unblock_pin(self, puk: bytearray, new: bytearray) -> None: ...
+
+    def set_management_key(
+        self, new_key: bytes, alg: int = 0x03, *, require_touch: bool = False
+    ) -> None: ...
+
+    def reset(self) -> None: ...

@@ -8,7 +8,9 @@ import sys
 from typing import NoReturn
 
 from tokend.errors import (
+    DeviceMemoryError,
     DeviceRemovedError,
+    FunctionNotSupportedError,
     PinIncorrectError,
     PinLockedError,
     TokendError,
@@ -25,6 +27,10 @@ class UsageError(Exception):
     pass
 
 
+class DaemonUnreachable(Exception):
+    """The daemon's socket cannot be reached."""
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     print(f"{os.path.basename(sys.argv[0]) or 'tokenctl'}: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -32,38 +38,79 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 def explain(exc: BaseException) -> str:
     """One line that says what went wrong and what to do next."""
+    credential = getattr(exc, "credential", "pin")
     if isinstance(exc, PinLockedError):
+        if credential == "puk":
+            return (
+                "PUK blocked: the PIN cannot be unblocked any more; once the PIN is blocked "
+                "too, reset the token (all keys are lost): tokenctl reset"
+            )
         return "PIN blocked: unblock it with the PUK: tokenctl pin unblock"
     if isinstance(exc, PinIncorrectError):
+        if credential == "management_key":
+            return (
+                "wrong management key: give the token's key with --mgmt-key-file FILE or "
+                "--mgmt-key-fd FD (hex)"
+            )
         left = getattr(exc, "retries", None)
-        return "wrong PIN" + (f" ({left} tries left)" if left is not None else "")
+        what = "PUK" if credential == "puk" else "PIN"
+        if left == 0:
+            if what == "PUK":
+                return "wrong PUK; the PUK is now blocked: tokenctl reset is what is left"
+            return (
+                "wrong PIN; the PIN is now blocked: unblock it with the PUK: tokenctl pin unblock"
+            )
+        return f"wrong {what}" + (f" ({left} tries left)" if left is not None else "")
     if isinstance(exc, DeviceRemovedError | TokenNotPresentError):
         return "the token is not there (removed?): plug it in and try again"
     if isinstance(exc, UserNotLoggedInError):
         return f"not logged in: {exc}"
+    if isinstance(exc, DeviceMemoryError):
+        return f"token full: {exc}"
+    if isinstance(exc, FunctionNotSupportedError):
+        return f"this token cannot do that: {exc}"
     if isinstance(exc, TokendError):
         return str(exc)
-    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+    if isinstance(exc, DaemonUnreachable):
         return (
-            "cannot reach tokend (is it running? start it with `tokend serve`, or set "
-            "TOKEND_SOCKET / --socket)"
+            f"cannot reach tokend at {exc} (is it running? start it with `tokend serve`, or "
+            "set TOKEND_SOCKET / --socket)"
         )
     return str(exc) or type(exc).__name__
 
 
-def read_secret(prompt: str, fd: int | None = None, *, confirm: bool = False) -> str:
-    """Read a PIN/password from file descriptor ``fd`` (scripts) or the terminal, no echo."""
+def read_secret(
+    prompt: str, fd: int | None = None, *, confirm: bool = False, option: str = "--pin-fd"
+) -> str:
+    """Read a PIN/password from file descriptor ``fd`` (scripts: one secret per line, so
+    several can come through one descriptor) or from the terminal without echo."""
     if fd is not None:
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = os.read(fd, 1)
-            if not chunk:
-                break
-            data += chunk
-        return data.decode().rstrip("\r\n")
+        data = bytearray()
+        try:
+            while not data.endswith(b"\n"):
+                chunk = os.read(fd, 1)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise UsageError(f"cannot read {option} {fd}: {exc.strerror}") from None
+        try:
+            return data.decode().rstrip("\r\n")
+        finally:
+            data[:] = bytes(len(data))
     if not sys.stdin.isatty():
-        raise UsageError(f"{prompt.strip(': ')}: no terminal to prompt on; use --pin-fd")
+        raise UsageError(f"{prompt.strip(': ')}: no terminal to prompt on; use {option}")
     value = getpass.getpass(prompt)
     if confirm and getpass.getpass("Again: ") != value:
         raise UsageError("the two entries differ")
     return value
+
+
+def confirm(question: str, assume_yes: bool) -> bool:
+    """Ask y/N on the terminal; without one, only ``--yes`` confirms."""
+    if assume_yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question} — no terminal to ask on; add --yes to confirm")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    return answer in ("y", "yes")
