@@ -1,0 +1,146 @@
+"""Issue-3 acceptance over real pcscd + vpcd: latency, swaps, sharing the reader with other
+PC/SC programs, pcscd going away, virtual readers refused by default, and OpenSC's own
+PIV driver accepting the virtual card."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import start_daemon, stop_daemon, wait_for_token
+from tests.helpers import ID_9D, PIN, logged_in_session, pkcs1_blob, private_key
+from tokend.client import Client
+from tokend.errors import DeviceRemovedError, SessionHandleInvalidError, UserNotLoggedInError
+
+pytestmark = pytest.mark.pcsc
+
+
+def test_unplug_event_within_500_ms_and_no_decrypt_after(pcsc_piv) -> None:
+    demo, plug, slot = (pcsc_piv.extras[k] for k in ("demo", "plug", "slot"))
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    with Client(pcsc_piv.socket) as client, Client(pcsc_piv.socket) as watcher:
+        watcher.subscribe()
+        session = logged_in_session(client, slot)
+        key = private_key(client, session, ID_9D)
+        assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+        time.sleep(random.uniform(0, 0.4))  # unplug at a random point of pcscd's 400 ms poll
+        unplugged = time.monotonic()
+        plug.remove()
+        event = watcher.next_event(timeout=3)
+        latency = time.monotonic() - unplugged
+        assert event["event"] == "left"
+        # pcscd polls vpcd every 400 ms: ≤ 500 ms end to end, plus slack for a busy CI box.
+        assert latency < 0.8, f"slot event after {latency * 1000:.0f} ms"
+        with pytest.raises((DeviceRemovedError, SessionHandleInvalidError)):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+
+
+def test_swap_inside_one_poll_is_a_different_token(pcsc_piv) -> None:
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+
+    demo, plug, slot = (pcsc_piv.extras[k] for k in ("demo", "plug", "slot"))
+    other = VirtualPivCard()
+    other_demo = provision_demo(other)
+    with Client(pcsc_piv.socket) as client:
+        client.subscribe()
+        session = logged_in_session(client, slot)
+        plug.insert(other)  # unplug + plug at once: well inside pcscd's 400 ms poll
+        events = [client.next_event(timeout=5), client.next_event(timeout=5)]
+        assert [e["event"] for e in events] == ["left", "arrived"]
+        assert events[1]["serial"] == other_demo.guid.hex() != demo.guid.hex()
+        with pytest.raises(DeviceRemovedError):
+            client.find_objects(session, {})
+        assert client.token_info(slot)["token_serial"] == other_demo.guid.hex()
+
+
+def test_other_pcsc_programs_share_the_reader(pcsc_piv, vpcd) -> None:
+    demo, slot = pcsc_piv.extras["demo"], pcsc_piv.extras["slot"]
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    reader = vpcd.reader(0)
+    with Client(pcsc_piv.socket) as client:
+        session = logged_in_session(client, slot)
+        key = private_key(client, session, ID_9D)
+        listed = subprocess.run(
+            ["opensc-tool", "--list-readers"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert reader in listed.stdout
+        index = next(line.split()[0] for line in listed.stdout.splitlines() if reader in line)
+        apdu = subprocess.run(
+            ["opensc-tool", "-r", index, "-s", "00 A4 04 00 05 A0 00 00 03 08"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert apdu.returncode == 0, apdu.stderr
+        assert "90 00" in apdu.stdout.replace("SW1=0x90, SW2=0x00", "90 00")
+        # Our next operation succeeds, or — if opensc-tool reset the card — fails cleanly.
+        try:
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+        except UserNotLoggedInError:
+            client.login(session, PIN)
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+
+
+def test_opensc_piv_driver_lists_the_demo_certificates(vpcd) -> None:
+    from cryptography.x509.oid import NameOID
+
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+
+    card = VirtualPivCard()
+    demo = provision_demo(card)
+    vpcd.plug(card)
+    out = subprocess.run(
+        ["pkcs15-tool", "--reader", vpcd.reader(0), "--list-certificates"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("X.509 Certificate") >= 3
+    cn = demo.encryption_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn in out.stdout
+
+
+def test_pcscd_going_away_and_coming_back(pcsc_piv, pcscd_service) -> None:
+    if not pcscd_service.started:
+        pytest.skip("pcscd was not started by this test run; not stopping someone else's")
+    plug, slot = pcsc_piv.extras["plug"], pcsc_piv.extras["slot"]
+    with Client(pcsc_piv.socket) as client:
+        client.subscribe()
+        session = logged_in_session(client, slot)
+        pcscd_service.stop()
+        assert client.next_event(timeout=5)["event"] == "left"
+        assert client.slot_list(token_present=True) == []
+        with pytest.raises(DeviceRemovedError):
+            client.find_objects(session, {})
+        pcscd_service.start()
+        plug.connection.unplug()  # vpcd came back with pcscd: plug the card again
+        plug.connection.plug()
+        assert client.next_event(timeout=10)["event"] == "arrived"
+        fresh = logged_in_session(client, client.slot_list(token_present=True)[0])
+        assert private_key(client, fresh, ID_9D)
+
+
+def test_virtual_readers_are_refused_by_default(vpcd, sock_path) -> None:
+    from tokend.drivers.pcsc import PcscWatcher
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+
+    card = VirtualPivCard()
+    provision_demo(card)
+    vpcd.plug(card)
+    running = start_daemon(sock_path, [PcscWatcher()])
+    try:
+        with pytest.raises(TimeoutError):
+            wait_for_token(running, timeout=1.5)
+    finally:
+        stop_daemon(running)
