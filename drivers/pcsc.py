@@ -146,6 +146,9 @@ class PcscTransport:
             self._check_open()
             rv, response = scard.SCardTransmit(self._card, self._protocol, list(apdu))
             if rv == scard.SCARD_S_SUCCESS:
+                if len(response) < 2:  # vpcd's socket died mid-command: no status word
+                    self._gone = "the card answered nothing"
+                    raise TransportError(f"no response from the card in {self.reader!r}")
                 return bytes(response)
             if rv == scard.SCARD_W_RESET_CARD:
                 raise self._after_reset("transmit")

@@ -14,7 +14,7 @@ import hmac
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
-from tokend.drivers.base import Transport
 
+from tokend.drivers.base import Transport
 from tokend.errors import (
     ArgumentsBadError,
     CardResetError,
@@ -815,7 +815,12 @@ class PivToken:
         """Exclusive section with the applet selected (re-selected after a card reset)."""
         if self._closed:
             raise DeviceRemovedError("token closed")
-        with self._transport.transaction():
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self._transport.transaction())
+            except CardResetError:
+                self._selected = False  # PC/SC may report the reset when the section starts
+                raise
             if not self._selected:
                 if not self._select():
                     raise TransportError("PIV applet no longer answers SELECT")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from tokend.errors import DeviceError
 from tokend.iso7816.apdu import CommandApdu, ResponseApdu
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,10 @@ class ApduChannel:
                 "…" if ins in SECRET_INS and len(apdu) > 5 else apdu[5:].hex()
             )
             log.debug("> %s", shown)
-        rapdu = ResponseApdu.decode(self._transmit(apdu))
+        try:
+            rapdu = ResponseApdu.decode(self._transmit(apdu))
+        except ValueError as exc:  # a response without a status word is a broken device
+            raise DeviceError(f"malformed response to INS {ins:02X}: {exc}") from None
         if log.isEnabledFor(logging.DEBUG):
             log.debug("< %d bytes, SW %04X", len(rapdu.data), rapdu.sw)
         return rapdu
