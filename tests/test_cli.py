@@ -1,0 +1,72 @@
+"""tokenctl's first commands against a running daemon, as a script would use them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.helpers import PIN, pkcs1_blob
+from tokend.cli.tokenctl import main
+
+
+def _pin_fd() -> int:
+    read, write = os.pipe()
+    os.write(write, PIN.encode() + b"\n")
+    os.close(write)
+    return read
+
+
+def test_list_json(memory_piv, capsys) -> None:
+    demo = memory_piv.extras["demo"]
+    assert main(["--socket", str(memory_piv.socket), "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["present"] and rows[0]["serial"] == demo.guid.hex()
+
+
+def test_decrypt_from_a_file_with_the_pin_on_a_descriptor(memory_piv, tmp_path, capfdbinary):
+    demo = memory_piv.extras["demo"]
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    (tmp_path / "blob").write_bytes(blob)
+    code = main(
+        [
+            "--socket",
+            str(memory_piv.socket),
+            "decrypt",
+            "--key",
+            "9d",
+            "--in",
+            str(tmp_path / "blob"),
+            "--out",
+            str(tmp_path / "plain"),
+            "--pin-fd",
+            str(_pin_fd()),
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "plain").read_bytes() == secret
+
+
+def test_wrong_pin_is_one_line_and_exit_1(memory_piv, tmp_path, capsys) -> None:
+    read, write = os.pipe()
+    os.write(write, b"000000\n")
+    os.close(write)
+    (tmp_path / "blob").write_bytes(b"\x00" * 256)
+    code = main(
+        [
+            "--socket",
+            str(memory_piv.socket),
+            "decrypt",
+            "--in",
+            str(tmp_path / "blob"),
+            "--pin-fd",
+            str(read),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert len(err.splitlines()) == 1 and "wrong PIN" in err and "2 tries left" in err
+
+
+def test_unreachable_daemon_says_what_to_do(tmp_path, capsys) -> None:
+    assert main(["--socket", str(tmp_path / "nothing.sock"), "list"]) == 1
+    assert "tokend serve" in capsys.readouterr().err
