@@ -9,30 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from tokend.cli.tokend_main import ServeConfig, build_registry
-from tokend.daemon import Daemon, DaemonAlreadyRunning
+from tokend.cli.tokend_main import ServeConfig, serve
 from tokend.paths import default_socket_path, runtime_dir
-from tokend.session import Engine
 from tokend.simulators.demo import provision_demo
 from tokend.simulators.pcscd import PcscdService, wait_present
 from tokend.simulators.piv import VirtualPivCard
 from tokend.simulators.vpcd import VpcdCardConnection
 
 log = logging.getLogger("tokend.demo")
-
-
-async def _serve(cfg: ServeConfig, banner: str) -> int:
-    engine = Engine(build_registry(cfg))
-    daemon = Daemon(engine, cfg.socket)
-    try:
-        await daemon.start()
-    except DaemonAlreadyRunning as exc:
-        print(f"tokend: {exc}", file=sys.stderr)
-        return 1
-    await engine.registry.wait_settled()
-    print(banner, flush=True)
-    await daemon.serve_until_stopped()
-    return 0
 
 
 def main() -> int:
@@ -65,7 +49,7 @@ def main() -> int:
                 ]
             )
             try:
-                return asyncio.run(_serve(cfg, banner))
+                return asyncio.run(serve(cfg, banner))
             except KeyboardInterrupt:
                 return 0
 

@@ -86,18 +86,19 @@ def build_registry(cfg: ServeConfig):  # type: ignore[no-untyped-def]
     return registry
 
 
-async def _serve(cfg: ServeConfig) -> int:
+async def serve(cfg: ServeConfig, banner: str | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; print ``banner`` once tokens are probed."""
     from tokend.session import Engine
 
-    registry = build_registry(cfg)
-    engine = Engine(registry)
+    engine = Engine(build_registry(cfg))
     daemon = Daemon(engine, cfg.socket)
     try:
         await daemon.start()
     except DaemonAlreadyRunning as exc:
         print(f"tokend: {exc}", file=sys.stderr)
         return 1
-    print(f"tokend: listening on {cfg.socket}", flush=True)
+    await engine.registry.wait_settled()
+    print(banner or f"tokend: listening on {cfg.socket}", flush=True)
     await daemon.serve_until_stopped()
     return 0
 
@@ -118,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return asyncio.run(_serve(cfg))
+        return asyncio.run(serve(cfg))
     except KeyboardInterrupt:
         return 0
 
