@@ -1,0 +1,1 @@
+"""tokend benchmarks: ``python -m bench`` (``make bench``); see docs/performance.md."""

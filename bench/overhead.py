@@ -1,0 +1,122 @@
+"""Item 1: overhead per operation. RSA-2048 decrypt and P-256 sign on a demo PIV card,
+(a) in-process through the driver, (b) through tokend's native socket (the daemon in its
+own process: ``tokend serve --no-pcsc --simulate piv``), (c) through p11-kit-client.so and
+tokend's p11-kit front end (not there yet). (a) and (b) alternate in rounds, so the noise
+of a shared machine hits both; the overhead is the difference of the medians.
+
+Two floors measured in the same run explain the overhead: one socket round trip that never
+touches the card (C_GetSessionInfo), and one hop of a no-op onto a worker thread and back
+(``loop.run_in_executor``), which every card call in the daemon makes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from bench.common import SectionResult, Summary, interleave, tokend_daemon, verdict
+from bench.ops import in_process_card, pipelined_decrypt, rpc_floor, socket_session
+
+#: (b) - (a), median, per operation.
+TARGET_OVERHEAD_MS = 0.15
+#: Socket round trips per operation, and card calls (each one thread hop in the daemon).
+ROUND_TRIPS = {"decrypt": 2, "sign": 3}
+CARD_CALLS = {"decrypt": 1, "sign": 2}
+LABELS = {"decrypt": "RSA-2048 decrypt", "sign": "P-256 sign (9C, PIN-always)"}
+
+
+def executor_hop(n: int) -> list[float]:
+    """Durations of ``await loop.run_in_executor(one_worker, noop)`` on a fresh loop."""
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        out = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            await loop.run_in_executor(pool, lambda: None)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await loop.run_in_executor(pool, lambda: None)
+                out.append(time.perf_counter() - t0)
+        return out
+
+    return asyncio.run(main())
+
+
+def run(quick: bool = False) -> SectionResult:
+    res = SectionResult("1 overhead")
+    rounds, per_round = (4, 5) if quick else (40, 10)
+    local = in_process_card()
+    with tokend_daemon() as daemon:
+        remote = socket_session(daemon.socket, 0, daemon.workdir / "card0")
+        piped = pipelined_decrypt(remote)
+        try:
+            for _ in range(2 * per_round):  # warm both paths
+                local.decrypt(), remote.decrypt(), local.sign(), remote.sign()
+            series = {
+                "decrypt": interleave(rounds, per_round, [local.decrypt, remote.decrypt, piped]),
+                "sign": interleave(rounds, per_round, [local.sign, remote.sign]),
+            }
+            floor = interleave(rounds, per_round, [rpc_floor(remote)])[0]
+        finally:
+            remote.close()
+            local.close()
+    hop = executor_hop(rounds * per_round)
+    floor_s, hop_s = Summary.of(floor), Summary.of(hop)
+    res.data["rpc_round_trip_no_card"] = floor_s.as_dict()
+    res.data["executor_hop_noop"] = hop_s.as_dict()
+    for op, runs in series.items():
+        sa, sb = Summary.of(runs[0]), Summary.of(runs[1])
+        overhead = round(sb.median_ms - sa.median_ms, 4)
+        overhead_p99 = round(sb.p99_ms - sa.p99_ms, 4)
+        floor_est = ROUND_TRIPS[op] * floor_s.median_ms + CARD_CALLS[op] * hop_s.median_ms
+        res.data[op] = {
+            "a_in_process": sa.as_dict(),
+            "b_native_socket": sb.as_dict(),
+            "c_p11kit_client": "not available yet",
+            "overhead_ms_median": overhead,
+            "overhead_ms_p99": overhead_p99,
+            "round_trips": ROUND_TRIPS[op],
+            "card_calls": CARD_CALLS[op],
+            "floor_estimate_ms": round(floor_est, 4),
+            "ratio_b_over_a": round(sb.median_ms / sa.median_ms, 3),
+        }
+        label = LABELS[op]
+        res.row(f"{label} (a) in-process", f"median {sa.median_ms:.3f} ms, p99 {sa.p99_ms:.3f} ms")
+        res.row(
+            f"{label} (b) native socket", f"median {sb.median_ms:.3f} ms, p99 {sb.p99_ms:.3f} ms"
+        )
+        res.row(
+            f"{label} overhead (b)-(a)",
+            f"{overhead:.3f} ms median, p99 {overhead_p99:+.3f} ms; floor "
+            f"{ROUND_TRIPS[op]} RT + {CARD_CALLS[op]} hop = {floor_est:.3f} ms",
+            f"≤ {TARGET_OVERHEAD_MS} ms",
+            verdict(overhead <= TARGET_OVERHEAD_MS),
+        )
+        if op == "decrypt":
+            sp = Summary.of(runs[2])
+            piped_over = round(sp.median_ms - sa.median_ms, 4)
+            res.data[op]["b_pipelined"] = sp.as_dict()
+            res.data[op]["overhead_pipelined_ms_median"] = piped_over
+            res.row(
+                f"{label} (b') socket, Init+Decrypt pipelined",
+                f"median {sp.median_ms:.3f} ms; overhead {piped_over:.3f} ms",
+                "",
+                "info",
+            )
+        res.row(
+            f"{label} (c) p11-kit-client → tokend", "not available yet", "", "not available yet"
+        )
+    res.row(
+        "one socket round trip, no card (C_GetSessionInfo)",
+        f"median {floor_s.median_ms:.3f} ms, p99 {floor_s.p99_ms:.3f} ms",
+        "",
+        "info",
+    )
+    res.row(
+        "one worker-thread hop (run_in_executor no-op)",
+        f"median {hop_s.median_ms:.3f} ms, p99 {hop_s.p99_ms:.3f} ms",
+        "",
+        "info",
+    )
+    res.data["rounds"], res.data["per_round"] = rounds, per_round
+    return res
