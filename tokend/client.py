@@ -31,7 +31,7 @@ from tokend.protocol import (
 )
 
 T = TypeVar("T")
-Plan = Generator[tuple[str, dict[str, Any]], dict[str, Any], T]
+Plan = Generator[Any, Any, T]  # yields a (method, params) step or a Batch of them
 
 
 class ProtocolFailure(TokendError):
@@ -108,22 +108,31 @@ class _Plans:
 
     @staticmethod
     def decrypt(session: int, key: int, mechanism: Mechanism | str, data: bytes) -> Plan[bytes]:
-        yield "C_DecryptInit", {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
-        r = yield "C_Decrypt", {"h_session": session, "p_encrypted_data": b64(data)}
+        init = {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
+        _, r = yield Batch(
+            [
+                ("C_DecryptInit", init),
+                ("C_Decrypt", {"h_session": session, "p_encrypted_data": b64(data)}),
+            ]
+        )
         return unb64(r["data"])
 
     @staticmethod
     def sign(
         session: int, key: int, mechanism: Mechanism | str, data: bytes, context_pin: str | None
     ) -> Plan[bytes]:
-        yield "C_SignInit", {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
+        init = {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
+        calls = Batch([("C_SignInit", init)])
         if context_pin is not None:
-            yield (
-                "C_Login",
-                {"h_session": session, "user_type": "CKU_CONTEXT_SPECIFIC", "p_pin": context_pin},
-            )
-        r = yield "C_Sign", {"h_session": session, "p_data": b64(data)}
-        return unb64(r["signature"])
+            login = {
+                "h_session": session,
+                "user_type": "CKU_CONTEXT_SPECIFIC",
+                "p_pin": context_pin,
+            }
+            calls.append(("C_Login", login))
+        calls.append(("C_Sign", {"h_session": session, "p_data": b64(data)}))
+        results = yield calls
+        return unb64(results[-1]["signature"])
 
     @staticmethod
     def derive(session: int, key: int, mechanism: Mechanism) -> Plan[bytes]:
@@ -145,32 +154,57 @@ class _Plans:
         return unb64(r["template"]["CKA_VALUE"])
 
 
-def _run_sync(call: Callable[[str, dict[str, Any]], dict[str, Any]], plan: Plan[T]) -> T:
+Step = tuple[str, dict[str, Any]]
+
+
+class Batch(list[Step]):
+    """Calls a plan sends together, without waiting between them (one round trip). The
+    daemon runs them in order; the plan gets the list of results, or the first error."""
+
+
+def _steps(step: Step | Batch) -> list[Step]:
+    return list(step) if isinstance(step, Batch) else [step]
+
+
+def _unpack(step: Step | Batch, results: list[dict[str, Any]]) -> Any:
+    return results if isinstance(step, Batch) else results[0]
+
+
+def _run_sync(call_many: Callable[[list[Step]], list[dict[str, Any]]], plan: Plan[T]) -> T:
     try:
-        method, params = next(plan)
+        step: Any = next(plan)
         while True:
             try:
-                result = call(method, params)
+                result = _unpack(step, call_many(_steps(step)))
             except Exception as exc:
-                method, params = plan.throw(exc)
+                step = plan.throw(exc)
             else:
-                method, params = plan.send(result)
+                step = plan.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
 
 
-async def _run_async(call: Callable[[str, dict[str, Any]], Any], plan: Plan[T]) -> T:
+async def _run_async(call_many: Callable[[list[Step]], Any], plan: Plan[T]) -> T:
     try:
-        method, params = next(plan)
+        step: Any = next(plan)
         while True:
             try:
-                result = await call(method, params)
+                result = _unpack(step, await call_many(_steps(step)))
             except Exception as exc:
-                method, params = plan.throw(exc)
+                step = plan.throw(exc)
             else:
-                method, params = plan.send(result)
+                step = plan.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
+
+
+def _first_error(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Results in order; raise the first error only after every answer was read, so the
+    connection stays in step."""
+    for msg in answers:
+        if "error" in msg:
+            _raise_for(msg["error"])
+    return [dict(msg.get("result") or {}) for msg in answers]
 
 
 def _socket_path(path: str | Path | None) -> Path:
@@ -205,21 +239,25 @@ class Client:
             self._sock.close()
 
     def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        self._sock.sendall(encode_request(request_id, method, params or {}))
-        while True:
+        return self.call_many([(method, dict(params or {}))])[0]
+
+    def call_many(self, steps: list[Step]) -> list[dict[str, Any]]:
+        """Send several requests at once and return their results in order."""
+        ids = [next(self._ids) for _ in steps]
+        self._sock.sendall(
+            b"".join(encode_request(i, m, p) for i, (m, p) in zip(ids, steps, strict=True))
+        )
+        answers: dict[int, dict[str, Any]] = {}
+        while len(answers) < len(ids):
             line = self._file.readline(MAX_REQUEST_BYTES * 4)
             if not line:
                 raise ConnectionError("tokend closed the connection")
             msg = json.loads(line)
             if "id" not in msg and msg.get("method") == SLOT_EVENT_NOTIFICATION:
                 self.notifications.append(msg["params"])
-                continue
-            if msg.get("id") != request_id:
-                continue
-            if "error" in msg:
-                _raise_for(msg["error"])
-            return dict(msg.get("result") or {})
+            elif msg.get("id") in ids:
+                answers[msg["id"]] = msg
+        return _first_error([answers[i] for i in ids])
 
     def next_event(self, timeout: float = 5.0) -> dict[str, Any]:
         """Wait for the next slot-event notification (after `subscribe`)."""
@@ -239,7 +277,7 @@ class Client:
             self._sock.settimeout(old)
 
     def _plan(self, plan: Plan[T]) -> T:
-        return _run_sync(self.call, plan)
+        return _run_sync(self.call_many, plan)
 
     def subscribe(self) -> None:
         self.call("subscribe")
@@ -346,18 +384,23 @@ class AsyncClient:
                     fut.set_exception(ConnectionError("tokend closed the connection"))
 
     async def call(self, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        request_id = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = fut
-        self._writer.write(encode_request(request_id, method, params or {}))
+        return (await self.call_many([(method, dict(params or {}))]))[0]
+
+    async def call_many(self, steps: list[Step]) -> list[dict[str, Any]]:
+        """Send several requests at once and return their results in order."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for method, params in steps:
+            request_id = next(self._ids)
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._pending[request_id] = fut
+            futures.append(fut)
+            self._writer.write(encode_request(request_id, method, params))
         await self._writer.drain()
-        msg = await fut
-        if "error" in msg:
-            _raise_for(msg["error"])
-        return dict(msg.get("result") or {})
+        return _first_error(list(await asyncio.gather(*futures)))
 
     async def _plan(self, plan: Plan[T]) -> T:
-        return await _run_async(self.call, plan)
+        return await _run_async(self.call_many, plan)
 
     async def subscribe(self) -> None:
         await self.call("subscribe")

@@ -27,7 +27,8 @@ from tokend.errors import (
     TokenNotPresentError,
     TransportError,
 )
-from tokend.model import Token
+from tokend.model import Token, TokenObject
+from tokend.pkcs11 import CKM
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,29 @@ class TokenInstance:
         self.transport = transport
         self.retired = False
         self.retire_reason = ""
+        self._mechanisms: frozenset[CKM] | None = None
+        self._objects_seen: object = None
+        self._object_index: dict[str, TokenObject] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot{slot.slot_id}")
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.slot_id, self.generation)
+
+    def mechanism_set(self) -> frozenset[CKM]:
+        """The token's mechanisms, computed once per instance (they never change on it)."""
+        if self._mechanisms is None:
+            self._mechanisms = frozenset(m.mechanism for m in self.token.mechanisms())
+        return self._mechanisms
+
+    def object_index(self) -> dict[str, TokenObject]:
+        """Objects by key; rebuilt only when the driver hands out a new objects list
+        (after provisioning)."""
+        objects = self.token.objects()
+        if self._objects_seen is not objects:
+            self._object_index = {obj.key: obj for obj in objects}
+            self._objects_seen = objects
+        return self._object_index
 
     def ensure_live(self) -> None:
         if self.retired:

@@ -386,10 +386,10 @@ class Engine:
         entry = self._token_objects.get(handle)
         if entry is None or entry[0] != session.instance.key:
             raise ObjectHandleInvalidError(f"no object {handle}")
-        for obj in session.instance.token.objects():
-            if obj.key == entry[1]:
-                return obj
-        raise ObjectHandleInvalidError(f"object {handle} is gone")
+        obj = session.instance.object_index().get(entry[1])
+        if obj is None:
+            raise ObjectHandleInvalidError(f"object {handle} is gone")
+        return obj
 
     def find_objects_init(
         self, app: Application, handle: int, template: Mapping[CKA, AttributeValue]
@@ -466,9 +466,8 @@ class Engine:
         return obj
 
     def _check_mechanism(self, session: Session, mechanism: Mechanism, flag: str) -> None:
-        for info in session.instance.token.mechanisms():
-            if info.mechanism == mechanism.mechanism:
-                return
+        if mechanism.mechanism in session.instance.mechanism_set():
+            return
         raise MechanismInvalidError(f"{mechanism.mechanism.name} is not supported by the token")
 
     def _start(self, session: Session, op: Operation) -> None:
