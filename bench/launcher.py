@@ -29,7 +29,9 @@ def build_readers(count: int, export_dir: Path | None = None) -> list[MemoryRead
     readers = []
     for i in range(count):
         card = VirtualPivCard()
-        provision_demo(card, export_dir / f"card{i}" if export_dir is not None else None)
+        provision_demo(
+            card, export_dir / f"card{i}" if export_dir is not None else None, key_agreement=True
+        )
         reader = MemoryReader(f"Bench Reader {i}")
         reader.insert(card)
         readers.append(reader)

@@ -63,6 +63,7 @@ def load_cert(path: Path) -> x509.Certificate:
 class InProcessCard:
     decrypt: Op
     sign: Op
+    sign_once: Op
     close: Callable[[], None]
 
 
@@ -76,7 +77,7 @@ def in_process_card() -> InProcessCard:
     from tokend.simulators.piv import VirtualPivCard
 
     card = VirtualPivCard()
-    demo = provision_demo(card)
+    demo = provision_demo(card, key_agreement=True)
     reader = MemoryReader("Bench In-Process Reader")
     reader.insert(card)
     token = PivToken.open(reader.connect())
@@ -96,9 +97,14 @@ def in_process_card() -> InProcessCard:
         token.login(bytearray(PIN.encode()))
         return token.sign("priv:9c", ecdsa, DIGEST, context_pin=bytearray(PIN.encode()))
 
+    def sign_once() -> bytes:
+        # 9A: a PIN-once key, the call shape of decryption (Init + one card operation).
+        return token.sign("priv:9a", ecdsa, DIGEST)
+
     check_decrypt(decrypt(), blob)
     check_sign(sign(), demo.signing_public_key)
-    return InProcessCard(decrypt, sign, token.close)
+    check_sign(sign_once(), demo.key_agreement_public_key)
+    return InProcessCard(decrypt, sign, sign_once, token.close)
 
 
 # --- (b) through the native socket --------------------------------------------------------
@@ -110,6 +116,7 @@ class SocketSession:
     session: int
     decrypt: Op
     sign: Op
+    sign_once: Op
     decrypt_key: int
     blob: Blob
 
@@ -134,7 +141,7 @@ def socket_session(sock: Path, slot: int, cert_dir: Path, *, check: bool = True)
         assert len(handles) == 1
         return handles[0]
 
-    k9d, k9c = key(ID_9D), key(ID_9C)
+    k9d, k9c, k9a = key(ID_9D), key(ID_9C), key(b"\x01")
     enc_public = load_cert(cert_dir / "encryption.pem").public_key()
     sig_public = load_cert(cert_dir / "signing.pem").public_key()
     assert isinstance(enc_public, rsa.RSAPublicKey)
@@ -147,10 +154,13 @@ def socket_session(sock: Path, slot: int, cert_dir: Path, *, check: bool = True)
     def sign() -> bytes:
         return client.sign(session, k9c, "CKM_ECDSA", DIGEST, context_pin=PIN)
 
+    def sign_once() -> bytes:
+        return client.sign(session, k9a, "CKM_ECDSA", DIGEST)
+
     if check:
         check_decrypt(decrypt(), blob)
         check_sign(sign(), sig_public)
-    return SocketSession(client, session, decrypt, sign, k9d, blob)
+    return SocketSession(client, session, decrypt, sign, sign_once, k9d, blob)
 
 
 def rpc_floor(ss: SocketSession) -> Callable[[], object]:

@@ -20,9 +20,14 @@ from bench.ops import in_process_card, pipelined_decrypt, rpc_floor, socket_sess
 #: (b) - (a), median, per operation.
 TARGET_OVERHEAD_MS = 0.15
 #: Socket round trips per operation, and card calls (each one thread hop in the daemon).
-ROUND_TRIPS = {"decrypt": 2, "sign": 3}
-CARD_CALLS = {"decrypt": 1, "sign": 2}
-LABELS = {"decrypt": "RSA-2048 decrypt", "sign": "P-256 sign (9C, PIN-always)"}
+# The client pipelines Init + operation (+ context login) in one round trip.
+ROUND_TRIPS = {"decrypt": 1, "sign_once": 1, "sign": 1}
+CARD_CALLS = {"decrypt": 1, "sign_once": 1, "sign": 2}
+LABELS = {
+    "decrypt": "RSA-2048 decrypt",
+    "sign_once": "P-256 sign (9A, PIN-once)",
+    "sign": "P-256 sign (9C, PIN-always)",
+}
 
 
 def executor_hop(n: int) -> list[float]:
@@ -52,8 +57,10 @@ def run(quick: bool = False) -> SectionResult:
         try:
             for _ in range(2 * per_round):  # warm both paths
                 local.decrypt(), remote.decrypt(), local.sign(), remote.sign()
+                local.sign_once(), remote.sign_once()
             series = {
                 "decrypt": interleave(rounds, per_round, [local.decrypt, remote.decrypt, piped]),
+                "sign_once": interleave(rounds, per_round, [local.sign_once, remote.sign_once]),
                 "sign": interleave(rounds, per_round, [local.sign, remote.sign]),
             }
             floor = interleave(rounds, per_round, [rpc_floor(remote)])[0]

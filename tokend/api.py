@@ -315,12 +315,14 @@ async def _subscribe(api: Api, app: Application, p: Params) -> dict:
     """tokend extension: deliver `slot_event` notifications on this connection."""
     if app.notify is None:
         app.notify = asyncio.Queue()
+    app.subscribed.set()
     return {"subscribed": True}
 
 
 @method("unsubscribe")
 async def _unsubscribe(api: Api, app: Application, p: Params) -> dict:
     app.notify = None
+    app.subscribed.clear()
     return {"subscribed": False}
 
 

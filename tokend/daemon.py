@@ -105,31 +105,33 @@ class Connection:
 
     async def serve(self) -> None:
         notifier = asyncio.create_task(self._notifications())
+        pending = bytearray()
         try:
             while True:
                 try:
-                    line = await self.reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial.strip():
-                        await self.handle(exc.partial)
-                    return
-                except asyncio.LimitOverrunError:
-                    log.warning(
-                        "client %s: request over %d bytes, closing",
-                        self.app.peer,
-                        MAX_REQUEST_BYTES,
-                    )
-                    await self.send(
-                        encode_error(
-                            None, INVALID_REQUEST, f"request larger than {MAX_REQUEST_BYTES} bytes"
-                        )
-                    )
-                    return
+                    chunk = await self.reader.read(1 << 16)
                 except ConnectionError:
                     return
-                if not line.strip():
+                if not chunk:
+                    if pending.strip():  # a last request without its newline
+                        await self._answer([bytes(pending)])
+                    return
+                pending += chunk
+                if b"\n" not in chunk:
+                    if len(pending) > MAX_REQUEST_BYTES:
+                        await self._refuse_oversized()
+                        return
                     continue
-                await self.handle(line)
+                *lines, rest = pending.split(b"\n")
+                pending = bytearray(rest)
+                if len(pending) > MAX_REQUEST_BYTES or any(
+                    len(line) > MAX_REQUEST_BYTES for line in lines
+                ):
+                    await self._refuse_oversized()
+                    return
+                # Requests that arrived together (a pipelined batch) are answered together:
+                # one write instead of one per request.
+                await self._answer(lines)
         finally:
             notifier.cancel()
             for task in list(self._tasks):
@@ -139,21 +141,42 @@ class Connection:
                 self.writer.close()
                 await self.writer.wait_closed()
 
-    async def handle(self, line: bytes) -> None:
+    async def _refuse_oversized(self) -> None:
+        log.warning("client %s: request over %d bytes, closing", self.app.peer, MAX_REQUEST_BYTES)
+        message = f"request larger than {MAX_REQUEST_BYTES} bytes"
+        await self.send(encode_error(None, INVALID_REQUEST, message))
+
+    async def _answer(self, lines: list[bytes]) -> None:
+        responses = []
+        for line in lines:
+            if line.strip():
+                response = await self.handle(line)
+                if response:
+                    responses.append(response)
+        if responses:
+            await self.send(b"".join(responses))
+
+    async def handle(self, line: bytes) -> bytes | None:
+        """The response to one request line (None for notifications and for blocking calls,
+        which answer on their own when they finish)."""
         try:
             request = decode_request(line)
         except ProtocolError as exc:
             log.info("client %s: %s", self.app.peer, exc)
-            await self.send(encode_error(exc.request_id, exc.code, str(exc)))
-            return
+            return encode_error(exc.request_id, exc.code, str(exc))
         if request.method in _BLOCKING:
-            task = asyncio.create_task(self._dispatch(request))
+            task = asyncio.create_task(self._dispatch_and_send(request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        else:
-            await self._dispatch(request)
+            return None
+        return await self._dispatch(request)
 
-    async def _dispatch(self, request) -> None:  # type: ignore[no-untyped-def]
+    async def _dispatch_and_send(self, request) -> None:  # type: ignore[no-untyped-def]
+        response = await self._dispatch(request)
+        if response:
+            await self.send(response)
+
+    async def _dispatch(self, request) -> bytes | None:  # type: ignore[no-untyped-def]
         try:
             result = await self.daemon.api.call(self.app, request.method, Params(request.params))
         except KeyError:
@@ -175,14 +198,13 @@ class Connection:
             )
         else:
             response = encode_result(request.id, result)
-        if not request.notification:
-            await self.send(response)
+        return None if request.notification else response
 
     async def _notifications(self) -> None:
         while True:
             queue = self.app.notify
             if queue is None:
-                await asyncio.sleep(0.05)
+                await self.app.subscribed.wait()
                 continue
             event: SlotEvent = await queue.get()
             if self.app.notify is None:
@@ -214,9 +236,7 @@ class Daemon:
         prepare_socket_path(self.socket_path)
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._accept, path=str(self.socket_path), limit=MAX_REQUEST_BYTES
-            )
+            self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)

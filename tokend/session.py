@@ -121,6 +121,8 @@ class Application:
         self.pending_events: list[int] = []
         self._event_waiters: list[asyncio.Future[int]] = []
         self.notify: asyncio.Queue[SlotEvent] | None = None
+        #: Set while subscribed, so the connection's notifier sleeps until then.
+        self.subscribed = asyncio.Event()
         self.closed = False
 
     def queue_event(self, event: SlotEvent) -> None:
