@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Pauses between probe attempts of an arriving token; None marks the last attempt.
+PROBE_RETRY_DELAYS: tuple[float | None, ...] = (0.05, 0.2, 0.5, None)
+
 #: Opens the applet on a fresh transport: a Token, or None if this applet is not there.
 AppletOpener = Callable[[Transport], Token | None]
 
@@ -251,26 +254,39 @@ class SlotRegistry:
         task.add_done_callback(self._probes.discard)
 
     async def _probe(self, slot: Slot, ticket: int) -> None:
-        try:
-            transport = await slot.watcher.connect(slot.reader)
-        except Exception as exc:
-            log.warning("slot %d: cannot connect: %s", slot.slot_id, exc)
-            return
-        token = None
-        try:
-            for opener in self._applets:
-                token = await asyncio.to_thread(opener, transport)
-                if token is not None:
-                    break
-        except Exception as exc:
-            log.warning("slot %d: token not usable: %s", slot.slot_id, exc)
+        token, transport = None, None
+        # A card that has just arrived may not answer yet (pcscd powers it up while we
+        # connect: SCARD_E_NOT_TRANSACTED): a failure is retried a few times; a card
+        # that answers but carries no supported applet is not.
+        for delay in PROBE_RETRY_DELAYS:
+            if ticket != slot.pending:
+                return
+            try:
+                transport = await slot.watcher.connect(slot.reader)
+                for opener in self._applets:
+                    token = await asyncio.to_thread(opener, transport)
+                    if token is not None:
+                        break
+                break
+            except Exception as exc:
+                log.info("slot %d: token not ready (%s); trying again", slot.slot_id, exc)
+                if transport is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(transport.close)
+                    transport = None
+                if delay is None:
+                    log.warning("slot %d: token not usable: %s", slot.slot_id, exc)
+                    return
+                await asyncio.sleep(delay)
         if token is None or ticket != slot.pending:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(transport.close)
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(transport.close)
             if token is None and ticket == slot.pending:
                 slot.unrecognized = True
                 log.warning("slot %d: no supported applet on the token", slot.slot_id)
             return
+        assert transport is not None
         slot.unrecognized = False
         slot.generation += 1
         instance = TokenInstance(self, slot, slot.generation, token, transport)
