@@ -49,7 +49,7 @@ def main() -> int:
                 ]
             )
             try:
-                return asyncio.run(serve(cfg, banner))
+                return asyncio.run(serve(cfg, banner, await_token=15.0))
             except KeyboardInterrupt:
                 return 0
 

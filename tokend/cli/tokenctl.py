@@ -188,6 +188,10 @@ def _write_output(path: str | None, data: bytes) -> None:
         Path(path).write_bytes(data)
 
 
+#: CKA_ID of the key used when --key is not given (PIV numbering: 9D = 03, 9C = 02).
+DEFAULT_KEY_IDS = {CKA.CKA_DECRYPT: "03", CKA.CKA_SIGN: "02"}
+
+
 def _find_key(client: Client, session: int, key: str | None, usage: CKA) -> int:
     """A private key by CKA_ID (hex), label, PIV slot name (9d, 82…) or PKCS#11 URI."""
     template: dict[CKA | str, Any] = {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", usage: True}
@@ -198,20 +202,28 @@ def _find_key(client: Client, session: int, key: str | None, usage: CKA) -> int:
     if not handles:
         raise UsageError(f"no private key with {usage.name} on the token (logged in?)")
     found = []
+    ids: dict[int, str] = {}
     for h in handles:
         attrs = client.get_attributes(session, h, [CKA.CKA_ID, CKA.CKA_LABEL])
         label = attrs.get("CKA_LABEL") or ""
         key_id = unb64(attrs["CKA_ID"]).hex() if attrs.get("CKA_ID") else ""
+        ids[h] = key_id
         if (
             key is None
             or key.lower() in (key_id, label.lower())
             or f"({key.lower()})" in label.lower()
         ):
             found.append(h)
+    if key is None and len(found) > 1:
+        # No --key: the token's current key for the job (PIV 9D decrypts, 9C signs); old
+        # encryption keys and other keys only when asked for.
+        wanted = DEFAULT_KEY_IDS.get(usage)
+        preferred = [h for h, kid in ids.items() if kid == wanted]
+        if len(preferred) == 1:
+            return preferred[0]
     if len(found) != 1:
-        raise UsageError(
-            f"{len(found)} keys match {key!r}: name one with --key (id, label or slot like 9d)"
-        )
+        what = "no key matches" if not found else f"{len(found)} keys match"
+        raise UsageError(f"{what} {key!r}: name one with --key (id, label or slot like 9d)")
     return found[0]
 
 

@@ -86,8 +86,9 @@ def build_registry(cfg: ServeConfig):  # type: ignore[no-untyped-def]
     return registry
 
 
-async def serve(cfg: ServeConfig, banner: str | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT; print ``banner`` once tokens are probed."""
+async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: float = 0.0) -> int:
+    """Run the daemon until SIGTERM/SIGINT; print ``banner`` once tokens are probed (and,
+    with ``await_token``, once a token is present or that many seconds have passed)."""
     from tokend.session import Engine
 
     engine = Engine(build_registry(cfg))
@@ -98,6 +99,12 @@ async def serve(cfg: ServeConfig, banner: str | None = None) -> int:
         print(f"tokend: {exc}", file=sys.stderr)
         return 1
     await engine.registry.wait_settled()
+    deadline = asyncio.get_running_loop().time() + await_token
+    while not any(s.token_present for s in engine.registry.slots()):
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)  # the watcher's first report comes from its own thread
+        await engine.registry.wait_settled()
     print(banner or f"tokend: listening on {cfg.socket}", flush=True)
     await daemon.serve_until_stopped()
     return 0
