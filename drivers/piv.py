@@ -77,6 +77,7 @@ from tokend.model import (
     TokenObject,
     TokenStatus,
 )
+from tokend.piv_codes import KeyOrigin, PinPolicy, TouchPolicy
 from tokend.pkcs11 import CKA, CKC, CKD, CKF_MECH, CKF_TOKEN, CKG, CKK, CKM, CKO
 
 try:  # cryptography >= 43 keeps 3DES in the "decrepit" module
@@ -328,33 +329,6 @@ _ALG_NAMES = {
     PivAlgorithm.ECC_P256: "p256",
     PivAlgorithm.ECC_P384: "p384",
 }
-
-
-class PinPolicy(IntEnum):
-    """Vendor tag AA at GENERATE / IMPORT (YubiKey, PivApplet)."""
-
-    DEFAULT = 0
-    NEVER = 1
-    ONCE = 2
-    ALWAYS = 3
-    MATCH_ONCE = 4
-    MATCH_ALWAYS = 5
-
-
-class TouchPolicy(IntEnum):
-    """Vendor tag AB at GENERATE / IMPORT."""
-
-    DEFAULT = 0
-    NEVER = 1
-    ALWAYS = 2
-    CACHED = 3
-
-
-class KeyOrigin(IntEnum):
-    """GET METADATA tag 03."""
-
-    GENERATED = 1
-    IMPORTED = 2
 
 
 # TLV tags inside the dynamic authentication template (7C) and elsewhere

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tokend.iso7816 import SW, CommandApdu, Tlv, encode_tlv, parse_tlvs
+from tokend.piv_codes import KeyOrigin, PinPolicy, TouchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -121,33 +122,6 @@ class KeyRef(IntEnum):
     DIGITAL_SIGNATURE = 0x9C
     KEY_MANAGEMENT = 0x9D
     CARD_AUTHENTICATION = 0x9E
-
-
-class PinPolicy(IntEnum):
-    """Vendor (YubiKey) PIN policy, tag AA at generate/import."""
-
-    DEFAULT = 0
-    NEVER = 1
-    ONCE = 2
-    ALWAYS = 3
-    MATCH_ONCE = 4
-    MATCH_ALWAYS = 5
-
-
-class TouchPolicy(IntEnum):
-    """Vendor (YubiKey) touch policy, tag AB. Stored and reported; the simulator never waits."""
-
-    DEFAULT = 0
-    NEVER = 1
-    ALWAYS = 2
-    CACHED = 3
-
-
-class KeyOrigin(IntEnum):
-    """Vendor GET METADATA origin (tag 03)."""
-
-    GENERATED = 1
-    IMPORTED = 2
 
 
 class DataTag(IntEnum):

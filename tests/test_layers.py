@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.model", 0),
     ("tokend.protocol", 0),
     ("tokend.paths", 0),
+    ("tokend.piv_codes", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
@@ -45,6 +46,7 @@ SIMULATOR_MAY_IMPORT = (
     "tokend.drivers.base",
     "tokend.simulators",
     "tokend.paths",
+    "tokend.piv_codes",
 )
 
 

@@ -395,34 +395,52 @@ def _provision_session(client: Client, args: argparse.Namespace, *, login: bool)
     return _session(client, slot, args, rw=True, login=login)
 
 
-def cmd_pin_change(args: argparse.Namespace) -> int:
+def _replace_secret(
+    args: argparse.Namespace,
+    method: str,
+    current: tuple[str, str, int | None, str],
+    new: tuple[str, str, int | None],
+    done: str,
+) -> int:
+    """PIN change, PIN unblock and PUK change share one shape: prove one secret, set another.
+    ``current`` = (param, prompt, fd, fd option); ``new`` = (param, prompt, fd)."""
     with _client(args) as client:
         session = _provision_session(client, args, login=False)
-        old = read_secret("current PIN: ", args.pin_fd)
-        new = read_secret("new PIN: ", _fd(args.new_pin_fd, args.pin_fd), confirm=True)
-        client.call("C_SetPIN", {"h_session": session, "p_old_pin": old, "p_new_pin": new})
-    print("PIN changed", file=sys.stderr)
+        old_value = read_secret(current[1], current[2], option=current[3])
+        new_value = read_secret(new[1], new[2], confirm=True)
+        client.call(method, {"h_session": session, current[0]: old_value, new[0]: new_value})
+    print(done, file=sys.stderr)
     return 0
+
+
+def cmd_pin_change(args: argparse.Namespace) -> int:
+    return _replace_secret(
+        args,
+        "C_SetPIN",
+        ("p_old_pin", "current PIN: ", args.pin_fd, "--pin-fd"),
+        ("p_new_pin", "new PIN: ", _fd(args.new_pin_fd, args.pin_fd)),
+        "PIN changed",
+    )
 
 
 def cmd_pin_unblock(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        session = _provision_session(client, args, login=False)
-        puk = read_secret("PUK: ", args.puk_fd, option="--puk-fd")
-        new = read_secret("new PIN: ", _fd(args.new_pin_fd, args.puk_fd), confirm=True)
-        client.call("tokend_UnblockPin", {"h_session": session, "p_puk": puk, "p_new_pin": new})
-    print("PIN unblocked and set", file=sys.stderr)
-    return 0
+    return _replace_secret(
+        args,
+        "tokend_UnblockPin",
+        ("p_puk", "PUK: ", args.puk_fd, "--puk-fd"),
+        ("p_new_pin", "new PIN: ", _fd(args.new_pin_fd, args.puk_fd)),
+        "PIN unblocked and set",
+    )
 
 
 def cmd_puk_change(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        session = _provision_session(client, args, login=False)
-        old = read_secret("current PUK: ", args.puk_fd, option="--puk-fd")
-        new = read_secret("new PUK: ", _fd(args.new_puk_fd, args.puk_fd), confirm=True)
-        client.call("tokend_ChangePuk", {"h_session": session, "p_old_puk": old, "p_new_puk": new})
-    print("PUK changed", file=sys.stderr)
-    return 0
+    return _replace_secret(
+        args,
+        "tokend_ChangePuk",
+        ("p_old_puk", "current PUK: ", args.puk_fd, "--puk-fd"),
+        ("p_new_puk", "new PUK: ", _fd(args.new_puk_fd, args.puk_fd)),
+        "PUK changed",
+    )
 
 
 def _fd(first: int | None, fallback: int | None) -> int | None:
