@@ -1,0 +1,37 @@
+"""PINs, keys and plaintext never reach the logs, at any level (DEBUG included)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import pytest
+
+from tests.helpers import ID_9C, ID_9D, PIN, logged_in_session, pkcs1_blob, private_key
+from tokend.client import Client, ProtocolFailure
+from tokend.errors import PinIncorrectError
+
+
+def test_debug_logs_carry_no_pin_and_no_plaintext(memory_piv, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    demo = memory_piv.extras["demo"]
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    wrong_pin = "987654"
+    with Client(memory_piv.socket) as client:
+        session = client.open_session(0)
+        with pytest.raises(PinIncorrectError):
+            client.login(session, wrong_pin)
+        session = logged_in_session(client)
+        key = private_key(client, session, ID_9D)
+        assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+        sig_key = private_key(client, session, ID_9C)
+        client.sign(session, sig_key, "CKM_ECDSA", b"\x11" * 32, context_pin=PIN)
+        with pytest.raises(ProtocolFailure):  # an unknown method with a PIN in its params
+            client.call("C_Nonsense", {"p_pin": PIN})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)  # DEBUG really was on
+    for needle in (PIN, wrong_pin):
+        assert needle not in text
+        assert needle.encode().hex() not in text.lower()
+    for form in (secret.hex(), base64.b64encode(secret).decode()):
+        assert form not in text
