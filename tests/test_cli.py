@@ -70,3 +70,19 @@ def test_wrong_pin_is_one_line_and_exit_1(memory_piv, tmp_path, capsys) -> None:
 def test_unreachable_daemon_says_what_to_do(tmp_path, capsys) -> None:
     assert main(["--socket", str(tmp_path / "nothing.sock"), "list"]) == 1
     assert "tokend serve" in capsys.readouterr().err
+
+
+def test_serve_config_rejects_unknown_keys(tmp_path) -> None:
+    import pytest
+
+    from tokend.cli.tokend_main import ServeConfig
+
+    good = tmp_path / "good.toml"
+    good.write_text('socket = "/tmp/x.sock"\ntransports = []\nallow_virtual_readers = true\n')
+    cfg = ServeConfig.load(good)
+    assert str(cfg.socket) == "/tmp/x.sock" and cfg.transports == []
+    assert cfg.allow_virtual_readers
+    bad = tmp_path / "bad.toml"
+    bad.write_text("alow_virtual_readers = true\n")  # a typo must not pass silently
+    with pytest.raises(ValueError, match="unknown settings"):
+        ServeConfig.load(bad)
