@@ -1,6 +1,5 @@
-"""Fixtures for the PC/SC tier (pcscd + vpcd). Test modules import them by name:
-
-    from tests.pcsc_fixtures import pcscd_service, vpcd  # noqa: F401
+"""Fixtures for the PC/SC tier (pcscd + vpcd). conftest.py imports them, so every test
+module gets the same session-wide pcscd by naming the fixture.
 
 The session-wide pcscd is reused if one is running with the vpcd readers, else started (and
 stopped at the end) by `PcscdService`. Every test starts and ends with empty slots.

@@ -15,15 +15,8 @@ import threading
 import pytest
 from smartcard import scard
 
-from tests.pcsc_fixtures import (  # noqa: F401  (fixtures are used by name)
-    ECHO_ATR,
-    OTHER_ATR,
-    EchoCard,
-    Vpcd,
-    pcscd_service,
-    recording,
-    vpcd,
-)
+# The pcscd_service and vpcd fixtures come from conftest.py (one pcscd per test session).
+from tests.pcsc_fixtures import ECHO_ATR, OTHER_ATR, EchoCard, Vpcd, recording
 from tokend.drivers.base import ReaderEventKind
 from tokend.drivers.pcsc import PcscTransport, PcscWatcher
 from tokend.errors import CardResetError, TransportError
@@ -42,7 +35,7 @@ def watcher() -> PcscWatcher:
     return PcscWatcher(allow_virtual_readers=True)
 
 
-async def test_plug_transmit_unplug(vpcd: Vpcd) -> None:  # noqa: F811
+async def test_plug_transmit_unplug(vpcd: Vpcd) -> None:
     reader = vpcd.reader(0)
     card = EchoCard()
     async with recording(watcher()) as events:
@@ -74,7 +67,7 @@ async def test_plug_transmit_unplug(vpcd: Vpcd) -> None:  # noqa: F811
 
 
 @pytest.mark.slow
-async def test_unplug_to_left_latency(vpcd: Vpcd) -> None:  # noqa: F811
+async def test_unplug_to_left_latency(vpcd: Vpcd) -> None:
     reader = vpcd.reader(0)
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
@@ -98,7 +91,7 @@ async def test_unplug_to_left_latency(vpcd: Vpcd) -> None:  # noqa: F811
     assert worst < LEFT_LATENCY_BOUND
 
 
-async def test_current_state_comes_first(vpcd: Vpcd) -> None:  # noqa: F811
+async def test_current_state_comes_first(vpcd: Vpcd) -> None:
     await asyncio.to_thread(vpcd.plug, EchoCard(), 1)
     async with recording(watcher()) as events:
         _, event = await events.expect(ARRIVED, vpcd.reader(1), timeout=2.0)
@@ -108,7 +101,7 @@ async def test_current_state_comes_first(vpcd: Vpcd) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("new_atr", [OTHER_ATR, ECHO_ATR], ids=["other-atr", "same-atr"])
-async def test_swap_reports_left_then_arrived(vpcd: Vpcd, new_atr: bytes) -> None:  # noqa: F811
+async def test_swap_reports_left_then_arrived(vpcd: Vpcd, new_atr: bytes) -> None:
     reader = vpcd.reader(0)
     async with recording(watcher()) as events:
         old = vpcd.connection(EchoCard())
@@ -158,7 +151,7 @@ def _other_program_resets(reader: str) -> None:
         scard.SCardReleaseContext(ctx)
 
 
-def test_reset_by_other_program_is_reported_once(vpcd: Vpcd) -> None:  # noqa: F811
+def test_reset_by_other_program_is_reported_once(vpcd: Vpcd) -> None:
     card = EchoCard()
     vpcd.plug(card)
     transport = PcscTransport(vpcd.reader(0))
@@ -184,7 +177,7 @@ def test_reset_by_other_program_is_reported_once(vpcd: Vpcd) -> None:  # noqa: F
         transport.close()
 
 
-def test_transaction_keeps_other_programs_out(vpcd: Vpcd) -> None:  # noqa: F811
+def test_transaction_keeps_other_programs_out(vpcd: Vpcd) -> None:
     card = EchoCard()
     vpcd.plug(card)
     reader = vpcd.reader(0)
@@ -221,7 +214,7 @@ def test_transaction_keeps_other_programs_out(vpcd: Vpcd) -> None:  # noqa: F811
         transport.close()
 
 
-def test_extended_apdu_passes(vpcd: Vpcd) -> None:  # noqa: F811
+def test_extended_apdu_passes(vpcd: Vpcd) -> None:
     vpcd.plug(EchoCard())
     transport = PcscTransport(vpcd.reader(0))
     try:
@@ -246,7 +239,7 @@ def _opensc_reader_index(reader: str) -> int:
 
 @pytest.mark.skipif(shutil.which("opensc-tool") is None, reason="opensc-tool not installed")
 @pytest.mark.parametrize("card_kind", ["echo", "piv"])
-def test_opensc_works_while_we_are_connected(vpcd: Vpcd, card_kind: str) -> None:  # noqa: F811
+def test_opensc_works_while_we_are_connected(vpcd: Vpcd, card_kind: str) -> None:
     if card_kind == "piv":
         from tokend.simulators.piv import VirtualPivCard
 
@@ -278,7 +271,7 @@ def test_opensc_works_while_we_are_connected(vpcd: Vpcd, card_kind: str) -> None
         transport.close()
 
 
-async def test_pcscd_restart(vpcd: Vpcd, pcscd_service: PcscdService) -> None:  # noqa: F811
+async def test_pcscd_restart(vpcd: Vpcd, pcscd_service: PcscdService) -> None:
     if not pcscd_service.started:
         pytest.skip("pcscd was already running; only a pcscd we started may be stopped")
     reader = vpcd.reader(0)
@@ -309,7 +302,7 @@ async def test_pcscd_restart(vpcd: Vpcd, pcscd_service: PcscdService) -> None:  
 
 
 async def test_virtual_readers_ignored_unless_allowed(
-    vpcd: Vpcd,  # noqa: F811
+    vpcd: Vpcd,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     reader = vpcd.reader(0)
@@ -326,7 +319,7 @@ async def test_virtual_readers_ignored_unless_allowed(
     assert len(warnings) == 1
 
 
-def test_wait_helpers_follow_the_card(vpcd: Vpcd) -> None:  # noqa: F811
+def test_wait_helpers_follow_the_card(vpcd: Vpcd) -> None:
     reader = vpcd.reader(1)
     conn = vpcd.plug(EchoCard(OTHER_ATR), 1, wait=False)
     assert wait_present(reader, timeout=3.0) == OTHER_ATR
@@ -338,7 +331,7 @@ def test_wait_helpers_follow_the_card(vpcd: Vpcd) -> None:  # noqa: F811
         wait_present(reader, timeout=0.3)
 
 
-async def test_piv_token_over_pcsc(vpcd: Vpcd) -> None:  # noqa: F811
+async def test_piv_token_over_pcsc(vpcd: Vpcd) -> None:
     """The PIV driver on the real PC/SC path: opens, identifies, and fails cleanly on removal."""
     from tokend.drivers.piv import PivToken
     from tokend.simulators.piv import VirtualPivCard
