@@ -321,8 +321,10 @@ async def _subscribe(api: Api, app: Application, p: Params) -> dict:
 
 @method("unsubscribe")
 async def _unsubscribe(api: Api, app: Application, p: Params) -> dict:
-    app.notify = None
+    queue, app.notify = app.notify, None
     app.subscribed.clear()
+    if queue is not None:
+        queue.put_nowait(None)  # wakes the notifier parked on it (a later subscribe has a new one)
     return {"subscribed": False}
 
 

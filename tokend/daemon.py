@@ -206,9 +206,9 @@ class Connection:
             if queue is None:
                 await self.app.subscribed.wait()
                 continue
-            event: SlotEvent = await queue.get()
-            if self.app.notify is None:
-                continue
+            event: SlotEvent | None = await queue.get()
+            if event is None or queue is not self.app.notify:
+                continue  # unsubscribed since: this queue is dead, look again
             await self.send(
                 encode_notification(
                     SLOT_EVENT_NOTIFICATION,

@@ -65,14 +65,19 @@ class Operation:
     kind: OpKind
     mechanism: Mechanism
     key: TokenObject
+    #: the handle the operation was started with; provisioning may forget it (key replaced)
+    key_handle: int
     always_authenticate: bool
     context_pin: bytearray | None = None
     buffer: bytearray = field(default_factory=bytearray)
 
-    def wipe(self) -> None:
+    def forget_context_pin(self) -> None:
         if self.context_pin is not None:
             self.context_pin[:] = bytes(len(self.context_pin))
             self.context_pin = None
+
+    def wipe(self) -> None:
+        self.forget_context_pin()
         self.buffer[:] = bytes(len(self.buffer))
 
 
@@ -120,7 +125,9 @@ class Application:
         self.logins: set[tuple[int, int]] = set()
         self.pending_events: list[int] = []
         self._event_waiters: list[asyncio.Future[int]] = []
-        self.notify: asyncio.Queue[SlotEvent] | None = None
+        #: Slot events for the connection's notifier; None is only ever put by unsubscribe,
+        #: to wake a notifier parked on a queue that is no longer this application's.
+        self.notify: asyncio.Queue[SlotEvent | None] | None = None
         #: Set while subscribed, so the connection's notifier sleeps until then.
         self.subscribed = asyncio.Event()
         self.closed = False
@@ -169,6 +176,9 @@ class Engine:
         self._token_objects: dict[int, tuple[tuple[int, int], str]] = {}
         self._token_handles: dict[tuple[tuple[int, int], str], int] = {}
         self._session_objects: dict[int, SessionObject] = {}
+        #: Serialises VERIFY (login) and the last-logout card reset per token instance, so
+        #: a reset can never land after another application's VERIFY it did not see.
+        self._login_locks: dict[tuple[int, int], asyncio.Lock] = {}
         registry.on_retire(self._on_retire)
         registry.subscribe(self._on_slot_event)
 
@@ -208,6 +218,7 @@ class Engine:
                 session.objects.clear()
         for app in self.apps.values():
             app.logins.discard(key)
+        self._login_locks.pop(key, None)
         for handle, (inst_key, obj_key) in list(self._token_objects.items()):
             if inst_key == key:
                 del self._token_objects[handle]
@@ -222,6 +233,16 @@ class Engine:
         application's login on this instance is reported lost, never silently restored."""
         for app in self.apps.values():
             app.logins.discard(instance.key)
+            self._forget_context_pins(app, instance)
+
+    def _forget_context_pins(self, app: Application, instance: TokenInstance) -> None:
+        """A context-specific PIN belongs to the login it was given under: it ends with it."""
+        for session in app.sessions.values():
+            if session.instance is instance and session.operation is not None:
+                session.operation.forget_context_pin()
+
+    def _login_lock(self, instance: TokenInstance) -> asyncio.Lock:
+        return self._login_locks.setdefault(instance.key, asyncio.Lock())
 
     async def _card(self, session: Session, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         instance = session.instance
@@ -323,19 +344,22 @@ class Engine:
                     )
                 if instance.key not in app.logins:
                     raise UserNotLoggedInError("log in as CKU_USER first")
-                await self._card(session, instance.token.login, pin)
+                async with self._login_lock(instance):
+                    await self._card(session, instance.token.login, pin)
                 # Kept only until the operation runs, then verified again right before it
                 # inside one exclusive section (nothing may come between, §7).
-                if op.context_pin is not None:
-                    op.wipe()
+                op.forget_context_pin()  # a repeated context login replaces only the PIN
                 op.context_pin = bytearray(pin)
                 return
             if user_type != CKU.CKU_USER:
                 raise UserTypeInvalidError("only CKU_USER and CKU_CONTEXT_SPECIFIC are supported")
             if instance.key in app.logins:
                 raise UserAlreadyLoggedInError("already logged in to this token")
-            await self._card(session, instance.token.login, pin)
-            app.logins.add(instance.key)
+            async with self._login_lock(instance):
+                await self._card(session, instance.token.login, pin)
+                if instance.key in app.logins:  # a second C_Login raced this one
+                    raise UserAlreadyLoggedInError("already logged in to this token")
+                app.logins.add(instance.key)
         finally:
             pin[:] = bytes(len(pin))
 
@@ -349,12 +373,17 @@ class Engine:
         if key not in app.logins:
             return
         app.logins.discard(key)
-        if any(key in other.logins for other in self.apps.values() if other is not app):
-            return
-        # Last logged-in application of this token: reset the card's security state.
         slot = self.registry.slot(key[0])
         instance = slot.instance
-        if instance is not None and instance.key == key and not instance.retired:
+        if instance is None or instance.key != key or instance.retired:
+            return
+        self._forget_context_pins(app, instance)
+        # Decided under the login lock: a VERIFY in flight for another application finishes
+        # (and is recorded) first, so this reset cannot silently undo it.
+        async with self._login_lock(instance):
+            if instance.retired or any(key in other.logins for other in self.apps.values()):
+                return
+            # Last logged-in application of this token: reset the card's security state.
             with contextlib.suppress(Exception):
                 await instance.run(instance.token.logout)
 
@@ -491,6 +520,7 @@ class Engine:
                 OpKind.DECRYPT,
                 mechanism,
                 obj,
+                key,
                 bool(obj.attributes.get(CKA.CKA_ALWAYS_AUTHENTICATE)),
             ),
         )
@@ -500,9 +530,23 @@ class Engine:
         op = self._take(session, OpKind.DECRYPT)
         try:
             self._require_login(session, op)
-            return await self._card(
-                session, session.instance.token.decrypt, op.key.key, op.mechanism, data
-            )
+            token = session.instance.token
+            if not op.always_authenticate:
+                return await self._card(session, token.decrypt, op.key.key, op.mechanism, data)
+            # Never rely on the card to refuse: the PIN must come with this very decryption,
+            # verified in one exclusive section right before it (as `Token.sign` does).
+            context_pin = op.context_pin
+            if context_pin is None:
+                raise UserNotLoggedInError(
+                    "this key needs C_Login(CKU_CONTEXT_SPECIFIC) after C_DecryptInit"
+                )
+
+            def verify_and_decrypt() -> bytes:
+                with token.exclusive():
+                    token.login(context_pin)
+                    return token.decrypt(op.key.key, op.mechanism, data)
+
+            return await self._card(session, verify_and_decrypt)
         finally:
             op.wipe()
 
@@ -513,7 +557,11 @@ class Engine:
         self._start(
             session,
             Operation(
-                OpKind.SIGN, mechanism, obj, bool(obj.attributes.get(CKA.CKA_ALWAYS_AUTHENTICATE))
+                OpKind.SIGN,
+                mechanism,
+                obj,
+                key,
+                bool(obj.attributes.get(CKA.CKA_ALWAYS_AUTHENTICATE)),
             ),
         )
 
@@ -567,6 +615,10 @@ class Engine:
         return op
 
     def _require_login(self, session: Session, op: Operation) -> None:
+        if self._token_objects.get(op.key_handle) != (session.instance.key, op.key.key):
+            # The key was replaced (provisioning) since the operation started: the key in
+            # that slot now is not the one the caller chose.
+            raise KeyHandleInvalidError(f"key {op.key_handle} was replaced on the token")
         if session.instance.key not in session.app.logins:
             raise UserNotLoggedInError("not logged in (the login was lost or never made)")
 
