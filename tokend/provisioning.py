@@ -352,10 +352,19 @@ class Provisioning:
         try:
             session, token = self._target(app, handle, login=False)
             self._require(token, name)
-            try:
-                await self._card(session, lambda: getattr(token, name)(first, second))
-            except (PinIncorrectError, PinLockedError) as exc:
-                raise _relabel(exc, credential) from None
+            instance = session.instance
+            async with self.engine._login_lock(instance):
+                try:
+                    await self._card(session, lambda: getattr(token, name)(first, second))
+                except (PinIncorrectError, PinLockedError) as exc:
+                    raise _relabel(exc, credential) from None
+                if name != "change_puk" and not any(
+                    instance.key in other.logins for other in self.engine.apps.values()
+                ):
+                    # Some cards leave the PIN verified after CHANGE REFERENCE DATA or
+                    # RESET RETRY COUNTER; with no application logged in, nothing may stay
+                    # verified (the card's state is global, logins are per application).
+                    await self._card(session, token.logout)
         finally:
             _wipe(first)
             _wipe(second)
