@@ -35,3 +35,35 @@ class KeyOrigin(IntEnum):
 
     GENERATED = 1
     IMPORTED = 2
+
+
+#: Key slot names users type (tokenctl, provisioning calls).
+SLOT_ALIASES = {
+    "auth": 0x9A,
+    "authentication": 0x9A,
+    "sign": 0x9C,
+    "signature": 0x9C,
+    "encrypt": 0x9D,
+    "encryption": 0x9D,
+    "key-management": 0x9D,
+    "card-auth": 0x9E,
+}
+STANDARD_SLOTS = (0x9A, 0x9C, 0x9D, 0x9E)
+RETIRED_SLOTS = tuple(range(0x82, 0x96))
+
+
+def parse_slot(name: str) -> int:
+    """A key slot from its name: "sign", "encrypt", "auth", "card-auth", "retiredN" (1-20)
+    or hex ("9d", "82"). ValueError for anything else."""
+    text = name.strip().lower()
+    if text in SLOT_ALIASES:
+        return SLOT_ALIASES[text]
+    if text.startswith("retired") and text[7:].isdigit() and 1 <= int(text[7:]) <= 20:
+        return 0x81 + int(text[7:])
+    try:
+        value = int(text, 16)
+    except ValueError:
+        value = -1
+    if value not in STANDARD_SLOTS and value not in RETIRED_SLOTS:
+        raise ValueError(f"unknown key slot {name!r} (9a, 9c, 9d, 9e or 82-95)")
+    return value

@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tokend import piv_codes
 from tokend.errors import (
     ArgumentsBadError,
     AttributeValueInvalidError,
@@ -44,6 +45,7 @@ from tokend.errors import (
     UserNotLoggedInError,
 )
 from tokend.model import Provisionable, TokenObject, TokenStatus
+from tokend.piv_codes import RETIRED_SLOTS
 from tokend.pkcs11 import CKA
 from tokend.session import Application, Engine, Session
 
@@ -54,18 +56,6 @@ T = TypeVar("T")
 DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
 
 #: Key slots by name: PIV key references; "82".."95" are the 20 retired slots.
-SLOT_ALIASES = {
-    "auth": 0x9A,
-    "authentication": 0x9A,
-    "sign": 0x9C,
-    "signature": 0x9C,
-    "encrypt": 0x9D,
-    "encryption": 0x9D,
-    "key-management": 0x9D,
-    "card-auth": 0x9E,
-}
-STANDARD_SLOTS = (0x9A, 0x9C, 0x9D, 0x9E)
-RETIRED_SLOTS = tuple(range(0x82, 0x96))
 ENCRYPTION_SLOT = 0x9D
 DELETE_KEY = 0xFF
 
@@ -100,18 +90,10 @@ _EC_CURVES = ("secp256r1", "secp384r1")
 
 def parse_slot(name: str) -> int:
     """A key slot from its name ("9d", "encrypt", "82", "retired3")."""
-    text = name.strip().lower()
-    if text in SLOT_ALIASES:
-        return SLOT_ALIASES[text]
-    if text.startswith("retired") and text[7:].isdigit() and 1 <= int(text[7:]) <= 20:
-        return 0x81 + int(text[7:])
     try:
-        value = int(text, 16)
-    except ValueError:
-        raise ArgumentsBadError(f"unknown key slot {name!r}") from None
-    if value not in STANDARD_SLOTS and value not in RETIRED_SLOTS:
-        raise ArgumentsBadError(f"unknown key slot {name!r} (9a, 9c, 9d, 9e or 82-95)")
-    return value
+        return piv_codes.parse_slot(name)
+    except ValueError as exc:
+        raise ArgumentsBadError(str(exc)) from None
 
 
 def slot_name(slot: int) -> str:

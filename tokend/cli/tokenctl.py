@@ -36,6 +36,7 @@ from tokend.cli.common import (
 from tokend.client import Client
 from tokend.errors import DeviceMemoryError
 from tokend.model import Mechanism, OaepParams
+from tokend.piv_codes import parse_slot
 from tokend.pkcs11 import CKA, CKG, CKM
 from tokend.protocol import b64, unb64
 
@@ -51,15 +52,6 @@ SIGN_MECHANISMS = {
     "ecdsa-sha256": Mechanism(CKM.CKM_ECDSA_SHA256),
     "ecdsa": Mechanism(CKM.CKM_ECDSA),
     "rsa-pkcs": Mechanism(CKM.CKM_RSA_PKCS),
-}
-SLOT_NAMES = {
-    "auth": 0x9A,
-    "authentication": 0x9A,
-    "sign": 0x9C,
-    "signature": 0x9C,
-    "encrypt": 0x9D,
-    "encryption": 0x9D,
-    "card-auth": 0x9E,
 }
 ALGORITHMS = ("p256", "p384", "rsa2048", "rsa3072", "rsa4096", "rsa1024")
 MGMT_ALGORITHMS = {"tdes": 24, "aes128": 16, "aes192": 24, "aes256": 32}
@@ -116,16 +108,10 @@ def _slot_arg(text: str) -> int:
             return p11uri.slot_of(_uri(text))
         except p11uri.UriError as exc:
             raise UsageError(str(exc)) from None
-    if value in SLOT_NAMES:
-        return SLOT_NAMES[value]
-    if value.startswith("retired") and value[7:].isdigit() and 1 <= int(value[7:]) <= 20:
-        return 0x81 + int(value[7:])
     try:
-        slot = int(value, 16)
+        return parse_slot(value)
     except ValueError:
-        slot = -1
-    if slot in (0x9A, 0x9C, 0x9D, 0x9E) or 0x82 <= slot <= 0x95:
-        return slot
+        pass
     raise UsageError(
         f"unknown key slot {text!r}: use sign|9c, encrypt|9d, auth|9a, card-auth|9e, 82-95 "
         "or a pkcs11: URI with id= or object="
