@@ -1150,7 +1150,9 @@ class PivToken:
             raise DeviceError("RSA result longer than the modulus")
         return result.rjust(k, b"\x00")
 
-    def decrypt(self, key: str, mechanism: Mechanism, data: bytes) -> bytes:
+    def decrypt(
+        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+    ) -> bytes:
         mech = mechanism.mechanism
         if mech not in _DECRYPT_MECHS:
             raise MechanismInvalidError(f"{_name(mech)} cannot decrypt")
@@ -1170,7 +1172,11 @@ class PivToken:
             raise EncryptedDataLenRangeError(f"ciphertext must be {k} bytes")
         if int.from_bytes(data, "big") >= public.public_numbers().n:
             raise EncryptedDataInvalidError()
+        if state.always_authenticate and context_pin is None:
+            raise UserNotLoggedInError("this key needs the PIN with every decryption")
         with self._session():
+            if context_pin is not None:
+                self._verify(context_pin)
             em = self._rsa_raw(state, bytes(data), EncryptedDataInvalidError)
         if mech == CKM.CKM_RSA_X_509:
             return em

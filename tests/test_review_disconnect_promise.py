@@ -235,3 +235,32 @@ def test_operation_started_on_a_replaced_key_never_uses_the_new_key(memory_piv) 
         blob, _ = pkcs1_blob(new_public)
         with pytest.raises(KeyHandleInvalidError):
             a.call("C_Decrypt", {"h_session": sa, "p_encrypted_data": b64(blob)})
+
+
+def test_pin_always_ecdh_key_is_refused_by_tokend_not_the_card(memory_piv) -> None:
+    """C_DeriveKey has no Init to attach a context login to: a PIN-always EC key is refused
+    by tokend before any APDU, so nobody's login is dropped by a card refusal."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tokend.model import Ecdh1DeriveParams, Mechanism
+    from tokend.pkcs11 import CKD, CKM
+
+    slot = memory_piv.extras["slot"]
+    with Client(memory_piv.socket) as client, Client(memory_piv.socket) as other:
+        session = client.open_session(slot, rw=True)
+        client.login(session, PIN)
+        client.call(
+            "tokend_GenerateKeyPair",
+            {"h_session": session, "key_slot": "9d", "algorithm": "p256", "pin_policy": "always"},
+        )
+        key = private_key(client, session, ID_9D)
+        other_session = logged_in_session(other, slot)
+        peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+        point = peer.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        mech = Mechanism(CKM.CKM_ECDH1_DERIVE, Ecdh1DeriveParams(CKD.CKD_NULL, point))
+        with pytest.raises(UserNotLoggedInError):
+            client.derive(session, key, mech)
+        assert _session_state(client, session) == "CKS_RW_USER_FUNCTIONS"
+        assert _session_state(other, other_session) == "CKS_RO_USER_FUNCTIONS"

@@ -163,7 +163,11 @@ class Token(Protocol):
         """Reset the card's security state (PIV: VERIFY P1=FF)."""
         ...
 
-    def decrypt(self, key: str, mechanism: Mechanism, data: bytes) -> bytes: ...
+    def decrypt(
+        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+    ) -> bytes:
+        """Decrypt; ``context_pin`` as for `sign`."""
+        ...
 
     def sign(
         self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None

@@ -530,23 +530,16 @@ class Engine:
         op = self._take(session, OpKind.DECRYPT)
         try:
             self._require_login(session, op)
-            token = session.instance.token
-            if not op.always_authenticate:
-                return await self._card(session, token.decrypt, op.key.key, op.mechanism, data)
-            # Never rely on the card to refuse: the PIN must come with this very decryption,
-            # verified in one exclusive section right before it (as `Token.sign` does).
-            context_pin = op.context_pin
-            if context_pin is None:
+            if op.always_authenticate and op.context_pin is None:
+                # Never rely on the card to refuse: the PIN must come with this very
+                # decryption, verified right before it in one exclusive section (the driver).
                 raise UserNotLoggedInError(
                     "this key needs C_Login(CKU_CONTEXT_SPECIFIC) after C_DecryptInit"
                 )
-
-            def verify_and_decrypt() -> bytes:
-                with token.exclusive():
-                    token.login(context_pin)
-                    return token.decrypt(op.key.key, op.mechanism, data)
-
-            return await self._card(session, verify_and_decrypt)
+            token = session.instance.token
+            return await self._card(
+                session, token.decrypt, op.key.key, op.mechanism, data, context_pin=op.context_pin
+            )
         finally:
             op.wipe()
 
@@ -637,6 +630,10 @@ class Engine:
         if session.operation is not None:
             raise OperationActiveError("another operation is active in this session")
         obj = self._private_key(session, base_key, CKA.CKA_DERIVE)
+        if obj.attributes.get(CKA.CKA_ALWAYS_AUTHENTICATE):
+            # C_DeriveKey has no Init, so there is no operation to log in to: refuse here
+            # rather than let the card refuse (which would read as a lost login).
+            raise UserNotLoggedInError("a PIN-always key cannot be used with C_DeriveKey")
         secret = bytearray(
             await self._card(session, session.instance.token.derive, obj.key, mechanism)
         )
