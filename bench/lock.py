@@ -230,10 +230,10 @@ def _report(
 
 @contextlib.contextmanager
 def _memory_harness() -> Iterator[Harness]:
-    from bench.inthread import start_thread_daemon
     from tokend.simulators.demo import provision_demo
     from tokend.simulators.memory import MemoryReader, MemoryWatcher
     from tokend.simulators.piv import VirtualPivCard
+    from tokend.testing import start_thread_daemon
 
     card = VirtualPivCard()
     demo = provision_demo(card)
@@ -266,12 +266,12 @@ def pcsc_unavailable_reason() -> str | None:
 
 @contextlib.contextmanager
 def _vpcd_harness() -> Iterator[Harness]:
-    from bench.inthread import start_thread_daemon
     from tokend.drivers.pcsc import PcscWatcher
     from tokend.simulators.demo import provision_demo
     from tokend.simulators.pcscd import PcscdService, wait_absent
     from tokend.simulators.piv import VirtualPivCard
     from tokend.simulators.vpcd import VpcdCardConnection
+    from tokend.testing import start_thread_daemon
 
     card = VirtualPivCard()
     demo = provision_demo(card)

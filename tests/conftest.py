@@ -3,78 +3,24 @@ as the installed daemon would, and tests talk to it through its socket."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tokend.daemon import Daemon
 from tokend.drivers.base import Watcher
-from tokend.registry import SlotRegistry
-from tokend.session import Engine
+from tokend.testing import ThreadDaemon, start_thread_daemon
 
-
-@dataclass
-class RunningDaemon:
-    socket: Path
-    loop: asyncio.AbstractEventLoop
-    daemon: Daemon
-    thread: threading.Thread
-    extras: dict[str, object] = field(default_factory=dict)
-
-    def run(self, coro, timeout: float = 10.0):  # type: ignore[no-untyped-def]
-        """Run a coroutine on the daemon's loop (for white-box checks)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def settle(self) -> None:
-        self.run(self.daemon.engine.registry.wait_settled())
+# The daemon-in-a-thread harness is shipped for mail clients' CI too (tokend.testing).
+RunningDaemon = ThreadDaemon
 
 
 def start_daemon(socket: Path, watchers: list[Watcher]) -> RunningDaemon:
-    from tokend.drivers.piv import PivToken
-
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, object] = {}
-
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-
-        async def boot() -> None:
-            registry = SlotRegistry([PivToken.open])
-            for watcher in watchers:
-                registry.add_watcher(watcher)
-            daemon = Daemon(Engine(registry), socket)
-            await daemon.start()
-            await asyncio.sleep(0)
-            await registry.wait_settled()
-            holder["daemon"] = daemon
-
-        try:
-            loop.run_until_complete(boot())
-        except BaseException as exc:  # surface start-up failures in the test
-            holder["error"] = exc
-            ready.set()
-            return
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=main, name="tokend-under-test", daemon=True)
-    thread.start()
-    ready.wait(30)
-    if "error" in holder:
-        raise holder["error"]  # type: ignore[misc]
-    return RunningDaemon(socket, loop, holder["daemon"], thread)  # type: ignore[arg-type]
+    return start_thread_daemon(socket, watchers)
 
 
 def stop_daemon(running: RunningDaemon) -> None:
-    fut = asyncio.run_coroutine_threadsafe(running.daemon.stop(), running.loop)
-    fut.result(15)
-    running.loop.call_soon_threadsafe(running.loop.stop)
-    running.thread.join(10)
+    running.stop()
 
 
 @pytest.fixture

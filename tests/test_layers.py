@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.smime", 6),
     ("tokend.p11kit", 6),
     ("tokend.cli", 7),
+    ("tokend.testing", 7),
 ]
 #: Third-party libraries that only one layer may touch (design §3).
 ONLY_IN = {
