@@ -120,7 +120,6 @@ class MemoryWatcher:
         self.readers = {r.name: r for r in readers}
         self._queue: asyncio.Queue[ReaderEvent | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._backlog: list[ReaderEvent] = []
         for reader in readers:
             reader._watchers.append(self)
 
@@ -132,8 +131,7 @@ class MemoryWatcher:
 
     def push(self, event: ReaderEvent | None) -> None:
         if self._loop is None or self._queue is None:
-            self._backlog.append(event)  # type: ignore[arg-type]
-            return
+            return  # not watched yet: events() starts with the current state anyway
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -146,7 +144,6 @@ class MemoryWatcher:
     async def events(self) -> AsyncIterator[ReaderEvent]:
         self._loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
-        self._backlog.clear()
         for reader in self.readers.values():
             if reader.card is not None:
                 yield ReaderEvent(ReaderEventKind.ARRIVED, reader.name, reader.card.atr)

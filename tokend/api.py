@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokend import __version__
-from tokend.errors import FunctionNotSupportedError
 from tokend.pkcs11 import CKF, CKF_MECH, CKF_SESSION, CKF_TOKEN, CKF_WAIT, CKU
 from tokend.protocol import (
     PROTOCOL_VERSION,
@@ -326,13 +325,6 @@ async def _unsubscribe(api: Api, app: Application, p: Params) -> dict:
     if queue is not None:
         queue.put_nowait(None)  # wakes the notifier parked on it (a later subscribe has a new one)
     return {"subscribed": False}
-
-
-def unsupported(name: str) -> Handler:
-    async def handler(api: Api, app: Application, p: Params) -> dict:
-        raise FunctionNotSupportedError(f"{name} is not supported")
-
-    return handler
 
 
 import tokend.api_provision  # noqa: E402,F401  (registers the provisioning extensions)

@@ -32,10 +32,6 @@ class TokendError(Exception):
         except ValueError:
             return f"CKR_0x{self.ckr:08X}"
 
-    @property
-    def message(self) -> str:
-        return str(self)
-
     @classmethod
     def from_ckr(cls, code: int, message: str = "", **extra: object) -> TokendError:
         """Rebuild the most specific error class for ``code`` (used by the client)."""

@@ -7,7 +7,6 @@ instance per insertion); a *session* is a PKCS#11 session; a *client* is a socke
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -185,11 +184,6 @@ class Token(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def days_left(not_after: dt.datetime, now: dt.datetime | None = None) -> int:
-    now = now or dt.datetime.now(dt.UTC)
-    return (not_after - now).days
 
 
 @runtime_checkable

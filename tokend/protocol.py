@@ -145,10 +145,6 @@ def flag_names(flags: IntFlag) -> list[str]:
     return [m.name for m in type(flags) if m.value and (flags & m) == m and m.name]
 
 
-def code_name(value: IntEnum) -> str:
-    return value.name
-
-
 def encode_attribute(cka: CKA, value: AttributeValue) -> object:
     if value is None:
         return None

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -353,6 +353,3 @@ class SlotRegistry:
                 callback(event)
             except Exception:
                 log.exception("slot event subscriber failed")
-
-
-AsyncFactory = Callable[[], Awaitable[None]]

@@ -496,7 +496,7 @@ class Engine:
             raise UserNotLoggedInError("log in to the token first")
         return obj
 
-    def _check_mechanism(self, session: Session, mechanism: Mechanism, flag: str) -> None:
+    def _check_mechanism(self, session: Session, mechanism: Mechanism) -> None:
         if mechanism.mechanism in session.instance.mechanism_set():
             return
         raise MechanismInvalidError(f"{mechanism.mechanism.name} is not supported by the token")
@@ -510,7 +510,7 @@ class Engine:
         session = self._session(app, handle)
         if mechanism.mechanism not in _DECRYPT_MECHANISMS:
             raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot decrypt")
-        self._check_mechanism(session, mechanism, "decrypt")
+        self._check_mechanism(session, mechanism)
         obj = self._private_key(session, key, CKA.CKA_DECRYPT)
         if obj.attributes.get(CKA.CKA_KEY_TYPE) != CKK.CKK_RSA:
             raise KeyTypeInconsistentError("decryption needs an RSA key; use ECDH for EC keys")
@@ -545,7 +545,7 @@ class Engine:
 
     def sign_init(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
         session = self._session(app, handle)
-        self._check_mechanism(session, mechanism, "sign")
+        self._check_mechanism(session, mechanism)
         obj = self._private_key(session, key, CKA.CKA_SIGN)
         self._start(
             session,
@@ -626,7 +626,7 @@ class Engine:
         session = self._session(app, handle)
         if mechanism.mechanism not in _DERIVE_MECHANISMS:
             raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot derive")
-        self._check_mechanism(session, mechanism, "derive")
+        self._check_mechanism(session, mechanism)
         if session.operation is not None:
             raise OperationActiveError("another operation is active in this session")
         obj = self._private_key(session, base_key, CKA.CKA_DERIVE)

@@ -217,10 +217,6 @@ def _status(client: Client, slot: int) -> dict[str, Any]:
     return dict(client.call("tokend_GetTokenStatus", {"slot_id": slot})["status"])
 
 
-def _slot_status(status: dict[str, Any], slot: int) -> dict[str, Any] | None:
-    return next((s for s in status["slots"] if s["slot"] == f"{slot:02x}"), None)
-
-
 @contextmanager
 def _progress(what: str) -> Iterator[None]:
     """A spinner with elapsed seconds on a terminal; one line otherwise."""

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-MAX_DEPTH = 16
-
 
 @dataclass(frozen=True, slots=True)
 class Tlv:
