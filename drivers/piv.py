@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from tokend.drivers.base import Transport
 from tokend.errors import (
     ArgumentsBadError,
+    CardNotVerifiedError,
     CardResetError,
     DataInvalidError,
     DataLenRangeError,
@@ -373,7 +374,7 @@ class PivNotFoundError(FunctionFailedError):  # type: ignore[misc,valid-type]
 
 _SW_ERRORS: dict[int, tuple[type[TokendError], str]] = {
     0x6983: (PinLockedError, "PIN or PUK blocked"),
-    0x6982: (UserNotLoggedInError, "security status not satisfied"),
+    0x6982: (CardNotVerifiedError, "security status not satisfied"),
     0x6A82: (PivNotFoundError, "data object or key not found"),
     0x6A80: (DataInvalidError, "card rejected the data"),
     0x6A86: (ArgumentsBadError, "card rejected P1/P2 (unknown slot or algorithm)"),

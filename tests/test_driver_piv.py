@@ -34,6 +34,7 @@ from tokend.drivers.piv import (
     pss_encode,
 )
 from tokend.errors import (
+    CardNotVerifiedError,
     CardResetError,
     DataLenRangeError,
     DeviceError,
@@ -242,7 +243,7 @@ def test_pss_and_pkcs1_blocks_verify_with_cryptography(rsa_key: rsa.RSAPrivateKe
         (0x63C0, PinIncorrectError, 0),
         (0x6301, PinIncorrectError, 1),
         (0x6983, PinLockedError, None),
-        (0x6982, UserNotLoggedInError, None),
+        (0x6982, CardNotVerifiedError, None),
         (0x6A82, PivNotFoundError, None),
         (0x6985, FunctionRejectedError, None),
         (0x6F00, DeviceError, None),

@@ -173,6 +173,11 @@ class TransportError(DeviceRemovedError):  # type: ignore[misc,valid-type]
     """A transport failed in the middle of an operation: counts as a disconnect (§5.1)."""
 
 
+class CardNotVerifiedError(UserNotLoggedInError):  # type: ignore[misc,valid-type]
+    """The card itself refused: "security status not satisfied" (6982). Unlike tokend's own
+    refusals, this means the card lost a verification tokend believed in."""
+
+
 class CardResetError(TokendError):
     """Another program reset the card: the card-side login is gone (§5.3)."""
 

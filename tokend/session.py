@@ -27,6 +27,7 @@ from enum import Enum
 
 from tokend.errors import (
     ArgumentsBadError,
+    CardNotVerifiedError,
     CardResetError,
     DeviceRemovedError,
     KeyFunctionNotPermittedError,
@@ -253,7 +254,9 @@ class Engine:
             raise UserNotLoggedInError(
                 "the card was reset by another program; log in again"
             ) from None
-        except UserNotLoggedInError:
+        except CardNotVerifiedError:
+            # Only the card's own refusal means its login is gone; tokend's and the
+            # driver's own "not logged in" refusals leave every login as it is.
             self._lost_card_login(instance)
             raise
         except DeviceRemovedError:
