@@ -78,7 +78,15 @@ from tokend.model import (
     TokenObject,
     TokenStatus,
 )
-from tokend.piv_codes import KeyOrigin, PinPolicy, TouchPolicy
+from tokend.piv_codes import (
+    EC_CURVES,
+    MGMT_KEY_LENGTHS,
+    RSA_BITS,
+    KeyOrigin,
+    PinPolicy,
+    PivAlgorithm,
+    TouchPolicy,
+)
 from tokend.pkcs11 import CKA, CKC, CKD, CKF_MECH, CKF_TOKEN, CKG, CKK, CKM, CKO
 
 try:  # cryptography >= 43 keeps 3DES in the "decrepit" module
@@ -283,45 +291,6 @@ RETIRED_SLOTS = tuple(s for s in PivSlot if s.is_retired)
 STANDARD_SLOTS = tuple(s for s in PivSlot if not s.is_retired)
 
 
-class PivAlgorithm(IntEnum):
-    """Cryptographic mechanism identifiers (SP 800-78-4 table 6-2; 05/16 vendor)."""
-
-    TDES = 0x03
-    AES_128 = 0x08
-    AES_192 = 0x0A
-    AES_256 = 0x0C
-    RSA_1024 = 0x06
-    RSA_2048 = 0x07
-    RSA_3072 = 0x05
-    RSA_4096 = 0x16
-    ECC_P256 = 0x11
-    ECC_P384 = 0x14
-
-    @property
-    def is_rsa(self) -> bool:
-        return self in _RSA_BITS
-
-    @property
-    def is_ec(self) -> bool:
-        return self in _EC_CURVES
-
-
-_RSA_BITS = {
-    PivAlgorithm.RSA_1024: 1024,
-    PivAlgorithm.RSA_2048: 2048,
-    PivAlgorithm.RSA_3072: 3072,
-    PivAlgorithm.RSA_4096: 4096,
-}
-_EC_CURVES: dict[PivAlgorithm, type[ec.EllipticCurve]] = {
-    PivAlgorithm.ECC_P256: ec.SECP256R1,
-    PivAlgorithm.ECC_P384: ec.SECP384R1,
-}
-_MGMT_KEY_LEN = {
-    PivAlgorithm.TDES: 24,
-    PivAlgorithm.AES_128: 16,
-    PivAlgorithm.AES_192: 24,
-    PivAlgorithm.AES_256: 32,
-}
 _ALG_NAMES = {
     PivAlgorithm.RSA_1024: "rsa1024",
     PivAlgorithm.RSA_2048: "rsa2048",
@@ -634,12 +603,12 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 def _algorithm_of(key: object) -> PivAlgorithm | None:
     if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
-        for alg, bits in _RSA_BITS.items():
+        for alg, bits in RSA_BITS.items():
             if bits == key.key_size:
                 return alg
         return None
     if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
-        for alg, curve in _EC_CURVES.items():
+        for alg, curve in EC_CURVES.items():
             if isinstance(key.curve, curve):
                 return alg
     return None
@@ -658,7 +627,7 @@ def _parse_public_key(alg: PivAlgorithm, data: bytes) -> PublicKey:
         point = find_tlv(data, 0x86)
         if point is None:
             raise ValueError("missing EC point")
-        return ec.EllipticCurvePublicKey.from_encoded_point(_EC_CURVES[alg](), point)
+        return ec.EllipticCurvePublicKey.from_encoded_point(EC_CURVES[alg](), point)
     except (ValueError, KeyError) as exc:
         raise DeviceError(f"card returned a malformed public key: {exc}") from None
 
@@ -1301,7 +1270,7 @@ class PivToken:
         appendix A.1): the card proves the key too. Wrong key → PinIncorrectError."""
         with self._session():
             alg = self._mgmt_algorithm(key)
-            if len(key) != _MGMT_KEY_LEN.get(alg, -1):
+            if len(key) != MGMT_KEY_LENGTHS.get(alg, -1):
                 raise PinLenRangeError(f"management key for {alg.name} has the wrong length")
             cipher = _mgmt_cipher(alg, key)
             block = _block_size(alg)
@@ -1511,9 +1480,9 @@ class PivToken:
     ) -> None:
         """Vendor SET MANAGEMENT KEY (INS FF); needs management-key authentication first."""
         alg = PivAlgorithm(alg)
-        if len(new_key) != _MGMT_KEY_LEN.get(alg, -1):
+        if len(new_key) != MGMT_KEY_LENGTHS.get(alg, -1):
             raise ArgumentsBadError(
-                f"{alg.name} management keys are {_MGMT_KEY_LEN.get(alg)} bytes"
+                f"{alg.name} management keys are {MGMT_KEY_LENGTHS.get(alg)} bytes"
             )
         data = bytes((alg, MANAGEMENT_KEY_REF, len(new_key))) + bytes(new_key)
         with self._session():

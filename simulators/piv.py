@@ -49,7 +49,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tokend.iso7816 import SW, CommandApdu, Tlv, encode_tlv, parse_tlvs
-from tokend.piv_codes import KeyOrigin, PinPolicy, TouchPolicy
+from tokend.piv_codes import (
+    EC_CURVES,
+    MGMT_KEY_LENGTHS,
+    RSA_BITS,
+    KeyOrigin,
+    PinPolicy,
+    PivAlgorithm,
+    TouchPolicy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,20 +104,7 @@ class Ins(IntEnum):
     YK_SET_MANAGEMENT_KEY = 0xFF
 
 
-class PivAlg(IntEnum):
-    """Cryptographic mechanism identifiers (SP 800-78-4 Table 6-2; 05/16 are vendor)."""
-
-    TDES_LEGACY = 0x00
-    TDES = 0x03
-    RSA_3072 = 0x05  # vendor (YubiKey 5.7)
-    RSA_1024 = 0x06
-    RSA_2048 = 0x07
-    AES_128 = 0x08
-    AES_192 = 0x0A
-    AES_256 = 0x0C
-    ECC_P256 = 0x11
-    ECC_P384 = 0x14
-    RSA_4096 = 0x16  # vendor (YubiKey 5.7)
+PivAlg = PivAlgorithm  # the simulator's short name for the shared codes
 
 
 class KeyRef(IntEnum):
@@ -164,23 +159,6 @@ _PIN_PROTECTED_OBJECTS = frozenset(
         DataTag.IRIS_IMAGES,
     }
 )
-_RSA_BITS = {
-    PivAlg.RSA_1024: 1024,
-    PivAlg.RSA_2048: 2048,
-    PivAlg.RSA_3072: 3072,
-    PivAlg.RSA_4096: 4096,
-}
-_EC_CURVES: dict[int, type[ec.EllipticCurve]] = {
-    PivAlg.ECC_P256: ec.SECP256R1,
-    PivAlg.ECC_P384: ec.SECP384R1,
-}
-_MGMT_KEY_LENGTHS = {
-    PivAlg.TDES_LEGACY: 24,
-    PivAlg.TDES: 24,
-    PivAlg.AES_128: 16,
-    PivAlg.AES_192: 24,
-    PivAlg.AES_256: 32,
-}
 # FASC-N of a non-federal issuer (agency code 9999), as yubikit and OpenSC examples use.
 _FASCN = bytes.fromhex("D4E739DA739CED39CE739D836858210842108421C84210C3EB")
 
@@ -264,11 +242,11 @@ def _wrong_tries_sw(left: int) -> int:
 
 def _key_alg(key: PrivateKey) -> PivAlg:
     if isinstance(key, rsa.RSAPrivateKey):
-        for alg, bits in _RSA_BITS.items():
+        for alg, bits in RSA_BITS.items():
             if bits == key.key_size:
                 return PivAlg(alg)
         raise ValueError(f"unsupported RSA key size {key.key_size}")
-    for alg, curve in _EC_CURVES.items():
+    for alg, curve in EC_CURVES.items():
         if isinstance(key.curve, curve):
             return PivAlg(alg)
     raise ValueError(f"unsupported curve {key.curve.name}")
@@ -913,10 +891,10 @@ class VirtualPivCard:
             raise _CardError(SW.SW_WRONG_DATA)
         alg = alg_field[0]
         key: PrivateKey
-        if alg in _RSA_BITS:
-            key = rsa.generate_private_key(65537, _RSA_BITS[alg])
-        elif alg in _EC_CURVES:
-            key = ec.generate_private_key(_EC_CURVES[alg]())
+        if alg in RSA_BITS:
+            key = rsa.generate_private_key(65537, RSA_BITS[alg])
+        elif alg in EC_CURVES:
+            key = ec.generate_private_key(EC_CURVES[alg]())
         else:
             raise _CardError(SW.SW_WRONG_DATA)
         _policies(fields, slot)  # validate before storing
@@ -1045,13 +1023,13 @@ class VirtualPivCard:
         self._require_mgmt()
         fields = _tlv_dict(data)
         key: PrivateKey
-        if p1 in _RSA_BITS:
+        if p1 in RSA_BITS:
             try:
                 p, q, dmp1, dmq1, iqmp = (int.from_bytes(fields[t], "big") for t in range(1, 6))
             except KeyError:
                 raise _CardError(SW.SW_WRONG_DATA) from None
             e = 65537
-            if p < 3 or q < 3 or (p * q).bit_length() != _RSA_BITS[p1]:
+            if p < 3 or q < 3 or (p * q).bit_length() != RSA_BITS[p1]:
                 raise _CardError(SW.SW_WRONG_DATA)
             try:
                 d = rsa.rsa_recover_private_exponent(e, p, q)
@@ -1062,9 +1040,9 @@ class VirtualPivCard:
                 ).private_key()
             except ValueError:
                 raise _CardError(SW.SW_WRONG_DATA) from None
-        elif p1 in _EC_CURVES:
+        elif p1 in EC_CURVES:
             scalar = fields.get(0x06)
-            curve = _EC_CURVES[p1]()
+            curve = EC_CURVES[p1]()
             if scalar is None or len(scalar) != (curve.key_size + 7) // 8:
                 raise _CardError(SW.SW_WRONG_DATA)
             try:
@@ -1085,7 +1063,7 @@ class VirtualPivCard:
             raise _CardError(SW.SW_WRONG_DATA)
         alg = data[0]
         key = _single_tlv(data[1:], KeyRef.CARD_MANAGEMENT).value
-        if alg not in _MGMT_KEY_LENGTHS or len(key) != _MGMT_KEY_LENGTHS[alg]:
+        if alg not in MGMT_KEY_LENGTHS or len(key) != MGMT_KEY_LENGTHS[alg]:
             raise _CardError(SW.SW_WRONG_DATA)
         self._mgmt_alg = PivAlg.TDES if alg == PivAlg.TDES_LEGACY else PivAlg(alg)
         self._mgmt_key = bytes(key)

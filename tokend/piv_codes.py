@@ -9,6 +9,53 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+
+class PivAlgorithm(IntEnum):
+    """Cryptographic mechanism identifiers (SP 800-78-4 Table 6-2; 05/16 are YubiKey 5.7
+    vendor extensions)."""
+
+    TDES_LEGACY = 0x00  # the legacy id of the 3-key 3DES card management key
+    TDES = 0x03
+    RSA_3072 = 0x05
+    RSA_1024 = 0x06
+    RSA_2048 = 0x07
+    AES_128 = 0x08
+    AES_192 = 0x0A
+    AES_256 = 0x0C
+    ECC_P256 = 0x11
+    ECC_P384 = 0x14
+    RSA_4096 = 0x16
+
+    @property
+    def is_rsa(self) -> bool:
+        return self in RSA_BITS
+
+    @property
+    def is_ec(self) -> bool:
+        return self in EC_CURVES
+
+
+RSA_BITS = {
+    PivAlgorithm.RSA_1024: 1024,
+    PivAlgorithm.RSA_2048: 2048,
+    PivAlgorithm.RSA_3072: 3072,
+    PivAlgorithm.RSA_4096: 4096,
+}
+EC_CURVES: dict[int, type[ec.EllipticCurve]] = {
+    PivAlgorithm.ECC_P256: ec.SECP256R1,
+    PivAlgorithm.ECC_P384: ec.SECP384R1,
+}
+#: Card management key (9B) lengths by algorithm.
+MGMT_KEY_LENGTHS = {
+    PivAlgorithm.TDES_LEGACY: 24,
+    PivAlgorithm.TDES: 24,
+    PivAlgorithm.AES_128: 16,
+    PivAlgorithm.AES_192: 24,
+    PivAlgorithm.AES_256: 32,
+}
+
 
 class PinPolicy(IntEnum):
     """Vendor tag AA at GENERATE / IMPORT (YubiKey, PivApplet)."""
