@@ -2,25 +2,24 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := pcscd vsmartcard-vpcd libpcsclite1 opensc pcsc-tools softhsm2 p11-kit \
-	p11-kit-modules libnss3-tools openssl dbus python3-venv
 
 .PHONY: run test lint format bench deps venv clean
 
-# Debian packages the real services come from (root only; skipped when all are present).
+# Debian packages: the services the tests run and the headers that building pyscard needs.
+# The one list is debian-packages.txt (.ci/run installs from it too). Root only; skipped
+# when every package is present.
 deps:
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(tools/debian-packages.sh --missing); \
 	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" != 0 ]; then echo "install as root: apt-get install -y $$missing"; exit 1; fi; \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "tokend setup: step 'Debian packages' needs root: run 'sudo make deps', or 'apt-get install -y $$missing'" >&2; exit 1; fi; \
 		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }; then \
+			echo "tokend setup: step 'Debian packages' failed: apt-get could not install $$missing (see above)" >&2; exit 1; fi; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $@
+	@tools/venv.sh $(VENV)
 
 venv: $(VENV)/.installed
 

@@ -36,3 +36,55 @@ def test_wheel_maps_drivers_and_simulators_under_tokend(tmp_path: Path) -> None:
     text = archive.read(entry_points).decode()
     assert "tokend = tokend.cli.tokend_main:main" in text
     assert "tokenctl = tokend.cli.tokenctl:main" in text
+
+
+def test_one_debian_package_list_with_pyscard_build_packages() -> None:
+    """The fresh-machine guard (issue: pyscard has no wheel): the build packages are in the
+    one list, marked for pyscard, and neither the Makefile nor .ci/run keeps a second copy."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_build_deps
+    finally:
+        sys.path.pop(0)
+    marked = check_build_deps.build_packages()
+    assert {"libpcsclite-dev", "swig", "gcc"} <= set(marked["pyscard"])
+    assert set(marked) <= set(check_build_deps.python_dependencies())
+    listed = subprocess.run(
+        [str(ROOT / "tools/debian-packages.sh")], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert {"pcscd", "vsmartcard-vpcd", "libpcsclite-dev", "swig"} <= set(listed)
+    for script in ("Makefile", ".ci/run"):
+        text = (ROOT / script).read_text()
+        assert "vsmartcard-vpcd" not in text and "libpcsclite" not in text, script
+
+
+def test_failed_venv_step_names_the_missing_packages(tmp_path: Path) -> None:
+    """When pip fails on pyscard, the user gets one line naming the step and the packages."""
+    fake_python = tmp_path / "python3"
+    # A python whose venv's pip fails the way pip does when winscard.h is missing.
+    fake_python.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"; '
+        "cp \"$0\" \"$3/bin/python\"; exit 0; fi\n"
+        'if [ "$3" = install ] && [ "$5" = -e ]; then '
+        'echo "src/smartcard/scard/helpers.c:28:10: fatal error: winscard.h: No such file" >&2;'
+        " echo 'ERROR: Failed building wheel for pyscard' >&2; exit 1; fi\n"
+        "exit 0\n"
+    )
+    fake_python.chmod(0o755)
+    fake_dpkg = tmp_path / "dpkg-query"  # every package reads as not installed
+    fake_dpkg.write_text("#!/bin/sh\nexit 1\n")
+    fake_dpkg.chmod(0o755)
+    result = subprocess.run(
+        [str(ROOT / "tools/venv.sh"), str(tmp_path / "venv")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": str(fake_python)},
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("tokend setup:")]
+    assert len(lines) == 1, result.stderr
+    assert "building pyscard needs" in lines[0]
+    assert "libpcsclite-dev" in lines[0] and "swig" in lines[0] and "make deps" in lines[0]
