@@ -65,7 +65,7 @@ def test_failed_venv_step_names_the_missing_packages(tmp_path: Path) -> None:
     fake_python.write_text(
         "#!/bin/sh\n"
         'if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin"; '
-        "cp \"$0\" \"$3/bin/python\"; exit 0; fi\n"
+        'cp "$0" "$3/bin/python"; exit 0; fi\n'
         'if [ "$3" = install ] && [ "$5" = -e ]; then '
         'echo "src/smartcard/scard/helpers.c:28:10: fatal error: winscard.h: No such file" >&2;'
         " echo 'ERROR: Failed building wheel for pyscard' >&2; exit 1; fi\n"

@@ -49,9 +49,9 @@ def build_packages(listing: Path = ROOT / "debian-packages.txt") -> dict[str, li
 
 def has_wheel(requirement: str) -> bool:
     with tempfile.TemporaryDirectory() as scratch:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-cache-dir"]
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
-            + ["--no-cache-dir", "-d", scratch, requirement],
+            [*command, "--only-binary=:all:", "-d", scratch, requirement],
             capture_output=True,
             text=True,
             timeout=300,
