@@ -107,15 +107,21 @@ class _Plans:
         return dict(r["template"])
 
     @staticmethod
-    def decrypt(session: int, key: int, mechanism: Mechanism | str, data: bytes) -> Plan[bytes]:
+    def decrypt(
+        session: int, key: int, mechanism: Mechanism | str, data: bytes, context_pin: str | None
+    ) -> Plan[bytes]:
         init = {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
-        _, r = yield Batch(
-            [
-                ("C_DecryptInit", init),
-                ("C_Decrypt", {"h_session": session, "p_encrypted_data": b64(data)}),
-            ]
-        )
-        return unb64(r["data"])
+        calls = Batch([("C_DecryptInit", init)])
+        if context_pin is not None:  # PIN-always key: the PIN goes with this very operation
+            login = {
+                "h_session": session,
+                "user_type": "CKU_CONTEXT_SPECIFIC",
+                "p_pin": context_pin,
+            }
+            calls.append(("C_Login", login))
+        calls.append(("C_Decrypt", {"h_session": session, "p_encrypted_data": b64(data)}))
+        results = yield calls
+        return unb64(results[-1]["data"])
 
     @staticmethod
     def sign(
@@ -309,8 +315,15 @@ class Client:
     def get_attributes(self, session: int, obj: int, types: list[CKA | str]) -> dict[str, Any]:
         return self._plan(_Plans.get_attributes(session, obj, types))
 
-    def decrypt(self, session: int, key: int, mechanism: Mechanism | str, data: bytes) -> bytes:
-        return self._plan(_Plans.decrypt(session, key, mechanism, data))
+    def decrypt(
+        self,
+        session: int,
+        key: int,
+        mechanism: Mechanism | str,
+        data: bytes,
+        context_pin: str | None = None,
+    ) -> bytes:
+        return self._plan(_Plans.decrypt(session, key, mechanism, data, context_pin))
 
     def sign(
         self,
@@ -429,9 +442,14 @@ class AsyncClient:
         return await self._plan(_Plans.get_attributes(session, obj, types))
 
     async def decrypt(
-        self, session: int, key: int, mechanism: Mechanism | str, data: bytes
+        self,
+        session: int,
+        key: int,
+        mechanism: Mechanism | str,
+        data: bytes,
+        context_pin: str | None = None,
     ) -> bytes:
-        return await self._plan(_Plans.decrypt(session, key, mechanism, data))
+        return await self._plan(_Plans.decrypt(session, key, mechanism, data, context_pin))
 
     async def sign(
         self,

@@ -310,22 +310,6 @@ def cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_smime_decrypt(args: argparse.Namespace) -> int:
-    from tokend import smime
-
-    data = _read_file(args.file)
-    with _client(args) as client:
-        slot = _pick_slot(client, args.token)
-        session = _session(client, slot, args, rw=False, login=True)
-        try:
-            plain = smime.decrypt(client, session, data)
-        except smime.SmimeError as exc:
-            print(f"tokenctl: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-    _write_output(args.output, plain)
-    return 0
-
-
 def _cert_line(cert: dict[str, Any] | None) -> str:
     if cert is None:
         return "no certificate"
@@ -951,12 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(func=func)
 
-    p = sub.add_parser("smime-decrypt", help="decrypt an S/MIME (CMS) message with the token")
-    p.add_argument("file", help="the message: S/MIME, PEM or DER CMS ('-' for stdin)")
-    _token_opt(p)
-    _pin_opt(p)
-    p.add_argument("--out", dest="output", help="output file (default: stdout)")
-    p.set_defaults(func=cmd_smime_decrypt)
+    from tokend.cli import smime_cmd  # S/MIME lives in its own module
+
+    smime_cmd.register(sub)
 
     # PIN / PUK / management key
     pin = sub.add_parser("pin", help="change or unblock the PIN").add_subparsers(
