@@ -23,6 +23,7 @@ import os
 import sys
 
 from tokend.client import Client
+from tokend.errors import PinIncorrectError, PinLockedError, TokendError
 from tokend.smime import Keyring, SignOptions, SmimeError, TokenRef, decrypt, sign
 from tokend.smime.signing import choose_signer
 
@@ -64,7 +65,9 @@ def decrypt_folder(keyring: Keyring, inbox: mailbox.Maildir, out: mailbox.Maildi
             continue
         try:
             result = decrypt(keyring, msg.as_bytes())
-        except SmimeError as exc:  # one line: which token to insert, removed, altered …
+        except (PinIncorrectError, PinLockedError):
+            raise  # never try a wrong PIN again message after message: stop the batch
+        except (SmimeError, TokendError) as exc:  # one line: insert the token, removed …
             failures += 1
             print(f"{key}: {subject}: FAILED: {exc}", file=sys.stderr)
             continue
@@ -94,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     inbox = mailbox.Maildir(args.inbox, create=False)
     out = mailbox.Maildir(args.out, create=True)
     with Client(args.socket) as client, Keyring(client, pin_reader(args.pin_fd)) as keyring:
-        failures = decrypt_folder(keyring, inbox, out)
+        try:
+            failures = decrypt_folder(keyring, inbox, out)
+        except (PinIncorrectError, PinLockedError) as exc:
+            left = getattr(exc, "retries", None)
+            print(f"wrong PIN ({left} tries left); stopping", file=sys.stderr)
+            return 1
         if args.sign:
             try:
                 with open(args.sign, "rb") as fh:

@@ -441,6 +441,58 @@ def test_retired_key_mail_after_renewal(tmp_path: Path, sock_path: Path) -> None
         reader.remove()
 
 
+def test_pin_always_decryption_key_gets_its_context_pin(tmp_path: Path, sock_path: Path) -> None:
+    """An encryption key imported with PIN policy "always": every unwrap carries the PIN."""
+    card = VirtualPivCard()
+    reader = MemoryReader("Memory Reader P")
+    reader.insert(card)
+    daemon = start_daemon(sock_path, [MemoryWatcher(reader)])
+    try:
+        pki = _make_ca(tmp_path, "Always CA")
+        key = rsa.generate_private_key(65537, 2048)
+        cert = pki.issue(key.public_key(), "always", usage={"key_encipherment": True})
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        (tmp_path / "a.p12").write_bytes(
+            pkcs12.serialize_key_and_certificates(
+                b"a", key, cert, None, serialization.BestAvailableEncryption(b"pw")
+            )
+        )
+        ok(
+            ctl(
+                daemon, "import-p12", str(tmp_path / "a.p12"), "--pin-policy", "always",
+                "--password-fd", "{fd}", "--pin-fd", "{fd}", secrets=("pw", PIN),
+            )
+        )  # fmt: skip
+        (tmp_path / "m.txt").write_bytes(TEXT)
+        openssl(
+            "cms", "-encrypt", "-aes-256-gcm", "-in", "m.txt", "-out", "m.msg",
+            "-recip", "always.pem", cwd=tmp_path,
+        )  # fmt: skip
+        args = ("smime", "decrypt", str(tmp_path / "m.msg"), "--pin-fd", "{fd}")
+        # one PIN only: the login works, the unwrap is refused without its own PIN
+        ran = ctl(daemon, *args, secrets=(PIN,))
+        assert ran.rc == 1 and ran.out == b"" and "PIN" in ran.err
+        ran = ok(ctl(daemon, *args, secrets=(PIN, PIN)))
+        assert ran.out == TEXT
+    finally:
+        stop_daemon(daemon)
+        reader.remove()
+
+
+def test_example_uses_only_the_client_library() -> None:
+    """The example is what a mail client does: tokend.client and tokend.smime, nothing
+    below them (no daemon internals, no drivers)."""
+    import ast
+
+    tree = ast.parse((ROOT / "examples" / "maildir_decrypt.py").read_text())
+    used = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    ours = {m for m in used if m.startswith("tokend")}
+    assert ours <= {"tokend.client", "tokend.errors", "tokend.smime", "tokend.smime.signing"}
+
+
 # --- signing: checked by openssl and NSS ---------------------------------------------------
 
 
