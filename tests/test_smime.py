@@ -298,6 +298,34 @@ def test_decrypts_what_openssl_encrypts(tokens: Tokens, case: tuple[str, ...]) -
     assert f"(serial {tokens.serial(cert[0])})" in ran.err  # the token that held the key
 
 
+def test_signed_then_encrypted_mail_decrypts_then_verifies(tokens: Tokens) -> None:
+    """What Thunderbird sends by default with both on: sign, then encrypt."""
+    d = tokens.dir
+    key = ec.generate_private_key(ec.SECP256R1())
+    tokens.cards.pki.issue(key.public_key(), "sender", usage={"digital_signature": True})
+    (d / "sender.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )  # fmt: skip
+    (d / "note.txt").write_bytes(TEXT)
+    signed = openssl(
+        "cms", "-sign", "-in", "note.txt", "-signer", "sender.pem", "-inkey", "sender.key",
+        cwd=d,
+    )  # fmt: skip
+    (d / "signed.txt").write_bytes(signed)
+    openssl(
+        "cms", "-encrypt", "-aes-256-gcm", "-in", "signed.txt", "-out", "both.msg",
+        "-recip", "a-9a.pem", cwd=d,
+    )  # fmt: skip
+    inner = ok(smime(tokens, "decrypt", str(d / "both.msg"))).out
+    assert b"multipart/signed" in inner
+    (d / "inner.eml").write_bytes(inner)
+    ran = ok(ctl(tokens.daemon, "smime", "verify", "--ca", str(d / "cas"), str(d / "inner.eml")))
+    assert ran.out == TEXT and "signed by sender" in ran.err
+
+
 def test_decrypt_keeps_the_envelope_headers_and_reads_stdin_and_out(
     tokens: Tokens, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,7 +34,7 @@ from tokend.smime.errors import (
     SmimeError,
     UnsupportedAlgorithmError,
 )
-from tokend.smime.keys import Keyring, TokenCert
+from tokend.smime.keys import Keyring, NoPrivateKey, TokenCert
 from tokend.smime.message import Header, unwrap, with_envelope
 
 _OAEP_HASH = {
@@ -479,7 +479,7 @@ def decrypt(keyring: Keyring, data: bytes) -> Decrypted:
         except EncryptedDataInvalidError:
             failed += 1
             continue
-        except LookupError:
+        except NoPrivateKey:
             continue  # a certificate without a usable private key next to it
         except (ValueError, TypeError, KeyError) as exc:
             if isinstance(exc, SmimeError | TokendError):

@@ -30,6 +30,11 @@ from tokend.pkcs11 import CKA, CKD, CKM
 from tokend.protocol import unb64
 from tokend.smime.errors import TokenRemovedError
 
+
+class NoPrivateKey(Exception):
+    """A certificate on the token without a usable private key next to it."""
+
+
 #: Errors that mean the token left (or was replaced) while we used it.
 GONE = (DeviceRemovedError, TokenNotPresentError, SessionHandleInvalidError, SlotIdInvalidError)
 
@@ -208,12 +213,12 @@ class Keyring:
             present.session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_ID: cert.key_id}
         )
         if not handles:
-            raise LookupError(f"no private key for {cert.label or cert.key_id.hex()}")
+            raise NoPrivateKey(f"no private key for {cert.label or cert.key_id.hex()}")
         attrs = self.client.get_attributes(
             present.session, handles[0], [CKA.CKA_ALWAYS_AUTHENTICATE, usage]
         )
         if attrs.get(usage.name) is False:
-            raise LookupError(f"the key {cert.label} may not be used for {usage.name}")
+            raise NoPrivateKey(f"the key {cert.label} may not be used for {usage.name}")
         found = (handles[0], bool(attrs.get("CKA_ALWAYS_AUTHENTICATE")))
         present.keys[cert.key_id] = found
         return found
