@@ -44,6 +44,9 @@ def main() -> int:
                     f"  openssl rand 32 > /tmp/k && openssl pkeyutl -encrypt -certin -inkey "
                     f"{export_dir}/encryption.pem -in /tmp/k -out /tmp/blob && "
                     f"echo 123456 | {bin_dir}/tokenctl decrypt --pin-fd 0 --in /tmp/blob | xxd",
+                    f"  echo 'Subject: hi' | openssl cms -encrypt -aes-256-gcm -recip "
+                    f"{export_dir}/encryption.pem | {bin_dir}/tokenctl smime decrypt "
+                    "--pin-fd 3 - 3<<<123456",
                     "Ctrl-C stops the daemon, the card and (if we started it) pcscd.",
                     "",
                 ]

@@ -12,6 +12,8 @@ plaintext) lives in a bytearray that is zeroed once used.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,8 +65,11 @@ _KARI_SCHEMES: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
     "1.3.132.1.14.2": ("dhSinglePass-cofactorDH-sha384kdf", hashes.SHA384),
     "1.3.132.1.14.3": ("dhSinglePass-cofactorDH-sha512kdf", hashes.SHA512),
 }
-_WRAP_BYTES = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32}
-_WRAP_NAMES = {"1.2.840.113549.1.9.16.3.6": "id-alg-CMS3DESwrap (3DES, RFC 3217)"}
+#: Key wraps and the length of their key-encryption key. 3DES wrap (RFC 3217) is what
+#: `openssl cms -encrypt` uses with ECDH by default (its default content cipher is 3DES).
+_DES3_WRAP = "1.2.840.113549.1.9.16.3.6"
+_WRAP_BYTES = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32, _DES3_WRAP: 24}
+_DES3_WRAP_IV = bytes.fromhex("4adda22c79e82105")  # RFC 3217 §3.2
 _CURVES = {"secp256r1": 65, "secp384r1": 97}  # uncompressed point sizes
 
 
@@ -122,6 +127,7 @@ class KeyAgreement:
     peer_point: bytes
     kdf_hash: type[hashes.HashAlgorithm] | None
     wrap: str | None
+    wrap_alg: cms.KeyEncryptionAlgorithm | None  # as the sender wrote it (KDF SharedInfo)
     ukm: bytes | None
     encrypted_key: bytes
     problem: str | None = None
@@ -224,6 +230,7 @@ def _key_agreements(kari: cms.KeyAgreeRecipientInfo) -> Iterator[KeyAgreement]:
     problem = None
     point = b""
     wrap: str | None = None
+    wrap_alg: cms.KeyEncryptionAlgorithm | None = None
     if scheme is None:
         problem = f"key agreement {alg['algorithm'].native}"
     if originator.name != "originator_key":
@@ -237,10 +244,12 @@ def _key_agreements(kari: cms.KeyAgreeRecipientInfo) -> Iterator[KeyAgreement]:
         try:
             wrap_alg = alg["parameters"].parse(cms.KeyEncryptionAlgorithm)
             wrap = wrap_alg["algorithm"].native
+            if wrap_alg["algorithm"].dotted == _DES3_WRAP:
+                wrap = _DES3_WRAP
         except (ValueError, TypeError):
             raise CorruptMessageError("corrupt message: bad key-wrap algorithm") from None
         if wrap not in _WRAP_BYTES:
-            problem = f"key wrap {_WRAP_NAMES.get(wrap_alg['algorithm'].dotted, wrap)}"
+            problem = f"key wrap {wrap}"
     ukm = kari["ukm"].native if kari["ukm"].native is not None else None
     for rek in kari["recipient_encrypted_keys"]:
         yield KeyAgreement(
@@ -248,6 +257,7 @@ def _key_agreements(kari: cms.KeyAgreeRecipientInfo) -> Iterator[KeyAgreement]:
             point,
             scheme[1] if scheme else None,
             wrap,
+            wrap_alg,
             ukm,
             bytes(rek["encrypted_key"].native),
             problem,
@@ -272,9 +282,32 @@ def recipients(enveloped: cms.EnvelopedData | cms.AuthEnvelopedData) -> list[Rec
 # --- the content-encryption key --------------------------------------------------------------
 
 
-def _shared_info(wrap: str, ukm: bytes | None) -> bytes:
+def _des3_key_unwrap(kek: bytes, wrapped: bytes) -> bytearray:
+    """Triple-DES key unwrap (RFC 3217 §3.2): two CBC passes around a reversal, then the
+    CMS key checksum (the first 8 bytes of SHA-1 of the key)."""
+    if len(wrapped) != 40:
+        raise EncryptedDataInvalidError()
+    d1 = Cipher(TripleDES(kek), modes.CBC(_DES3_WRAP_IV)).decryptor()
+    temp2 = bytearray(d1.update(wrapped) + d1.finalize())
+    temp2.reverse()
+    d2 = Cipher(TripleDES(kek), modes.CBC(bytes(temp2[:8]))).decryptor()
+    wkcks = bytearray(d2.update(bytes(temp2[8:])) + d2.finalize())
+    try:
+        cek, icv = wkcks[:24], bytes(wkcks[24:])
+        checksum = hashlib.sha1(bytes(cek), usedforsecurity=False).digest()[:8]  # RFC 3217
+        if not hmac.compare_digest(checksum, icv):
+            cek[:] = bytes(len(cek))
+            raise EncryptedDataInvalidError()
+        return cek
+    finally:
+        temp2[:] = bytes(len(temp2))
+        wkcks[:] = bytes(len(wkcks))
+
+
+def _shared_info(wrap: str, wrap_alg: cms.KeyEncryptionAlgorithm, ukm: bytes | None) -> bytes:
+    """RFC 5753 §7.2: keyInfo is the key-wrap algorithm with its parameters as sent."""
     info = {
-        "key_info": cms.KeyEncryptionAlgorithm({"algorithm": wrap}),
+        "key_info": wrap_alg,
         "supp_pub_info": (_WRAP_BYTES[wrap] * 8).to_bytes(4, "big"),
     }
     if ukm is not None:
@@ -306,7 +339,7 @@ def _content_key(keyring: Keyring, r: Recipient, cert: TokenCert) -> bytearray:
         )
     if len(r.peer_point) != _CURVES[curve] or r.peer_point[:1] != b"\x04":
         raise CorruptMessageError("corrupt message: the sender's EC point does not fit the key")
-    assert r.kdf_hash is not None and r.wrap is not None
+    assert r.kdf_hash is not None and r.wrap is not None and r.wrap_alg is not None
     z = keyring.agree(cert, r.peer_point)
     kek = bytearray()
     try:
@@ -314,9 +347,11 @@ def _content_key(keyring: Keyring, r: Recipient, cert: TokenCert) -> bytearray:
             X963KDF(
                 algorithm=r.kdf_hash(),
                 length=_WRAP_BYTES[r.wrap],
-                sharedinfo=_shared_info(r.wrap, r.ukm),
+                sharedinfo=_shared_info(r.wrap, r.wrap_alg, r.ukm),
             ).derive(bytes(z))
         )
+        if r.wrap == _DES3_WRAP:
+            return _des3_key_unwrap(bytes(kek), r.encrypted_key)
         try:
             return bytearray(aes_key_unwrap(bytes(kek), r.encrypted_key))
         except InvalidUnwrap:
