@@ -499,6 +499,9 @@ def decrypt(keyring: Keyring, data: bytes) -> Decrypted:
         )
     certs = keyring.certificates()
     candidates = [(r, c) for r in wanted for c in certs if r.rid.matches(c)]
+    if not candidates:  # perhaps a certificate written since the keyring read them
+        certs = keyring.certificates(refresh=True)
+        candidates = [(r, c) for r in wanted for c in certs if r.rid.matches(c)]
     if not candidates:
         raise RecipientNotPresentError(_not_present(wanted))
     supported = [(r, c) for r, c in candidates if r.problem is None]

@@ -132,9 +132,16 @@ class Keyring:
         self._tokens = seen
         return [p.ref for p in seen.values()]
 
-    def certificates(self) -> list[TokenCert]:
-        """Every certificate on every present token (current and retired keys alike)."""
+    def certificates(self, *, refresh: bool = False) -> list[TokenCert]:
+        """Every certificate on every present token (current and retired keys alike).
+        They are read once per token insertion; ``refresh`` re-reads them (a token
+        provisioned meanwhile by another program keeps its instance)."""
         self.tokens()
+        if refresh:
+            for present in self._tokens.values():
+                with contextlib.suppress(*GONE):
+                    present.certs = self._read_certs(present.ref)
+                present.keys.clear()
         return [c for p in self._tokens.values() for c in p.certs]
 
     def _read_certs(self, ref: TokenRef) -> list[TokenCert]:
