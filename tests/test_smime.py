@@ -430,6 +430,28 @@ def test_token_removed_mid_message_decrypts_nothing(tokens: Tokens) -> None:
         tokens.reader_a.on_transmit.clear()
 
 
+def test_a_returning_token_needs_its_pin_again(tokens: Tokens) -> None:
+    """The keyring keeps no PIN: a token that was pulled and plugged in again is a new
+    instance, and the next message asks for its PIN again."""
+    mail = encrypt(tokens, "a-9a", "-aes256").read_bytes()
+    asked: list[str] = []
+
+    def pin(token, context: bool) -> str:  # type: ignore[no-untyped-def]
+        asked.append(token.serial)
+        return PIN
+
+    with Client(tokens.daemon.socket) as client, Keyring(client, pin) as ring:
+        assert decrypt(ring, mail).content == TEXT
+        assert decrypt(ring, mail).content == TEXT
+        assert len(asked) == 1
+        tokens.reader_a.remove()
+        tokens.daemon.settle()
+        tokens.reader_a.insert(tokens.cards.a)
+        tokens.daemon.settle()
+        assert decrypt(ring, mail).content == TEXT
+        assert asked == [tokens.serial("a")] * 2
+
+
 def test_retired_key_mail_after_renewal(tmp_path: Path, sock_path: Path) -> None:
     """A certificate's key moves to a retired slot (renewal); mail sent to it still opens."""
     card = VirtualPivCard()
