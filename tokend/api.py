@@ -110,6 +110,8 @@ async def _get_token_info(api: Api, app: Application, p: Params) -> dict:
     info = instance.token.info
     sessions = [s for s in api.engine._sessions.values() if s.instance is instance]
     flags = CKF_TOKEN(info.flags) | CKF_TOKEN.CKF_TOKEN_INITIALIZED
+    if api.engine.protected_authentication_path:
+        flags |= CKF_TOKEN.CKF_PROTECTED_AUTHENTICATION_PATH
     return {
         "info": {
             "label": info.label,
@@ -197,7 +199,9 @@ async def _get_session_info(api: Api, app: Application, p: Params) -> dict:
 @method("C_Login")
 async def _login(api: Api, app: Application, p: Params) -> dict:
     user = p.enum(CKU, "user_type", default="CKU_USER")
-    pin = bytearray(p.str("p_pin", "pin").encode())
+    # No PIN (absent or null): the protected authentication path — the daemon prompts.
+    text = p.get("p_pin", "pin")
+    pin = None if text is None else bytearray(p.str("p_pin", "pin").encode())
     await api.engine.login(app, p.int(*S), user, pin)
     return {}
 

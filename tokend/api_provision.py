@@ -218,3 +218,14 @@ async def _renew_key(api: Api, app: Application, p: Params) -> dict:
 async def _reset_token(api: Api, app: Application, p: Params) -> dict:
     await _provisioning(api).reset(app, p.int(*S))
     return {}
+
+
+@method("tokend_GetPolicy")
+async def _get_policy(api: Api, app: Application, p: Params) -> dict:
+    """The per-program policy in force and the most recent refusals (`tokenctl policy`)."""
+    authorizer = api.engine.authorizer
+    describe = getattr(authorizer, "describe", None)
+    view = describe() if describe is not None else {"enforced": False, "rules": [], "refused": []}
+    view["protected_authentication_path"] = api.engine.protected_authentication_path
+    view["you"] = {"pid": app.client.pid, "program": app.client.exe}
+    return view

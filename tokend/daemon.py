@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 
 from tokend.api import Api
+from tokend.consent import ClientInfo
 from tokend.errors import TokendError
 from tokend.paths import default_socket_path
 from tokend.protocol import (
@@ -45,6 +46,18 @@ _BLOCKING = {"C_WaitForSlotEvent"}
 
 class DaemonAlreadyRunning(RuntimeError):
     pass
+
+
+def client_info(pid: int, uid: int) -> ClientInfo:
+    """The program behind a connection, from /proc (best effort: it may be gone already).
+    Read at connect time, for prompts and the per-program policy."""
+    exe = ""
+    cmdline: list[str] = []
+    with contextlib.suppress(OSError):
+        exe = os.readlink(f"/proc/{pid}/exe")
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as fh:
+        cmdline = [part.decode(errors="replace") for part in fh.read(4096).split(b"\0") if part]
+    return ClientInfo(pid=pid, uid=uid, exe=exe, cmdline=tuple(cmdline))
 
 
 def peer_uid(sock: socket.socket) -> tuple[int, int, int]:
@@ -254,7 +267,7 @@ class Daemon:
             log.warning("refused client pid %d uid %d", pid, uid)
             writer.close()
             return
-        app = self.engine.open_application(peer=f"pid {pid}")
+        app = self.engine.open_application(peer=f"pid {pid}", client=client_info(pid, uid))
         conn = Connection(self, reader, writer, app)
         task = asyncio.current_task()
         if task is not None:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tokend import piv_codes
+from tokend.consent import Use
 from tokend.errors import (
     ArgumentsBadError,
     AttributeValueInvalidError,
@@ -250,6 +251,8 @@ class Provisioning:
                 raise FunctionNotSupportedError(f"this token cannot {name.replace('_', ' ')}")
 
     async def _card(self, session: Session, fn: Callable[[], T]) -> T:
+        # Every provisioning call reaches the card here: the per-program policy decides first.
+        await self.engine.authorize(session.app, session.instance, Use.PROVISION)
         return await self.engine._card(session, fn)  # type: ignore[no-any-return]
 
     def _forget(self, session: Session, *slots: int) -> None:

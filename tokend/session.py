@@ -25,6 +25,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from tokend.consent import (
+    Authorizer,
+    ClientInfo,
+    PinPrompter,
+    PinRequest,
+    TokenDescription,
+    Use,
+    UseRequest,
+)
 from tokend.errors import (
     ArgumentsBadError,
     CardNotVerifiedError,
@@ -38,6 +47,7 @@ from tokend.errors import (
     ObjectHandleInvalidError,
     OperationActiveError,
     OperationNotInitializedError,
+    PinIncorrectError,
     SessionHandleInvalidError,
     SessionParallelNotSupportedError,
     UserAlreadyLoggedInError,
@@ -117,10 +127,12 @@ class Application:
 
     _ids = itertools.count(1)
 
-    def __init__(self, engine: Engine, peer: str = "") -> None:
+    def __init__(self, engine: Engine, peer: str = "", client: ClientInfo | None = None) -> None:
         self.id = next(self._ids)
         self.engine = engine
         self.peer = peer
+        #: the program behind the connection (for prompts and the per-program policy)
+        self.client = client or ClientInfo()
         self.sessions: dict[int, Session] = {}
         #: token instances this application is logged in to, keyed (slot, generation)
         self.logins: set[tuple[int, int]] = set()
@@ -167,8 +179,21 @@ class Application:
 class Engine:
     """The session engine shared by every front end (native socket, p11-kit RPC)."""
 
-    def __init__(self, registry: SlotRegistry) -> None:
+    def __init__(
+        self,
+        registry: SlotRegistry,
+        *,
+        pin_prompter: PinPrompter | None = None,
+        authorizer: Authorizer | None = None,
+        pin_prompts: int = 3,
+    ) -> None:
         self.registry = registry
+        #: Set: tokens advertise CKF_PROTECTED_AUTHENTICATION_PATH and C_Login without a
+        #: PIN asks the user through this prompt (the daemon's own, never the client).
+        self.pin_prompter = pin_prompter
+        #: Asked before every private-key use and provisioning call (per-program policy).
+        self.authorizer = authorizer
+        self.pin_prompts = pin_prompts
         self.apps: dict[int, Application] = {}
         self._session_ids = itertools.count(1)
         self._object_ids = itertools.count(1)
@@ -185,8 +210,8 @@ class Engine:
 
     # --- applications ------------------------------------------------------------------
 
-    def open_application(self, peer: str = "") -> Application:
-        app = Application(self, peer)
+    def open_application(self, peer: str = "", client: ClientInfo | None = None) -> Application:
+        app = Application(self, peer, client)
         self.apps[app.id] = app
         return app
 
@@ -335,7 +360,49 @@ class Engine:
 
     # --- login -------------------------------------------------------------------------
 
-    async def login(self, app: Application, handle: int, user_type: CKU, pin: bytearray) -> None:
+    @property
+    def protected_authentication_path(self) -> bool:
+        return self.pin_prompter is not None
+
+    def describe_token(self, instance: TokenInstance) -> TokenDescription:
+        token = instance.token
+        return TokenDescription(instance.slot_id, token.info.label, token.identity.serial)
+
+    async def login(
+        self, app: Application, handle: int, user_type: CKU, pin: bytearray | None
+    ) -> None:
+        """C_Login. ``pin`` None: the protected authentication path — the daemon asks the
+        user through its own prompt (again after a wrong PIN, showing the retries left, up to
+        ``pin_prompts`` times); cancel or timeout → CKR_FUNCTION_CANCELED, nothing sent to
+        the token."""
+        if pin is not None:
+            return await self._login(app, handle, user_type, pin)
+        session = self._session(app, handle)
+        if self.pin_prompter is None:
+            raise ArgumentsBadError(
+                "no PIN given, and the token has no protected authentication path configured"
+            )
+        error = ""
+        for attempt in range(1, self.pin_prompts + 1):
+            request = PinRequest(app.client, self.describe_token(session.instance), attempt, error)
+            typed = await self.pin_prompter.ask_pin(request)
+            try:
+                return await self._login(app, handle, user_type, typed)
+            except PinIncorrectError as exc:
+                if attempt == self.pin_prompts:
+                    raise
+                left = f", {exc.retries} tries left" if exc.retries is not None else ""
+                error = f"Wrong PIN{left}"
+        raise AssertionError("unreachable")
+
+    async def authorize(self, app: Application, instance: TokenInstance, use: Use) -> None:
+        """Ask the per-program policy (if any) whether this client may do ``use`` here."""
+        if self.authorizer is not None:
+            await self.authorizer.authorize(
+                UseRequest(app.client, self.describe_token(instance), use)
+            )
+
+    async def _login(self, app: Application, handle: int, user_type: CKU, pin: bytearray) -> None:
         try:
             session = self._session(app, handle)
             instance = session.instance
@@ -533,6 +600,7 @@ class Engine:
         op = self._take(session, OpKind.DECRYPT)
         try:
             self._require_login(session, op)
+            await self.authorize(app, session.instance, Use.DECRYPT)
             if op.always_authenticate and op.context_pin is None:
                 # Never rely on the card to refuse: the PIN must come with this very
                 # decryption, verified right before it in one exclusive section (the driver).
@@ -588,6 +656,7 @@ class Engine:
         op = self._take(session, OpKind.SIGN)
         try:
             self._require_login(session, op)
+            await self.authorize(session.app, session.instance, Use.SIGN)
             if op.always_authenticate and op.context_pin is None:
                 raise UserNotLoggedInError(
                     "this key needs C_Login(CKU_CONTEXT_SPECIFIC) after C_SignInit"
@@ -637,6 +706,7 @@ class Engine:
             # C_DeriveKey has no Init, so there is no operation to log in to: refuse here
             # rather than let the card refuse (which would read as a lost login).
             raise UserNotLoggedInError("a PIN-always key cannot be used with C_DeriveKey")
+        await self.authorize(app, session.instance, Use.DERIVE)
         secret = bytearray(
             await self._card(session, session.instance.token.derive, obj.key, mechanism)
         )

@@ -25,6 +25,14 @@ class ServeConfig:
     allow_virtual_readers: bool = False
     log_level: str = "INFO"
     export_dir: Path | None = None
+    #: PIN typed into the daemon's own pinentry (C_Login without a PIN); see docs/consent.md
+    protected_authentication_path: bool = False
+    pinentry_program: str | None = None
+    pinentry_timeout: float = 60.0
+    pinentry_tty: str | None = None
+    #: per-program policy: `[[policy]]` tables and how long one confirmation lasts
+    policy: list[dict[str, Any]] = field(default_factory=list)
+    confirm_window: float = 300.0
 
     @classmethod
     def load(cls, path: Path | None) -> ServeConfig:
@@ -39,6 +47,12 @@ class ServeConfig:
             "simulate",
             "allow_virtual_readers",
             "log_level",
+            "protected_authentication_path",
+            "pinentry_program",
+            "pinentry_timeout",
+            "pinentry_tty",
+            "policy",
+            "confirm_window",
         }
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
@@ -50,7 +64,41 @@ class ServeConfig:
             cfg.simulate = list(data["simulate"])
         cfg.allow_virtual_readers = bool(data.get("allow_virtual_readers", False))
         cfg.log_level = str(data.get("log_level", cfg.log_level))
+        pap = data.get("protected_authentication_path", False)
+        if not isinstance(pap, bool):
+            raise ValueError(f"{path}: protected_authentication_path must be true or false")
+        cfg.protected_authentication_path = pap
+        for key in ("pinentry_program", "pinentry_tty"):
+            if key in data:
+                if not isinstance(data[key], str):
+                    raise ValueError(f"{path}: {key} must be a string")
+                setattr(cfg, key, data[key])
+        for key in ("pinentry_timeout", "confirm_window"):
+            if key in data:
+                if not isinstance(data[key], int | float) or data[key] < 0:
+                    raise ValueError(f"{path}: {key} must be a number of seconds")
+                setattr(cfg, key, float(data[key]))
+        if "policy" in data:
+            cfg.policy = list(data["policy"])
+        try:
+            cfg.consent()  # validate the policy tables now, naming the file
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         return cfg
+
+    def consent(self) -> dict[str, Any]:
+        """The Engine's prompt and policy seams for this configuration."""
+        from tokend.consent import Policy
+        from tokend.pinentry import PinentryOptions, PinentryPrompter, PolicyAuthorizer
+
+        options = PinentryOptions(self.pinentry_program, self.pinentry_timeout, self.pinentry_tty)
+        policy = Policy.from_config(self.policy, self.confirm_window)
+        return {
+            "pin_prompter": (
+                PinentryPrompter(options) if self.protected_authentication_path else None
+            ),
+            "authorizer": PolicyAuthorizer(policy, options) if policy.enforced else None,
+        }
 
 
 def build_registry(cfg: ServeConfig):  # type: ignore[no-untyped-def]
@@ -91,7 +139,7 @@ async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: flo
     with ``await_token``, once a token is present or that many seconds have passed)."""
     from tokend.session import Engine
 
-    engine = Engine(build_registry(cfg))
+    engine = Engine(build_registry(cfg), **cfg.consent())
     daemon = Daemon(engine, cfg.socket)
     try:
         await daemon.start()

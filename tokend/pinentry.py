@@ -1,0 +1,309 @@
+"""The daemon's own PIN prompt: a GnuPG-family pinentry program (pinentry-curses,
+-gnome3, -qt, -tty) spoken to over its Assuan protocol, one process per prompt, as
+gpg-agent does. The PIN never passes through the mail client.
+
+Assuan in the few words used here: the pinentry greets with ``OK``; each command line
+(``SETDESC``, ``SETPROMPT``, ``SETERROR``, ``SETTIMEOUT``, ``OPTION``, ``GETPIN``,
+``CONFIRM``, ``BYE``) is answered by ``OK``, ``ERR code text``, status lines (``S …``,
+``#`` comments) and for GETPIN one ``D`` data line. Arguments and data are
+percent-escaped (``%``, CR, LF and control bytes as ``%XX``).
+
+Also here: `PinentryPrompter` (the `PinPrompter` seam) and `PolicyAuthorizer` (the
+`Authorizer` seam: the configured policy, with confirmations rate-limited per window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokend.consent import (
+    ClientInfo,
+    PinRequest,
+    Policy,
+    Refusal,
+    TokenDescription,
+    Use,
+    UseRequest,
+)
+from tokend.errors import FunctionCanceledError, FunctionRejectedError
+
+log = logging.getLogger(__name__)
+
+#: Tried in this order when the configuration names no program: Debian's alternatives link
+#: first (the user's choice), then the graphical ones, then the terminal ones.
+PINENTRY_CANDIDATES = (
+    "pinentry",
+    "pinentry-gnome3",
+    "pinentry-qt",
+    "pinentry-gtk-2",
+    "pinentry-curses",
+    "pinentry-tty",
+)
+
+#: gpg-error codes (low 16 bits of the Assuan ERR code) that mean "the user did not answer".
+_GPG_ERR_TIMEOUT = 62
+_GPG_ERR_CANCELED = 99
+_GPG_ERR_NOT_CONFIRMED = 114
+#: Longest line a pinentry may send (the Assuan limit is 1000 bytes).
+_MAX_LINE = 1000
+
+
+def find_pinentry(configured: str | None = None) -> str | None:
+    """The program to run: the configured one (must exist), else the first one found."""
+    if configured:
+        return configured if os.access(configured, os.X_OK) else shutil.which(configured)
+    for name in PINENTRY_CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def escape(text: str) -> str:
+    """Percent-escape an Assuan argument."""
+    out = []
+    for ch in text:
+        if ch == "%" or ord(ch) < 0x20:
+            out.append(f"%{ord(ch):02X}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_into(data: bytes) -> bytearray:
+    """Decode a percent-escaped data line into a fresh bytearray (the caller wipes it)."""
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        if data[i] == 0x25:  # "%XX"
+            if i + 3 > len(data):
+                raise PinentryProtocolError("bad percent escape in a data line")
+            try:
+                out.append(int(data[i + 1 : i + 3], 16))
+            except ValueError:
+                raise PinentryProtocolError("bad percent escape in a data line") from None
+            i += 3
+        else:
+            out.append(data[i])
+            i += 1
+    return out
+
+
+class PinentryProtocolError(FunctionCanceledError):
+    """The pinentry said something that is not Assuan: the prompt counts as canceled (no PIN
+    reached the token, so no retry was used)."""
+
+
+@dataclass(frozen=True)
+class PinentryOptions:
+    program: str | None = None  # None: the first of PINENTRY_CANDIDATES found
+    timeout: float = 60.0  # seconds a prompt stays open before it counts as canceled
+    tty: str | None = None  # terminal for curses/tty pinentries (else $GPG_TTY)
+    title: str = "tokend"
+
+
+class Pinentry:
+    """One pinentry process for one dialogue (a PIN or a confirmation)."""
+
+    def __init__(self, options: PinentryOptions) -> None:
+        self.options = options
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Pinentry:
+        program = find_pinentry(self.options.program)
+        if program is None:
+            raise FunctionCanceledError("no pinentry program found (install pinentry-curses)")
+        env = dict(os.environ)
+        tty = self.options.tty or env.get("GPG_TTY")
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                program,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=env,
+                limit=_MAX_LINE * 4,
+            )
+        except OSError as exc:
+            raise FunctionCanceledError(f"cannot start {program}: {exc.strerror}") from None
+        await self._expect_ok("greeting")
+        if tty:
+            await self.command(f"OPTION ttyname={tty}")
+            await self.command(f"OPTION ttytype={env.get('TERM', 'dumb')}")
+        await self.command(f"SETTITLE {escape(self.options.title)}")
+        timeout = max(1, int(self.options.timeout))
+        await self.command(f"SETTIMEOUT {timeout}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None and proc.stdin is not None:
+            with contextlib.suppress(Exception):
+                proc.stdin.write(b"BYE\n")
+                await proc.stdin.drain()
+            try:
+                await asyncio.wait_for(proc.wait(), 1.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    async def _read_line(self, deadline: float) -> bytes:
+        assert self._proc is not None and self._proc.stdout is not None
+        remaining = deadline - time.monotonic()
+        try:
+            line = await asyncio.wait_for(self._proc.stdout.readline(), max(remaining, 0.01))
+        except TimeoutError:
+            raise FunctionCanceledError("the PIN prompt timed out") from None
+        except ValueError:  # longer than the stream limit
+            raise PinentryProtocolError("the pinentry sent an overlong line") from None
+        if not line:
+            raise FunctionCanceledError("the pinentry program went away")
+        return line.rstrip(b"\r\n")
+
+    async def _expect_ok(self, what: str, data: bytearray | None = None) -> None:
+        # The pinentry enforces its own timeout (SETTIMEOUT); ours is the backstop for a
+        # pinentry that hangs without answering.
+        deadline = time.monotonic() + self.options.timeout + 5.0
+        while True:
+            line = await self._read_line(deadline)
+            if line == b"OK" or line.startswith(b"OK "):
+                return
+            if line.startswith(b"D ") and data is not None:
+                decoded = unescape_into(line[2:])
+                data += decoded
+                decoded[:] = bytes(len(decoded))
+                continue
+            if line.startswith((b"S ", b"#")) or line in (b"S", b"D"):
+                continue
+            if line.startswith(b"ERR "):
+                code_text = line[4:].split(b" ", 1)[0]
+                code = int(code_text) if code_text.isdigit() else 0
+                if code & 0xFFFF == _GPG_ERR_TIMEOUT:
+                    raise FunctionCanceledError("the PIN prompt timed out")
+                if code & 0xFFFF in (_GPG_ERR_CANCELED, _GPG_ERR_NOT_CONFIRMED):
+                    raise FunctionCanceledError("canceled at the prompt")
+                raise FunctionCanceledError(f"the pinentry refused {what} (error {code})")
+            raise PinentryProtocolError(f"unexpected pinentry answer to {what}")
+
+    async def command(self, line: str) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(line.encode() + b"\n")
+            await self._proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            raise FunctionCanceledError("the pinentry program went away") from None
+        await self._expect_ok(line.split(" ", 1)[0])
+
+    async def get_pin(self, description: str, prompt: str = "PIN:", error: str = "") -> bytearray:
+        await self.command(f"SETDESC {escape(description)}")
+        await self.command(f"SETPROMPT {escape(prompt)}")
+        if error:
+            await self.command(f"SETERROR {escape(error)}")
+        assert self._proc is not None and self._proc.stdin is not None
+        pin = bytearray()
+        try:
+            self._proc.stdin.write(b"GETPIN\n")
+            await self._proc.stdin.drain()
+            await self._expect_ok("GETPIN", pin)
+        except BaseException:
+            pin[:] = bytes(len(pin))
+            raise
+        return pin
+
+    async def confirm(self, description: str) -> None:
+        """Return when the user pressed OK; FunctionCanceledError otherwise."""
+        await self.command(f"SETDESC {escape(description)}")
+        await self.command("SETOK Allow")
+        await self.command("SETCANCEL Deny")
+        await self.command("CONFIRM")
+
+
+def _describe(client: ClientInfo, token: TokenDescription, action: str) -> str:
+    lines = [f"{client.name} {action}", f"Token: {token.name}"]
+    if client.cmdline:
+        command = client.command_line
+        lines.insert(1, f"Command line: {command[:200]}")
+    return "\n".join(lines)
+
+
+class PinentryPrompter:
+    """The `PinPrompter` seam: one pinentry dialogue per attempt; nothing cached."""
+
+    def __init__(self, options: PinentryOptions) -> None:
+        self.options = options
+        self._one_at_a_time = asyncio.Lock()  # one prompt on the user's screen at a time
+
+    async def ask_pin(self, request: PinRequest) -> bytearray:
+        description = _describe(request.client, request.token, "asks for the token's PIN.")
+        async with self._one_at_a_time, Pinentry(self.options) as pinentry:
+            return await pinentry.get_pin(description, "PIN:", request.error)
+
+
+class PolicyAuthorizer:
+    """The `Authorizer` seam: the configured policy; a rule with `confirm = true` asks the
+    user once per (program, token, use) and window, so a burst of mail asks once."""
+
+    def __init__(
+        self, policy: Policy, options: PinentryOptions, *, keep_refusals: int = 50
+    ) -> None:
+        self.policy = policy
+        self.options = options
+        self.refusals: collections.deque[Refusal] = collections.deque(maxlen=keep_refusals)
+        self._confirmed: dict[tuple[str, str, Use], float] = {}
+        self._one_at_a_time = asyncio.Lock()
+
+    async def authorize(self, request: UseRequest) -> None:
+        decision = self.policy.decide(request)
+        if not decision.allowed:
+            self._refuse(request, decision.reason)
+        if not decision.confirm:
+            return
+        key = (request.client.exe, request.token.serial, request.use)
+        async with self._one_at_a_time:
+            if time.monotonic() < self._confirmed.get(key, float("-inf")):
+                return
+            description = _describe(
+                request.client, request.token, f"wants to {request.use.value} with your token."
+            )
+            try:
+                async with Pinentry(self.options) as pinentry:
+                    await pinentry.confirm(description)
+            except FunctionCanceledError as exc:
+                self._refuse(request, f"{request.client.name}: not confirmed ({exc})")
+            self._confirmed[key] = time.monotonic() + self.policy.confirm_window
+
+    def _refuse(self, request: UseRequest, reason: str) -> None:
+        log.warning("refused: %s", reason)
+        self.refusals.append(
+            Refusal(time.time(), request.client, request.token, request.use, reason)
+        )
+        raise FunctionRejectedError(reason)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "enforced": self.policy.enforced,
+            "confirm_window": self.policy.confirm_window,
+            "rules": self.policy.describe(),
+            "refused": [
+                {
+                    "time": r.time,
+                    "program": r.client.exe,
+                    "pid": r.client.pid,
+                    "token": r.token.serial,
+                    "use": r.use.value,
+                    "reason": r.reason,
+                }
+                for r in self.refusals
+            ],
+        }
