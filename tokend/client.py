@@ -85,8 +85,12 @@ class _Plans:
         return int(r["h_session"])
 
     @staticmethod
-    def login(session: int, pin: str, user_type: CKU) -> Plan[None]:
-        yield "C_Login", {"h_session": session, "user_type": user_type.name, "p_pin": pin}
+    def login(session: int, pin: str | None, user_type: CKU) -> Plan[None]:
+        # pin None: the protected authentication path (the daemon's own prompt asks).
+        params: dict[str, Any] = {"h_session": session, "user_type": user_type.name}
+        if pin is not None:
+            params["p_pin"] = pin
+        yield "C_Login", params
 
     @staticmethod
     def find_objects(session: int, template: Mapping[CKA | str, Any]) -> Plan[list[int]]:
@@ -303,8 +307,19 @@ class Client:
     def close_session(self, session: int) -> None:
         self.call("C_CloseSession", {"h_session": session})
 
-    def login(self, session: int, pin: str, user_type: CKU = CKU.CKU_USER) -> None:
-        self._plan(_Plans.login(session, pin, user_type))
+    def login(self, session: int, pin: str | None, user_type: CKU = CKU.CKU_USER) -> None:
+        """C_Login; ``pin=None`` lets the daemon ask the user (protected authentication
+        path, when the token's flags include CKF_PROTECTED_AUTHENTICATION_PATH); the call
+        then waits for the person at the prompt, without the socket timeout."""
+        if pin is not None:
+            self._plan(_Plans.login(session, pin, user_type))
+            return
+        old = self._sock.gettimeout()
+        self._sock.settimeout(None)  # the daemon's prompt has its own timeout
+        try:
+            self._plan(_Plans.login(session, pin, user_type))
+        finally:
+            self._sock.settimeout(old)
 
     def logout(self, session: int) -> None:
         self.call("C_Logout", {"h_session": session})
@@ -430,7 +445,7 @@ class AsyncClient:
     async def open_session(self, slot_id: int, rw: bool = False) -> int:
         return await self._plan(_Plans.open_session(slot_id, rw))
 
-    async def login(self, session: int, pin: str, user_type: CKU = CKU.CKU_USER) -> None:
+    async def login(self, session: int, pin: str | None, user_type: CKU = CKU.CKU_USER) -> None:
         await self._plan(_Plans.login(session, pin, user_type))
 
     async def find_objects(self, session: int, template: Mapping[CKA | str, Any]) -> list[int]:

@@ -36,7 +36,7 @@ from tokend.pkcs11 import (
     by_name,
 )
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 #: Longest request line accepted; longer input closes the connection (after an error).
 MAX_REQUEST_BYTES = 1 << 20
 

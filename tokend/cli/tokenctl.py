@@ -909,6 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from tokend.cli import policy_cmd  # the per-program policy lives in its own module
+
+    policy_cmd.register(sub, _client)
+
     p = sub.add_parser("list", help="slots and the tokens in them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
