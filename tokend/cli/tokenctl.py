@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from tokend import __version__
 from tokend.cli import uri as p11uri
 from tokend.cli.common import (
     EXIT_FAILED,
@@ -907,6 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--socket",
         help="daemon socket (default: $TOKEND_SOCKET, else $XDG_RUNTIME_DIR/tokend/tokend.sock)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from tokend.cli import policy_cmd  # the per-program policy lives in its own module

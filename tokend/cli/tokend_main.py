@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokend import __version__
 from tokend.daemon import Daemon, DaemonAlreadyRunning
 from tokend.paths import default_socket_path
 
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="debug logging (never shows PINs, keys or plaintext)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
