@@ -5,7 +5,7 @@ _tokend_complete() {
     local cur path="" candidate word i
     cur="${COMP_WORDS[COMP_CWORD]}"
     # The command path so far: the longest run of words that names a known command.
-    local -a known=('serve' 'simulate')
+    local -a known=('check-config' 'serve' 'simulate')
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         [[ $word == -* ]] && continue
@@ -16,8 +16,9 @@ _tokend_complete() {
     done
     local words=""
     case "$path" in
-        "") words="--help --verbose --version -v serve simulate" ;;
+        "") words="--help --verbose --version -v check-config serve simulate" ;;
         "serve") words="--allow-virtual-readers --config --export-dir --help --no-pcsc --simulate --socket" ;;
+        "check-config") words="--help" ;;
         "simulate") words="--export-dir --help --provision --reader --state" ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))

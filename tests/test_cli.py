@@ -84,5 +84,5 @@ def test_serve_config_rejects_unknown_keys(tmp_path) -> None:
     assert cfg.allow_virtual_readers
     bad = tmp_path / "bad.toml"
     bad.write_text("alow_virtual_readers = true\n")  # a typo must not pass silently
-    with pytest.raises(ValueError, match="unknown settings"):
+    with pytest.raises(ValueError, match=r"bad\.toml:1: alow_virtual_readers: unknown key"):
         ServeConfig.load(bad)

@@ -28,6 +28,8 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.api", 4),
     ("tokend.daemon", 4),
     ("tokend.pinentry", 4),
+    ("tokend.config", 4),
+    ("tokend.systemd", 0),
     ("tokend.client", 5),
     ("tokend.smime", 6),
     ("tokend.p11kit", 6),

@@ -6,100 +6,13 @@ import argparse
 import asyncio
 import logging
 import sys
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tokend import __version__
+from tokend.config import ConfigError, ServeConfig, default_config_path
 from tokend.daemon import Daemon, DaemonAlreadyRunning
-from tokend.paths import default_socket_path
 
 log = logging.getLogger("tokend")
-
-
-@dataclass
-class ServeConfig:
-    socket: Path = field(default_factory=default_socket_path)
-    transports: list[str] = field(default_factory=lambda: ["pcsc"])
-    simulate: list[str] = field(default_factory=list)
-    allow_virtual_readers: bool = False
-    log_level: str = "INFO"
-    export_dir: Path | None = None
-    #: PIN typed into the daemon's own pinentry (C_Login without a PIN); see docs/consent.md
-    protected_authentication_path: bool = False
-    pinentry_program: str | None = None
-    pinentry_timeout: float = 60.0
-    pinentry_tty: str | None = None
-    #: per-program policy: `[[policy]]` tables and how long one confirmation lasts
-    policy: list[dict[str, Any]] = field(default_factory=list)
-    confirm_window: float = 300.0
-
-    @classmethod
-    def load(cls, path: Path | None) -> ServeConfig:
-        cfg = cls()
-        if path is None:
-            return cfg
-        with path.open("rb") as fh:
-            data: dict[str, Any] = tomllib.load(fh)
-        unknown = set(data) - {
-            "socket",
-            "transports",
-            "simulate",
-            "allow_virtual_readers",
-            "log_level",
-            "protected_authentication_path",
-            "pinentry_program",
-            "pinentry_timeout",
-            "pinentry_tty",
-            "policy",
-            "confirm_window",
-        }
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-        if "socket" in data:
-            cfg.socket = Path(data["socket"])
-        if "transports" in data:
-            cfg.transports = list(data["transports"])
-        if "simulate" in data:
-            cfg.simulate = list(data["simulate"])
-        cfg.allow_virtual_readers = bool(data.get("allow_virtual_readers", False))
-        cfg.log_level = str(data.get("log_level", cfg.log_level))
-        pap = data.get("protected_authentication_path", False)
-        if not isinstance(pap, bool):
-            raise ValueError(f"{path}: protected_authentication_path must be true or false")
-        cfg.protected_authentication_path = pap
-        for key in ("pinentry_program", "pinentry_tty"):
-            if key in data:
-                if not isinstance(data[key], str):
-                    raise ValueError(f"{path}: {key} must be a string")
-                setattr(cfg, key, data[key])
-        for key in ("pinentry_timeout", "confirm_window"):
-            if key in data:
-                if not isinstance(data[key], int | float) or data[key] < 0:
-                    raise ValueError(f"{path}: {key} must be a number of seconds")
-                setattr(cfg, key, float(data[key]))
-        if "policy" in data:
-            cfg.policy = list(data["policy"])
-        try:
-            cfg.consent()  # validate the policy tables now, naming the file
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-        return cfg
-
-    def consent(self) -> dict[str, Any]:
-        """The Engine's prompt and policy seams for this configuration."""
-        from tokend.consent import Policy
-        from tokend.pinentry import PinentryOptions, PinentryPrompter, PolicyAuthorizer
-
-        options = PinentryOptions(self.pinentry_program, self.pinentry_timeout, self.pinentry_tty)
-        policy = Policy.from_config(self.policy, self.confirm_window)
-        return {
-            "pin_prompter": (
-                PinentryPrompter(options) if self.protected_authentication_path else None
-            ),
-            "authorizer": PolicyAuthorizer(policy, options) if policy.enforced else None,
-        }
 
 
 def build_registry(cfg: ServeConfig):  # type: ignore[no-untyped-def]
@@ -159,8 +72,34 @@ async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: flo
     return 0
 
 
+def _config_file(given: Path | None) -> Path | None:
+    """--config, else the default file when it exists (no file: the defaults)."""
+    if given is not None:
+        return given
+    default = default_config_path()
+    return default if default.exists() else None
+
+
+def setup_logging(level: int) -> None:
+    """One line per event; under systemd the journal adds the time, so we do not."""
+    from tokend.systemd import under_journal
+
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt if under_journal() else f"%(asctime)s {fmt}")
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = _config_file(args.file)
+    if path is None:
+        print(f"tokend: no configuration file ({default_config_path()} does not exist): defaults")
+        return 0
+    ServeConfig.load(path)  # raises ConfigError, located
+    print(f"{path}: OK")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = ServeConfig.load(args.config)
+    cfg = ServeConfig.load(_config_file(args.config))
     if args.socket:
         cfg.socket = args.socket
     if args.simulate:
@@ -170,10 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.no_pcsc:
         cfg.transports = [t for t in cfg.transports if t != "pcsc"]
     cfg.export_dir = args.export_dir
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else getattr(logging, cfg.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if cfg.simulate and not cfg.allow_simulation:
+        where = cfg.source or "the configuration"
+        raise ConfigError(None, None, "simulate", f"simulation is switched off in {where}")
+    setup_logging(logging.DEBUG if args.verbose else getattr(logging, cfg.log_level))
     try:
         return asyncio.run(serve(cfg))
     except KeyboardInterrupt:
@@ -183,10 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tokend.cli.simulate import run_simulator
 
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return run_simulator(args)
 
 
@@ -210,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="socket path (default: $TOKEND_SOCKET, else $XDG_RUNTIME_DIR/tokend/tokend.sock)",
     )
-    p.add_argument("--config", type=Path, help="TOML configuration file (see docs/)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="TOML configuration file (default: $XDG_CONFIG_HOME/tokend/config.toml if it "
+        "exists; docs/configuration.md)",
+    )
     p.add_argument(
         "--simulate",
         action="append",
@@ -228,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-pcsc", action="store_true", help="do not watch PC/SC readers")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "check-config",
+        help="validate a configuration file without starting",
+        description="Reads the file as `tokend serve` would and reports the first problem "
+        "as FILE:LINE: KEY: what is wrong (exit 1), or FILE: OK.",
+    )
+    p.add_argument(
+        "file", nargs="?", type=Path, help="default: $XDG_CONFIG_HOME/tokend/config.toml"
+    )
+    p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("simulate", help="run a virtual token (foreground, Ctrl-C stops it)")
     p.add_argument("kind", choices=["piv"], help="which token to simulate")

@@ -1,0 +1,266 @@
+"""The daemon's configuration: one TOML file, `$XDG_CONFIG_HOME/tokend/config.toml` by
+default (`--config FILE`). Every key is declared once below, with its type, default and a
+line of documentation (docs/configuration.md lists the same table). An unknown key or a bad
+value is an error naming the file, the line and the key — a typo must never silently
+weaken a setting. `tokend check-config [FILE]` runs the same checks without starting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokend.consent import Policy
+from tokend.paths import default_socket_path
+from tokend.pinentry import PinentryOptions, PinentryPrompter, PolicyAuthorizer
+
+#: Transports a daemon can watch; the wiring knows which of them are installed.
+KNOWN_TRANSPORTS = ("pcsc", "usb", "ble", "none")
+#: In-process simulated tokens (`--simulate KIND`).
+KNOWN_SIMULATIONS = ("piv", "sim", "usb")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tokend" / "config.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, located: ``FILE:LINE: KEY: what is wrong``."""
+
+    def __init__(self, path: Path | None, line: int | None, key: str, problem: str) -> None:
+        where = str(path) if path is not None else "configuration"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {key}: {problem}")
+        self.path, self.line, self.key = path, line, key
+
+
+@dataclass
+class ServeConfig:
+    socket: Path = field(default_factory=default_socket_path)
+    transports: list[str] = field(default_factory=lambda: ["pcsc"])
+    simulate: list[str] = field(default_factory=list)
+    allow_simulation: bool = True
+    allow_virtual_readers: bool = False
+    log_level: str = "INFO"
+    p11kit: bool = True
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    ble_trusted: list[dict[str, Any]] = field(default_factory=list)
+    #: PIN typed into the daemon's own pinentry (C_Login without a PIN); docs/consent.md
+    protected_authentication_path: bool = False
+    pinentry_program: str | None = None
+    pinentry_timeout: float = 60.0
+    pinentry_tty: str | None = None
+    #: per-program policy: `[[policy]]` tables and how long one confirmation lasts
+    policy: list[dict[str, Any]] = field(default_factory=list)
+    confirm_window: float = 300.0
+    #: not from the file: set by flags
+    export_dir: Path | None = None
+    source: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path | None) -> ServeConfig:
+        """Read ``path`` (None: defaults only). Raises ConfigError, located."""
+        cfg = cls()
+        if path is None:
+            return cfg
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(path, None, "(file)", exc.strerror or str(exc)) from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            match = re.search(r"at line (\d+)", str(exc))
+            raise ConfigError(
+                path, int(match.group(1)) if match else None, "(syntax)", str(exc)
+            ) from None
+        cfg.source = path
+        locate = _Locator(text)
+        for key, value in data.items():
+            spec = SCHEMA.get(key)
+            if spec is None:
+                known = ", ".join(sorted(SCHEMA))
+                raise ConfigError(path, locate(key), key, f"unknown key (known: {known})")
+            try:
+                setattr(cfg, spec.attribute or key, spec.parse(value))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(path, locate(key), key, str(exc)) from None
+        try:
+            cfg.build_policy()
+        except ValueError as exc:  # "policy[1].operations: …": point at that table
+            match = re.match(r"policy\[(\d+)\](?:\.(\w+))?", str(exc))
+            line = locate("policy", int(match.group(1)), match.group(2)) if match else None
+            raise ConfigError(path, line, "policy", str(exc)) from None
+        return cfg
+
+    def build_policy(self) -> Policy:
+        return Policy.from_config(self.policy, self.confirm_window)
+
+    def consent(self) -> dict[str, Any]:
+        """The Engine's prompt and policy seams for this configuration."""
+        options = PinentryOptions(self.pinentry_program, self.pinentry_timeout, self.pinentry_tty)
+        policy = self.build_policy()
+        return {
+            "pin_prompter": (
+                PinentryPrompter(options) if self.protected_authentication_path else None
+            ),
+            "authorizer": PolicyAuthorizer(policy, options) if policy.enforced else None,
+        }
+
+
+# --- the schema ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Callable[[Any], Any]
+    default: str
+    doc: str
+    attribute: str | None = None
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("must be true or false")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError("must be a non-empty string")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise TypeError("must be a number of seconds >= 0")
+    return float(value)
+
+
+def _words(allowed: tuple[str, ...]) -> Callable[[Any], list[str]]:
+    def parse(value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError("must be a list of strings")
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown value {bad[0]!r} (known: {', '.join(allowed)})")
+        return list(value)
+
+    return parse
+
+
+def _tables(required: tuple[str, ...], optional: tuple[str, ...]) -> Callable[[Any], list]:
+    def parse(value: Any) -> list[dict[str, Any]]:
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise TypeError("must be a list of tables ([[…]])")
+        for index, table in enumerate(value):
+            for name in required:
+                if not isinstance(table.get(name), str) or not table[name]:
+                    raise ValueError(f"[{index}].{name}: required (a non-empty string)")
+            unknown = set(table) - set(required) - set(optional)
+            if unknown:
+                raise ValueError(f"[{index}]: unknown key {sorted(unknown)[0]!r}")
+        return list(value)
+
+    return parse
+
+
+def _level(value: Any) -> str:
+    if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
+def _policy(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise TypeError("must be a list of tables ([[policy]])")
+    return list(value)  # checked as a whole by Policy.from_config
+
+
+SCHEMA: dict[str, Key] = {
+    "socket": Key(
+        lambda v: Path(_string(v)),
+        "$TOKEND_SOCKET, else $XDG_RUNTIME_DIR/tokend/tokend.sock",
+        "the native socket (its directory is made 0700, the socket 0600)",
+    ),
+    "transports": Key(
+        _words(KNOWN_TRANSPORTS),
+        '["pcsc"]',
+        'token transports to watch: pcsc, usb, ble ([] or ["none"]: none)',
+    ),
+    "simulate": Key(
+        _words(KNOWN_SIMULATIONS), "[]", "in-process demo tokens (like --simulate KIND)"
+    ),
+    "allow_simulation": Key(_bool, "true", "false refuses --simulate (a production machine)"),
+    "allow_virtual_readers": Key(
+        _bool, "false", 'trust vpcd\'s "Virtual PCD" readers (tests only)'
+    ),
+    "log_level": Key(
+        _level, '"INFO"', "DEBUG, INFO, WARNING or ERROR; never PINs, keys or plaintext"
+    ),
+    "p11kit": Key(_bool, "true", "serve the p11-kit RPC socket pkcs11.sock beside the native one"),
+    "modules": Key(
+        _tables(("path",), ("label", "timeout")),
+        "[]",
+        "vendor PKCS#11 modules: [[modules]] path = …, label = …",
+    ),
+    "ble_trusted": Key(
+        _tables(("address",), ("identity", "label")),
+        "[]",
+        "BLE keys tokend may use: [[ble_trusted]] address = …",
+    ),
+    "protected_authentication_path": Key(
+        _bool, "false", "C_Login without a PIN opens tokend's own pinentry (docs/consent.md)"
+    ),
+    "pinentry_program": Key(_string, "first pinentry found", "the pinentry to run"),
+    "pinentry_timeout": Key(_seconds, "60", "seconds a prompt waits, then it counts as canceled"),
+    "pinentry_tty": Key(_string, "$GPG_TTY", "terminal for pinentry-curses/-tty"),
+    "policy": Key(
+        _policy,
+        "[] (every program may do everything)",
+        "per-program rules: [[policy]] program, tokens, operations, confirm",
+    ),
+    "confirm_window": Key(_seconds, "300", "seconds one confirmation covers"),
+}
+
+
+class _Locator:
+    """Line numbers for keys, so errors point into the file (tomllib gives none)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def __call__(
+        self, key: str, table_index: int | None = None, sub: str | None = None
+    ) -> int | None:
+        key_re = re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\")\s*=")
+        header_re = re.compile(rf"^\s*\[\[\s*{re.escape(key)}\s*\]\]")
+        seen = -1
+        in_table = False
+        for number, line in enumerate(self.lines, 1):
+            if header_re.match(line):
+                seen += 1
+                in_table = table_index is None or seen == table_index
+                if in_table and sub is None:
+                    return number
+                continue
+            if line.lstrip().startswith("["):
+                in_table = False
+            if in_table and sub is not None and re.match(rf"^\s*{re.escape(sub)}\s*=", line):
+                return number
+            if table_index is None and seen < 0 and key_re.match(line):
+                return number
+        return None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for docs and `tokend check-config --keys`."""
+    return [(name, spec.default, spec.doc) for name, spec in SCHEMA.items()]
