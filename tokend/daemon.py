@@ -236,16 +236,33 @@ class Connection:
 
 
 class Daemon:
-    def __init__(self, engine: Engine, socket_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        socket_path: Path | None = None,
+        *,
+        listen_socket: socket.socket | None = None,
+    ) -> None:
         self.engine = engine
         self.api = Api(engine)
         self.socket_path = socket_path or default_socket_path()
+        #: A listening socket handed over by systemd (socket activation): its path, mode and
+        #: directory belong to the socket unit, so the daemon neither creates nor removes it.
+        self.listen_socket = listen_socket
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.allowed_uids = {os.getuid(), 0}
 
     async def start(self) -> None:
+        if self.listen_socket is not None:
+            name = self.listen_socket.getsockname()
+            if name:
+                self.socket_path = Path(name)
+            self._server = await asyncio.start_unix_server(self._accept, sock=self.listen_socket)
+            await self.engine.registry.start()
+            log.info("listening on %s (socket activation)", self.socket_path)
+            return
         prepare_socket_path(self.socket_path)
         old_umask = os.umask(0o177)
         try:
@@ -301,6 +318,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.engine.registry.stop()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        if self.listen_socket is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
         log.info("stopped")

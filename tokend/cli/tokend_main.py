@@ -51,10 +51,13 @@ def build_registry(cfg: ServeConfig):  # type: ignore[no-untyped-def]
 async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: float = 0.0) -> int:
     """Run the daemon until SIGTERM/SIGINT; print ``banner`` once tokens are probed (and,
     with ``await_token``, once a token is present or that many seconds have passed)."""
+    from tokend import systemd
     from tokend.session import Engine
 
+    passed = systemd.listen_fds()  # socket activation: "tokend" (native), "pkcs11"
+    native = passed.pop("tokend", None) or passed.pop("unknown", None)
     engine = Engine(build_registry(cfg), **cfg.consent())
-    daemon = Daemon(engine, cfg.socket)
+    daemon = Daemon(engine, cfg.socket, listen_socket=native)
     try:
         await daemon.start()
     except DaemonAlreadyRunning as exc:
@@ -67,8 +70,10 @@ async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: flo
             break
         await asyncio.sleep(0.05)  # the watcher's first report comes from its own thread
         await engine.registry.wait_settled()
-    print(banner or f"tokend: listening on {cfg.socket}", flush=True)
+    print(banner or f"tokend: listening on {daemon.socket_path}", flush=True)
+    systemd.notify("READY=1")  # Type=notify: the tokens present at start have been probed
     await daemon.serve_until_stopped()
+    systemd.notify("STOPPING=1")
     return 0
 
 
