@@ -126,6 +126,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from tokend.cli.simulate import run_simulator
+    from tokend.cli.simulate_stack import run_stack
+
+    if args.kind is None:
+        setup_logging(logging.DEBUG if args.verbose else logging.WARNING)
+        return run_stack(args)
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return run_simulator(args)
@@ -186,8 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("simulate", help="run a virtual token (foreground, Ctrl-C stops it)")
-    p.add_argument("kind", choices=["piv"], help="which token to simulate")
+    from tokend.cli.simulate_stack import KINDS
+
+    p = sub.add_parser(
+        "simulate",
+        help="run virtual tokens (foreground, Ctrl-C stops them)",
+        description="`tokend simulate KIND`: one virtual token for a daemon you run yourself. "
+        "`tokend simulate --piv [--sim …]`: those tokens, the services they need and a daemon "
+        "on a private socket; prints `export NAME=value` lines and READY, then takes list, "
+        "unplug NAME, plug NAME, status, quit on stdin (and on --control PATH). EOF, Ctrl-C or "
+        "SIGTERM stops everything it started.",
+    )
+    p.add_argument("kind", nargs="?", choices=["piv"], help="one token, for your own daemon")
+    for name in KINDS:
+        p.add_argument(f"--{name}", action="store_true", help=f"a virtual {name} token")
+    p.add_argument("--control", type=Path, help="also take commands on this 0600 Unix socket")
+    p.add_argument("--socket", type=Path, help="the daemon's socket (default: a private one)")
     p.add_argument(
         "--reader", type=int, default=0, help="vpcd reader index: 0 = port 35963, 1 = port 35964"
     )
