@@ -3,10 +3,13 @@ simulators/ as tokend.simulators, and both console scripts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +93,58 @@ def test_failed_venv_step_names_the_missing_packages(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert "building pyscard needs" in lines[0]
     assert "libpcsclite-dev" in lines[0] and "swig" in lines[0] and "make deps" in lines[0]
+
+
+@pytest.mark.pcsc
+@pytest.mark.slow
+def test_wheel_in_a_fresh_venv_runs_simulate_and_tokenctl(vpcd, tmp_path: Path) -> None:
+    """`pip install` of the wheel into a fresh venv, outside the checkout: `tokend simulate
+    --piv` runs there and that venv's `tokenctl list` sees the token."""
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("tokend-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", f"{wheel}[pcsc]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    sim = subprocess.Popen(
+        [str(venv / "bin" / "tokend"), "simulate", "--piv"],
+        cwd=outside,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        exports = {}
+        for line in sim.stdout:  # type: ignore[union-attr]
+            if line.startswith("export "):
+                name, _, value = line[7:].strip().partition("=")
+                exports[name] = value
+            if line.strip() == "READY":
+                break
+        listed = subprocess.run(
+            [str(venv / "bin" / "tokenctl"), "list"],
+            cwd=outside,
+            env={**env, "TOKEND_SOCKET": exports["TOKEND_SOCKET"]},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert "serial" in listed.stdout and "PIV" in listed.stdout.upper()
+    finally:
+        sim.stdin.close()  # type: ignore[union-attr]
+        sim.wait(30)
