@@ -249,6 +249,43 @@ def _memory_harness() -> Iterator[Harness]:
         shutil.rmtree(sock.parent, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _usb_harness() -> Iterator[Harness]:
+    """A virtual CCID token on a simulated USB bus, driven through pyusb and the real CCID
+    driver; unplug fails the pending interrupt-IN read with ENODEV, as the kernel does."""
+    from tokend.drivers.usb_ccid import UsbCcidWatcher
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+    from tokend.simulators.usb_ccid import SimulatedUsbBus, VirtualCcidToken
+    from tokend.testing import start_thread_daemon
+
+    card = VirtualPivCard()
+    demo = provision_demo(card)
+    bus = SimulatedUsbBus()
+    token = VirtualCcidToken(card)
+    sock = short_tempdir("tokend-bench-usb-") / "tokend.sock"
+    daemon = start_thread_daemon(sock, [UsbCcidWatcher(backend=bus, hotplug=bus)])
+    try:
+        yield Harness(
+            sock,
+            lambda: bus.plug(token),
+            lambda: bus.unplug(token),
+            demo.encryption_public_key,
+            10.0,
+        )
+    finally:
+        daemon.stop()
+        shutil.rmtree(sock.parent, ignore_errors=True)
+
+
+def usb_unavailable_reason() -> str | None:
+    try:
+        import usb.core  # noqa: F401
+    except ImportError as exc:
+        return f"pyusb not installed ({exc}): pip install tokend[usb]"
+    return None
+
+
 def pcsc_unavailable_reason() -> str | None:
     try:
         from tokend.simulators.pcscd import pcscd_unavailable_reason
@@ -314,6 +351,27 @@ def run(quick: bool = False, vpcd_reps: int | None = None) -> SectionResult:
         _report(
             res, "in-process reader, idle", reps, _measure(h, reps, busy=False), TARGET_MEMORY_MS
         )
+    reason = usb_unavailable_reason()
+    if reason is not None:
+        res.row("usb ccid", f"skipped: {reason}", "", "skipped")
+        res.data["usb ccid"] = {"skipped": reason}
+    else:
+        with _usb_harness() as h:
+            _report(
+                res,
+                "usb ccid (pyusb, simulated bus)",
+                reps,
+                _measure(h, reps),
+                TARGET_MEMORY_MS,
+                "signal: ENODEV on the pending interrupt-IN read; the bus runs in-process",
+            )
+            _report(
+                res,
+                "usb ccid (pyusb, simulated bus), idle",
+                reps,
+                _measure(h, reps, busy=False),
+                TARGET_MEMORY_MS,
+            )
     reason = pcsc_unavailable_reason()
     if reason is not None:
         res.row("vpcd via pcscd", f"skipped: {reason}", "", "skipped")

@@ -24,3 +24,18 @@ class VirtualCard(Protocol):
         """One command APDU in, one response APDU (data + SW1 SW2) out. Never raises:
         internal errors answer 6F00."""
         ...
+
+
+@runtime_checkable
+class SimulatedToken(Protocol):
+    """A virtual token living inside the daemon (`tokend serve --simulate KIND`), named
+    like ``piv0`` or ``usb0``, that the control socket plugs and unplugs."""
+
+    name: str
+
+    @property
+    def plugged(self) -> bool: ...
+
+    def plug(self) -> None: ...
+
+    def unplug(self) -> None: ...

@@ -161,3 +161,24 @@ class MemoryWatcher:
         for reader in self.readers.values():
             with contextlib.suppress(ValueError):
                 reader._watchers.remove(self)
+
+
+class MemoryToken:
+    """A named card in a `MemoryReader` (`tokend serve --simulate piv`): plug inserts the
+    same card again, unplug pulls it."""
+
+    def __init__(self, name: str, reader: MemoryReader, card: VirtualCard) -> None:
+        self.name = name
+        self.reader = reader
+        self.card = card
+
+    @property
+    def plugged(self) -> bool:
+        return self.reader.card is not None
+
+    def plug(self) -> None:
+        if self.reader.card is None:
+            self.reader.insert(self.card)
+
+    def unplug(self) -> None:
+        self.reader.remove()

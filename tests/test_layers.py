@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.paths", 0),
     ("tokend.piv_codes", 0),
     ("tokend.consent", 0),
+    ("tokend.ccid", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
@@ -30,6 +31,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.pinentry", 4),
     ("tokend.config", 4),
     ("tokend.systemd", 0),
+    ("tokend.sim_control", 4),
     ("tokend.client", 5),
     ("tokend.smime", 6),
     ("tokend.p11kit", 6),
@@ -39,7 +41,8 @@ LAYERS: list[tuple[str, int]] = [
 #: Third-party libraries that only one layer may touch (design §3).
 ONLY_IN = {
     "smartcard": ("tokend.drivers.pcsc", "tokend.simulators"),
-    "usb": ("tokend.drivers.usb_ccid", "tokend.simulators"),
+    "usb": ("tokend.drivers.usb_ccid", "tokend.simulators.usb_ccid"),
+    "pyudev": ("tokend.drivers.usb_ccid",),
     "bleak": ("tokend.drivers.ble",),
 }
 #: Simulators implement the seams; they may not reach the driver modules themselves.
@@ -52,6 +55,7 @@ SIMULATOR_MAY_IMPORT = (
     "tokend.simulators",
     "tokend.paths",
     "tokend.piv_codes",
+    "tokend.ccid",
 )
 
 

@@ -63,6 +63,7 @@ class ServeConfig:
     confirm_window: float = 300.0
     #: not from the file: set by flags
     export_dir: Path | None = None
+    simulate_control: Path | None = None
     source: Path | None = None
 
     @classmethod

@@ -6,46 +6,119 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokend import __version__
 from tokend.config import ConfigError, ServeConfig, default_config_path
 from tokend.daemon import Daemon, DaemonAlreadyRunning
+from tokend.drivers.base import Watcher
+from tokend.simulators.base import SimulatedToken
+
+if TYPE_CHECKING:
+    from tokend.registry import SlotRegistry
 
 log = logging.getLogger("tokend")
 
 
-def build_registry(cfg: ServeConfig):  # type: ignore[no-untyped-def]
-    """Wire applets and watchers. The only place that knows which drivers exist."""
+def _pcsc_watcher(cfg: ServeConfig) -> Watcher | None:
+    try:
+        from tokend.drivers.pcsc import PcscWatcher
+    except ImportError as exc:
+        log.warning("PC/SC disabled: %s (install pyscard)", exc)
+        return None
+    return PcscWatcher(allow_virtual_readers=cfg.allow_virtual_readers)
+
+
+def _usb_watcher(cfg: ServeConfig) -> Watcher | None:
+    try:
+        from tokend.drivers.usb_ccid import UsbCcidWatcher
+    except ImportError as exc:
+        log.warning("direct USB disabled: %s (install tokend[usb])", exc)
+        return None
+    return UsbCcidWatcher()
+
+
+#: `--transport NAME` / ``transports = [...]``: name → watcher factory (None: unavailable).
+TRANSPORTS: dict[str, Callable[[ServeConfig], Watcher | None]] = {
+    "pcsc": _pcsc_watcher,
+    "usb": _usb_watcher,
+}
+
+
+def _export_dir(cfg: ServeConfig, name: str) -> Path | None:
+    """Where a simulated token's demo certificates go: ``--export-dir`` itself for a single
+    token, ``--export-dir/NAME`` (e.g. ``usb0``) when several are simulated."""
+    if cfg.export_dir is None or len(cfg.simulate) <= 1:
+        return cfg.export_dir
+    return cfg.export_dir / name
+
+
+def _simulate_piv(cfg: ServeConfig, name: str, index: int) -> tuple[Watcher, SimulatedToken]:
+    """A demo card in the in-process reader."""
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.memory import MemoryReader, MemoryToken, MemoryWatcher
+    from tokend.simulators.piv import VirtualPivCard
+
+    card = VirtualPivCard()
+    provision_demo(card, _export_dir(cfg, name), key_agreement=True)
+    reader = MemoryReader(f"Simulated PIV {index}")
+    reader.insert(card)
+    return MemoryWatcher(reader), MemoryToken(name, reader, card)
+
+
+def _simulate_usb(cfg: ServeConfig, name: str, index: int) -> tuple[Watcher, SimulatedToken]:
+    """A demo card in a virtual CCID token on its own simulated USB bus, reached through
+    pyusb and the real USB CCID driver (the bus is pyusb's backend)."""
+    from tokend.drivers.usb_ccid import UsbCcidWatcher
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+    from tokend.simulators.usb_ccid import SimulatedUsbBus, SimulatedUsbToken, VirtualCcidToken
+
+    card = VirtualPivCard()
+    provision_demo(card, _export_dir(cfg, name), key_agreement=True)
+    bus = SimulatedUsbBus(bus_number=index + 1)
+    token = SimulatedUsbToken(name, bus, VirtualCcidToken(card, serial=f"{index:04d}"))
+    token.plug()
+    return UsbCcidWatcher(backend=bus, hotplug=bus, name="usb-sim"), token
+
+
+#: `--simulate KIND`: kind → factory(cfg, token name, index among its kind) → (watcher,
+#: the token the control socket plugs and unplugs).
+SIMULATORS: dict[str, Callable[[ServeConfig, str, int], tuple[Watcher, SimulatedToken]]] = {
+    "piv": _simulate_piv,
+    "usb": _simulate_usb,
+}
+
+
+def build_registry(cfg: ServeConfig) -> tuple[SlotRegistry, list[SimulatedToken]]:
+    """Wire applets and watchers; the simulated tokens are named ``piv0``, ``usb0``, …"""
     from tokend.drivers.piv import PivToken
     from tokend.registry import SlotRegistry
 
     registry = SlotRegistry([PivToken.open])
-    for name in cfg.transports:
-        if name == "pcsc":
-            try:
-                from tokend.drivers.pcsc import PcscWatcher
-            except ImportError as exc:
-                log.warning("PC/SC disabled: %s (install pyscard)", exc)
-                continue
-            registry.add_watcher(PcscWatcher(allow_virtual_readers=cfg.allow_virtual_readers))
-        elif name in ("none", ""):
+    for name in dict.fromkeys(cfg.transports):  # a transport named twice is watched once
+        if name in ("none", ""):
             continue
-        else:
-            raise ValueError(f"unknown transport {name!r} (known: pcsc)")
+        factory = TRANSPORTS.get(name)
+        if factory is None:
+            raise ValueError(f"unknown transport {name!r} (known: {', '.join(TRANSPORTS)})")
+        watcher = factory(cfg)
+        if watcher is not None:
+            registry.add_watcher(watcher)
+    tokens: list[SimulatedToken] = []
+    counts: dict[str, int] = {}
     for kind in cfg.simulate:
-        if kind != "piv":
-            raise ValueError(f"cannot simulate {kind!r} (known: piv)")
-        from tokend.simulators.demo import provision_demo
-        from tokend.simulators.memory import MemoryReader, MemoryWatcher
-        from tokend.simulators.piv import VirtualPivCard
-
-        card = VirtualPivCard()
-        provision_demo(card, cfg.export_dir, key_agreement=True)
-        reader = MemoryReader("Simulated PIV 0")
-        reader.insert(card)
-        registry.add_watcher(MemoryWatcher(reader))
-    return registry
+        simulate = SIMULATORS.get(kind)
+        if simulate is None:
+            raise ValueError(f"cannot simulate {kind!r} (known: {', '.join(SIMULATORS)})")
+        index = counts.get(kind, 0)
+        counts[kind] = index + 1
+        watcher, token = simulate(cfg, f"{kind}{index}", index)
+        registry.add_watcher(watcher)
+        tokens.append(token)
+    return registry, tokens
 
 
 async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: float = 0.0) -> int:
@@ -56,10 +129,23 @@ async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: flo
 
     passed = systemd.listen_fds()  # socket activation: "tokend" (native), "pkcs11"
     native = passed.pop("tokend", None) or passed.pop("unknown", None)
-    engine = Engine(build_registry(cfg), **cfg.consent())
+    registry, tokens = build_registry(cfg)
+    engine = Engine(registry, **cfg.consent())
     daemon = Daemon(engine, cfg.socket, listen_socket=native)
+    control = None
+    if cfg.simulate_control is not None:
+        from tokend.sim_control import SimControl
+
+        control = SimControl(cfg.simulate_control, tokens)
     try:
-        await daemon.start()
+        if control is not None:
+            await control.start()  # before the daemon: a refused path leaves nothing running
+        try:
+            await daemon.start()
+        except BaseException:
+            if control is not None:
+                await control.stop()
+            raise
     except DaemonAlreadyRunning as exc:
         print(f"tokend: {exc}", file=sys.stderr)
         return 1
@@ -71,8 +157,16 @@ async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: flo
         await asyncio.sleep(0.05)  # the watcher's first report comes from its own thread
         await engine.registry.wait_settled()
     print(banner or f"tokend: listening on {daemon.socket_path}", flush=True)
+    if control is not None:
+        names = " ".join(t.name for t in tokens) or "none"
+        print(f"TOKEND_SIMULATE_CONTROL={cfg.simulate_control}", flush=True)
+        print(f"tokend: simulated tokens: {names}", flush=True)
     systemd.notify("READY=1")  # Type=notify: the tokens present at start have been probed
-    await daemon.serve_until_stopped()
+    try:
+        await daemon.serve_until_stopped()
+    finally:
+        if control is not None:
+            await control.stop()
     systemd.notify("STOPPING=1")
     return 0
 
@@ -111,9 +205,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.simulate = args.simulate
     if args.allow_virtual_readers:
         cfg.allow_virtual_readers = True
+    if args.transport:
+        cfg.transports = args.transport
     if args.no_pcsc:
         cfg.transports = [t for t in cfg.transports if t != "pcsc"]
     cfg.export_dir = args.export_dir
+    if args.simulate_control is not None:
+        if not cfg.simulate:
+            raise ValueError("--simulate-control needs --simulate KIND")
+        cfg.simulate_control = args.simulate_control
     if cfg.simulate and not cfg.allow_simulation:
         where = cfg.source or "the configuration"
         raise ConfigError(None, None, "simulate", f"simulation is switched off in {where}")
@@ -165,11 +265,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--simulate",
         action="append",
-        choices=["piv"],
-        help="attach an in-process, demo-provisioned virtual token",
+        choices=sorted(SIMULATORS),
+        metavar="KIND",
+        help="attach an in-process, demo-provisioned virtual token (repeatable): "
+        "piv = a card in an in-memory reader, usb = a CCID token on a simulated USB bus "
+        "driven through pyusb; named piv0, usb0, … on the control socket",
     )
     p.add_argument(
-        "--export-dir", type=Path, help="with --simulate: write the demo certificates and CA here"
+        "--simulate-control",
+        type=Path,
+        metavar="PATH",
+        help="with --simulate: a 0600 Unix socket taking 'list', 'unplug NAME', "
+        "'plug NAME' (one line each, one answer line each)",
+    )
+    p.add_argument(
+        "--transport",
+        action="append",
+        choices=sorted(TRANSPORTS),
+        metavar="NAME",
+        help="watch this transport (repeatable; default from the configuration, else pcsc): "
+        "pcsc = readers behind pcscd, usb = CCID tokens over USB directly (pyusb; a token "
+        "pcscd holds stays with pcsc)",
+    )
+    p.add_argument(
+        "--export-dir",
+        type=Path,
+        help="with --simulate: write the demo certificates and CA here (in a "
+        "subdirectory per token, e.g. usb0/, when several are simulated)",
     )
     p.add_argument(
         "--allow-virtual-readers",
