@@ -298,3 +298,54 @@ def test_transports_from_the_configuration_and_the_command_line(tmp_path: Path) 
         build_parser().parse_args(["serve", "--transport", "carrier-pigeon"])
     with pytest.raises(ValueError, match="unknown transport 'carrier-pigeon'"):
         build_registry(ServeConfig(transports=["carrier-pigeon"]))
+
+
+def test_tokend_simulate_usb_stack(tmp_path: Path) -> None:
+    """`tokend simulate --usb`: the virtual USB token inside a private daemon, plugged and
+    unplugged from stdin (the stack forwards to the daemon's --simulate-control socket)."""
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from tests.helpers import ID_9D, private_key
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "--usb"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        env: dict[str, str] = {}
+        for line in proc.stdout:
+            if line.startswith("export "):
+                name, _, value = line[len("export ") :].strip().partition("=")
+                env[name] = value
+            if line.strip() == "READY":
+                break
+        assert env["TOKEND_DEMO_USB_PIN"] == PIN
+
+        def say(command: str) -> str:
+            proc.stdin.write(command + "\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+            return proc.stdout.readline().strip()  # type: ignore[union-attr]
+
+        cert = x509.load_pem_x509_certificate(
+            Path(env["TOKEND_DEMO_DIR"], "usb", "encryption.pem").read_bytes()
+        )
+        blob = cert.public_key().encrypt(b"k" * 32, padding.PKCS1v15())  # type: ignore[union-attr]
+        with Client(Path(env["TOKEND_SOCKET"])) as client:
+            client.subscribe()
+            slot = client.slot_list(token_present=True)[0]
+            session = client.open_session(slot)
+            client.login(session, env["TOKEND_DEMO_USB_PIN"])
+            key = private_key(client, session, ID_9D)
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == b"k" * 32
+            assert say("list") == "usb0 usb plugged"
+            assert say("unplug usb0") == "ok unplug usb0"
+            assert client.next_event(timeout=2)["event"] == "left"
+            with pytest.raises((DeviceRemovedError, SessionHandleInvalidError)):
+                client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+            assert say("list") == "usb0 usb unplugged"
+            assert say("plug usb0") == "ok plug usb0"
+            assert client.next_event(timeout=5)["event"] == "arrived"
+    finally:
+        proc.stdin.close()  # EOF = stop everything it started
+        assert proc.wait(30) == 0

@@ -110,8 +110,59 @@ class PivKind:
         return f"{name} piv {'plugged' if plugged else 'unplugged'} reader={self._reader!r}"
 
 
+class UsbKind:
+    """A demo-provisioned virtual CCID token inside the daemon (`tokend serve --simulate
+    usb`: pyusb and the real CCID driver over a simulated bus), plugged and unplugged
+    through the daemon's ``--simulate-control`` socket."""
+
+    uses_pcsc = False
+
+    def __init__(self) -> None:
+        self.names = ["usb0"]
+        self._control: Path | None = None
+        self._export: Path | None = None
+
+    def start(self, stack: contextlib.ExitStack, ctx: StackContext) -> None:
+        if ctx.control_socket is None:
+            ctx.control_socket = ctx.workdir / "simulate-control.sock"
+        self._control = ctx.control_socket
+        self._export = ctx.export_dir / "usb"
+
+    def serve_args(self) -> list[str]:
+        return [
+            "--simulate", "usb", "--simulate-control", str(self._control),
+            "--export-dir", str(self._export),
+        ]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        return {"TOKEND_DEMO_USB_PIN": "123456", "TOKEND_DEMO_USB_PUK": "12345678"}
+
+    def _send(self, line: str) -> str:
+        assert self._control is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(str(self._control))
+            conn.sendall(line.encode() + b"\n")
+            return conn.makefile("r").readline().strip()
+
+    def _command(self, verb: str, name: str) -> None:
+        answer = self._send(f"{verb} {name}")
+        if not answer.startswith("ok"):
+            raise RuntimeError(answer)
+
+    def plug(self, name: str) -> None:
+        self._command("plug", name)
+
+    def unplug(self, name: str) -> None:
+        self._command("unplug", name)
+
+    def state(self, name: str) -> str:
+        states = dict(w.split("=", 1) for w in self._send("list").split()[1:] if "=" in w)
+        return f"{name} usb {states.get(name, 'unknown')}"
+
+
 #: Every kind `tokend simulate` knows, by flag. Kinds from other branches register here.
-KINDS: dict[str, Callable[[], Kind]] = {"piv": PivKind}
+KINDS: dict[str, Callable[[], Kind]] = {"piv": PivKind, "usb": UsbKind}
 
 
 class Stack:
