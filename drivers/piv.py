@@ -13,20 +13,15 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
 
-from asn1crypto import core as asn1_core
-from asn1crypto import keys as asn1_keys
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 
 from tokend.drivers.base import Transport
 from tokend.errors import (
@@ -38,24 +33,17 @@ from tokend.errors import (
     DeviceError,
     DeviceMemoryError,
     DeviceRemovedError,
-    EncryptedDataInvalidError,
-    EncryptedDataLenRangeError,
     FunctionFailedError,
     FunctionNotSupportedError,
     FunctionRejectedError,
-    KeyFunctionNotPermittedError,
     KeyHandleInvalidError,
     KeySizeRangeError,
-    KeyTypeInconsistentError,
-    MechanismInvalidError,
-    MechanismParamInvalidError,
     PinIncorrectError,
     PinInvalidError,
     PinLenRangeError,
     PinLockedError,
     TokendError,
     TransportError,
-    UserNotLoggedInError,
 )
 from tokend.iso7816 import (
     ApduChannel,
@@ -65,14 +53,17 @@ from tokend.iso7816 import (
     find_tlv,
     parse_tlvs,
 )
+from tokend.mechanisms import (
+    KeyPair,
+    KeyPairToken,
+    PublicKey,
+    key_pair_mechanisms,
+    key_pair_objects,
+)
 from tokend.model import (
-    Ecdh1DeriveParams,
     KeySlotInfo,
-    Mechanism,
     MechanismInfo,
-    OaepParams,
     PinStatus,
-    PssParams,
     TokenIdentity,
     TokenInfo,
     TokenObject,
@@ -87,7 +78,7 @@ from tokend.piv_codes import (
     PivAlgorithm,
     TouchPolicy,
 )
-from tokend.pkcs11 import CKA, CKC, CKD, CKF_MECH, CKF_TOKEN, CKG, CKK, CKM, CKO
+from tokend.pkcs11 import CKF_TOKEN
 
 try:  # cryptography >= 43 keeps 3DES in the "decrepit" module
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -109,10 +100,6 @@ __all__ = [
     "SlotMetadata",
     "TouchPolicy",
     "error_for_sw",
-    "oaep_unpad",
-    "pkcs1v15_sign_pad",
-    "pkcs1v15_unpad",
-    "pss_encode",
 ]
 
 PIV_AID = bytes.fromhex("A000000308000010000100")
@@ -388,157 +375,6 @@ def _check(rapdu: ResponseApdu, **kw: type[TokendError]) -> bytes:
     return rapdu.data
 
 
-# --- host-side padding (pure, constant time where secret) ----------------------------------
-
-
-def _ct_eq(a: int, b: int) -> int:
-    """1 if a == b else 0, without a data-dependent branch (0 <= a, b < 2**31)."""
-    return (((a ^ b) - 1) >> 31) & 1
-
-
-def _ct_ge(a: int, b: int) -> int:
-    """1 if a >= b else 0 (0 <= a, b < 2**31)."""
-    return 1 ^ (((a - b) >> 31) & 1)
-
-
-def pkcs1v15_unpad(em: bytes, k: int) -> bytes:
-    """Remove PKCS#1 v1.5 type 2 padding (RFC 8017 §7.2.2) from the raw RSA output.
-
-    Every failure raises the same EncryptedDataInvalidError, after a scan of the whole block
-    that does not depend on where the first problem is."""
-    if k < 11 or len(em) != k:
-        raise EncryptedDataInvalidError()
-    good = _ct_eq(em[0], 0) & _ct_eq(em[1], 2)
-    looking = 1
-    sep = 0
-    for i in range(2, k):
-        is_zero = _ct_eq(em[i], 0)
-        sep |= i & -(looking & is_zero)
-        looking &= 1 ^ is_zero
-    good &= 1 ^ looking
-    good &= _ct_ge(sep, 10)  # at least 8 padding bytes
-    if not good:
-        raise EncryptedDataInvalidError()
-    return em[sep + 1 :]
-
-
-def _mgf1(seed: bytes, length: int, hash_name: str) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < length:
-        out += hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
-        counter += 1
-    return bytes(out[:length])
-
-
-def oaep_unpad(em: bytes, k: int, hash_name: str, mgf_hash_name: str, label: bytes) -> bytes:
-    """EME-OAEP decoding (RFC 8017 §7.1.2 step 3) with one uniform error, no early exit."""
-    h_len = hashlib.new(hash_name).digest_size
-    if len(em) != k or k < 2 * h_len + 2:
-        raise EncryptedDataInvalidError()
-    l_hash = hashlib.new(hash_name, label).digest()
-    masked_seed, masked_db = em[1 : 1 + h_len], em[1 + h_len :]
-    seed = bytes(
-        a ^ b for a, b in zip(masked_seed, _mgf1(masked_db, h_len, mgf_hash_name), strict=True)
-    )
-    db = bytes(
-        a ^ b for a, b in zip(masked_db, _mgf1(seed, k - h_len - 1, mgf_hash_name), strict=True)
-    )
-    good = _ct_eq(em[0], 0) & int(hmac.compare_digest(db[:h_len], l_hash))
-    looking = 1
-    invalid = 0
-    sep = 0
-    for i in range(h_len, len(db)):
-        is_zero = _ct_eq(db[i], 0)
-        is_one = _ct_eq(db[i], 1)
-        sep |= i & -(looking & is_one)
-        invalid |= looking & (1 ^ is_zero) & (1 ^ is_one)
-        looking &= 1 ^ is_one
-    good &= (1 ^ looking) & (1 ^ invalid)
-    if not good:
-        raise EncryptedDataInvalidError()
-    return db[sep + 1 :]
-
-
-def pkcs1v15_sign_pad(data: bytes, k: int) -> bytes:
-    """EMSA-PKCS1-v1_5 block type 1 around ``data`` (normally a DigestInfo)."""
-    if len(data) > k - 11:
-        raise DataLenRangeError(f"input of {len(data)} bytes is too long for a {k}-byte key")
-    return b"\x00\x01" + b"\xff" * (k - 3 - len(data)) + b"\x00" + data
-
-
-def pss_encode(
-    m_hash: bytes, mod_bits: int, hash_name: str, mgf_hash_name: str, s_len: int
-) -> bytes:
-    """EMSA-PSS-ENCODE (RFC 8017 §9.1.1) from the message hash; returns a modulus-sized block."""
-    h_len = hashlib.new(hash_name).digest_size
-    em_bits = mod_bits - 1
-    em_len = (em_bits + 7) // 8
-    if len(m_hash) != h_len:
-        raise DataLenRangeError(f"PSS input must be a {h_len}-byte hash")
-    if s_len < 0 or em_len < h_len + s_len + 2:
-        raise MechanismParamInvalidError("PSS salt too long for this key")
-    salt = os.urandom(s_len)
-    h = hashlib.new(hash_name, b"\x00" * 8 + m_hash + salt).digest()
-    db = b"\x00" * (em_len - s_len - h_len - 2) + b"\x01" + salt
-    masked = bytearray(
-        a ^ b for a, b in zip(db, _mgf1(h, em_len - h_len - 1, mgf_hash_name), strict=True)
-    )
-    masked[0] &= 0xFF >> (8 * em_len - em_bits)
-    em = bytes(masked) + h + b"\xbc"
-    k = (mod_bits + 7) // 8
-    return em.rjust(k, b"\x00")
-
-
-#: DigestInfo prefixes from RFC 8017 §9.2 note 1 (spec constants).
-_DIGEST_INFO = {
-    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
-    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
-    "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
-    "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
-}
-_HASH_OF_CKM = {
-    CKM.CKM_SHA_1: "sha1",
-    CKM.CKM_SHA256: "sha256",
-    CKM.CKM_SHA384: "sha384",
-    CKM.CKM_SHA512: "sha512",
-}
-_HASH_OF_MGF = {
-    CKG.CKG_MGF1_SHA1: "sha1",
-    CKG.CKG_MGF1_SHA256: "sha256",
-    CKG.CKG_MGF1_SHA384: "sha384",
-    CKG.CKG_MGF1_SHA512: "sha512",
-}
-_RSA_PKCS_HASHED = {
-    CKM.CKM_SHA1_RSA_PKCS: "sha1",
-    CKM.CKM_SHA256_RSA_PKCS: "sha256",
-    CKM.CKM_SHA384_RSA_PKCS: "sha384",
-    CKM.CKM_SHA512_RSA_PKCS: "sha512",
-}
-_RSA_PSS_HASHED = {
-    CKM.CKM_SHA1_RSA_PKCS_PSS: "sha1",
-    CKM.CKM_SHA256_RSA_PKCS_PSS: "sha256",
-    CKM.CKM_SHA384_RSA_PKCS_PSS: "sha384",
-    CKM.CKM_SHA512_RSA_PKCS_PSS: "sha512",
-}
-_ECDSA_HASHED = {
-    CKM.CKM_ECDSA_SHA256: "sha256",
-    CKM.CKM_ECDSA_SHA384: "sha384",
-    CKM.CKM_ECDSA_SHA512: "sha512",
-}
-_KDF_HASHES: dict[CKD, type[hashes.HashAlgorithm]] = {
-    CKD.CKD_SHA1_KDF: hashes.SHA1,
-    CKD.CKD_SHA256_KDF: hashes.SHA256,
-    CKD.CKD_SHA384_KDF: hashes.SHA384,
-    CKD.CKD_SHA512_KDF: hashes.SHA512,
-}
-_DECRYPT_MECHS = frozenset({CKM.CKM_RSA_PKCS, CKM.CKM_RSA_PKCS_OAEP, CKM.CKM_RSA_X_509})
-_RSA_SIGN_MECHS = frozenset(
-    {CKM.CKM_RSA_PKCS, CKM.CKM_RSA_PKCS_PSS, *_RSA_PKCS_HASHED, *_RSA_PSS_HASHED}
-)
-_EC_SIGN_MECHS = frozenset({CKM.CKM_ECDSA, *_ECDSA_HASHED})
-
-
 # --- TLV builders (pure) -------------------------------------------------------------------
 
 
@@ -598,8 +434,6 @@ def _wipe(buf: bytearray) -> None:
 
 # --- key material helpers ------------------------------------------------------------------
 
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-
 
 def _algorithm_of(key: object) -> PivAlgorithm | None:
     if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
@@ -630,24 +464,6 @@ def _parse_public_key(alg: PivAlgorithm, data: bytes) -> PublicKey:
         return ec.EllipticCurvePublicKey.from_encoded_point(EC_CURVES[alg](), point)
     except (ValueError, KeyError) as exc:
         raise DeviceError(f"card returned a malformed public key: {exc}") from None
-
-
-def _field_len(key: ec.EllipticCurvePublicKey) -> int:
-    return (key.curve.key_size + 7) // 8
-
-
-def _int_bytes(value: int) -> bytes:
-    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
-
-
-def _ec_params_der(key: ec.EllipticCurvePublicKey) -> bytes:
-    return asn1_keys.ECDomainParameters(name="named", value=key.curve.name).dump()
-
-
-def _uncompressed(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
 
 
 # --- per-slot state ------------------------------------------------------------------------
@@ -702,11 +518,28 @@ class _SlotState:
         policy = self.metadata.pin_policy if self.metadata else None
         return policy in (PinPolicy.ALWAYS, PinPolicy.MATCH_ALWAYS)
 
+    def key_pair(self) -> KeyPair:
+        """This slot as the shared object builder and operations see it."""
+        origin = self.metadata.origin if self.metadata else None
+        return KeyPair(
+            ref=int(self.slot),
+            name=self.slot.hex,
+            cka_id=self.slot.cka_id,
+            label=self.slot.label,
+            public_key=self.public_key if self.has_key else None,
+            cert_der=self.cert_der,
+            certificate=self.certificate,
+            can_sign=self.can_sign,
+            can_decrypt=self.can_decrypt,
+            always_authenticate=self.always_authenticate,
+            local=origin == KeyOrigin.GENERATED,
+        )
+
 
 # --- the token -----------------------------------------------------------------------------
 
 
-class PivToken:
+class PivToken(KeyPairToken):
     """One PIV card instance (one insertion). Implements `tokend.model.Token` plus the
     provisioning API used by `tokenctl` through the daemon."""
 
@@ -721,6 +554,7 @@ class PivToken:
         self._metadata_supported = True
         self._slots: dict[PivSlot, _SlotState] = {}
         self._objects: tuple[TokenObject, ...] = ()
+        self._pairs: dict[int, KeyPair] = {}
         self._identity: TokenIdentity | None = None
         self._info: TokenInfo | None = None
 
@@ -1011,27 +845,7 @@ class PivToken:
         rsa_max = max([2048, *rsa_bits])
         if self._version is not None and self._version >= (5, 7, 0):
             rsa_max = 4096
-        hw = CKF_MECH.CKF_HW
-        ec_flags = CKF_MECH.CKF_EC_F_P | CKF_MECH.CKF_EC_NAMED_CURVE | CKF_MECH.CKF_EC_UNCOMPRESSED
-        out = [
-            MechanismInfo(
-                CKM.CKM_RSA_PKCS, 1024, rsa_max, hw | CKF_MECH.CKF_DECRYPT | CKF_MECH.CKF_SIGN
-            ),
-            MechanismInfo(CKM.CKM_RSA_PKCS_OAEP, 1024, rsa_max, hw | CKF_MECH.CKF_DECRYPT),
-            MechanismInfo(CKM.CKM_RSA_X_509, 1024, rsa_max, hw | CKF_MECH.CKF_DECRYPT),
-        ]
-        out += [
-            MechanismInfo(m, 1024, rsa_max, hw | CKF_MECH.CKF_SIGN)
-            for m in (*_RSA_PKCS_HASHED, CKM.CKM_RSA_PKCS_PSS, *_RSA_PSS_HASHED)
-        ]
-        out += [
-            MechanismInfo(m, 256, 384, hw | CKF_MECH.CKF_SIGN | ec_flags)
-            for m in (CKM.CKM_ECDSA, *_ECDSA_HASHED)
-        ]
-        out.append(
-            MechanismInfo(CKM.CKM_ECDH1_DERIVE, 256, 384, hw | CKF_MECH.CKF_DERIVE | ec_flags)
-        )
-        return tuple(out)
+        return key_pair_mechanisms(rsa_max=rsa_max)
 
     def pin_status(self) -> PinStatus:
         with self._session():
@@ -1074,27 +888,25 @@ class PivToken:
 
     # -- operations --
 
-    def _key(self, key: str) -> _SlotState:
-        kind, _, ref = key.partition(":")
-        try:
-            slot = PivSlot(int(ref, 16))
-        except ValueError:
-            raise KeyHandleInvalidError(f"no such key: {key!r}") from None
-        state = self._slots.get(slot)
-        if kind not in ("priv", "pub", "cert") or state is None or not state.has_key:
-            raise KeyHandleInvalidError(f"no such key: {key!r}")
-        if kind != "priv":
-            raise KeyFunctionNotPermittedError("operation needs the private key")
-        return state
+    def key_pairs(self) -> Mapping[int, KeyPair]:
+        return self._pairs
+
+    @contextmanager
+    def _card_section(self, context_pin: bytearray | None) -> Iterator[None]:
+        with self._session():
+            if context_pin is not None:
+                self._verify(context_pin)
+            yield
 
     def _general_authenticate(
         self,
-        state: _SlotState,
+        pair: KeyPair,
         tag: int,
         payload: bytes,
         *,
         wrong_data: type[TokendError] = DataInvalidError,
     ) -> bytes:
+        state = self._slots[PivSlot(pair.ref)]
         assert state.algorithm is not None
         data = dyn_auth((TAG_RESPONSE, b""), (tag, payload))
         rapdu = self._send(
@@ -1110,146 +922,19 @@ class PivToken:
             raise DeviceError("GENERAL AUTHENTICATE answer has no response tag")
         return result
 
-    def _rsa_raw(
-        self, state: _SlotState, block: bytes, wrong_data: type[TokendError] = DataInvalidError
-    ) -> bytes:
-        assert isinstance(state.public_key, rsa.RSAPublicKey)
-        k = (state.public_key.key_size + 7) // 8
-        result = self._general_authenticate(state, TAG_CHALLENGE, block, wrong_data=wrong_data)
+    def _card_rsa(self, pair: KeyPair, block: bytes, *, wrong_data: type[TokendError]) -> bytes:
+        assert isinstance(pair.public_key, rsa.RSAPublicKey)
+        k = (pair.public_key.key_size + 7) // 8
+        result = self._general_authenticate(pair, TAG_CHALLENGE, block, wrong_data=wrong_data)
         if len(result) > k:
             raise DeviceError("RSA result longer than the modulus")
         return result.rjust(k, b"\x00")
 
-    def decrypt(
-        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
-    ) -> bytes:
-        mech = mechanism.mechanism
-        if mech not in _DECRYPT_MECHS:
-            raise MechanismInvalidError(f"{_name(mech)} cannot decrypt")
-        state = self._key(key)
-        public = state.public_key
-        if not isinstance(public, rsa.RSAPublicKey):
-            raise KeyTypeInconsistentError(f"{_name(mech)} needs an RSA key")
-        if not state.can_decrypt:
-            raise KeyFunctionNotPermittedError(f"key {state.slot.hex} may not decrypt")
-        oaep: OaepParams | None = None
-        if mech == CKM.CKM_RSA_PKCS_OAEP:
-            oaep = mechanism.params if isinstance(mechanism.params, OaepParams) else None
-            if oaep is None or oaep.hash_alg not in _HASH_OF_CKM or oaep.mgf not in _HASH_OF_MGF:
-                raise MechanismParamInvalidError("OAEP needs hash_alg, mgf (SHA-1/2) and label")
-        k = (public.key_size + 7) // 8
-        if len(data) != k:
-            raise EncryptedDataLenRangeError(f"ciphertext must be {k} bytes")
-        if int.from_bytes(data, "big") >= public.public_numbers().n:
-            raise EncryptedDataInvalidError()
-        if state.always_authenticate and context_pin is None:
-            raise UserNotLoggedInError("this key needs the PIN with every decryption")
-        with self._session():
-            if context_pin is not None:
-                self._verify(context_pin)
-            em = self._rsa_raw(state, bytes(data), EncryptedDataInvalidError)
-        if mech == CKM.CKM_RSA_X_509:
-            return em
-        if oaep is not None:
-            return oaep_unpad(
-                em, k, _HASH_OF_CKM[oaep.hash_alg], _HASH_OF_MGF[oaep.mgf], oaep.source_data
-            )
-        return pkcs1v15_unpad(em, k)
+    def _card_ecdsa(self, pair: KeyPair, digest: bytes) -> bytes:
+        return self._general_authenticate(pair, TAG_CHALLENGE, digest)
 
-    def sign(
-        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
-    ) -> bytes:
-        mech = mechanism.mechanism
-        if mech not in _RSA_SIGN_MECHS and mech not in _EC_SIGN_MECHS:
-            raise MechanismInvalidError(f"{_name(mech)} cannot sign")
-        state = self._key(key)
-        if mech in _RSA_SIGN_MECHS:
-            if not isinstance(state.public_key, rsa.RSAPublicKey):
-                raise KeyTypeInconsistentError(f"{_name(mech)} needs an RSA key")
-        elif not isinstance(state.public_key, ec.EllipticCurvePublicKey):
-            raise KeyTypeInconsistentError(f"{_name(mech)} needs an EC key")
-        if not state.can_sign:
-            raise KeyFunctionNotPermittedError(f"key {state.slot.hex} may not sign")
-        if state.always_authenticate and context_pin is None:
-            # never rely on the card to refuse: the PIN must come with this very signature
-            raise UserNotLoggedInError("this key needs the PIN with every signature")
-        if isinstance(state.public_key, rsa.RSAPublicKey):
-            block = self._rsa_sign_block(state.public_key, mechanism, data)
-        else:
-            block = self._ecdsa_input(state.public_key, mech, data)
-        with self._session():
-            if context_pin is not None:
-                self._verify(context_pin)
-            if isinstance(state.public_key, rsa.RSAPublicKey):
-                return self._rsa_raw(state, block)
-            der = self._general_authenticate(state, TAG_CHALLENGE, block)
-        try:
-            r, s = decode_dss_signature(der)
-        except ValueError:
-            raise DeviceError("card returned a malformed ECDSA signature") from None
-        size = _field_len(state.public_key)
-        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
-
-    @staticmethod
-    def _rsa_sign_block(public: rsa.RSAPublicKey, mechanism: Mechanism, data: bytes) -> bytes:
-        mech = mechanism.mechanism
-        k = (public.key_size + 7) // 8
-        if mech == CKM.CKM_RSA_PKCS:
-            return pkcs1v15_sign_pad(data, k)
-        if mech in _RSA_PKCS_HASHED:
-            name = _RSA_PKCS_HASHED[mech]
-            return pkcs1v15_sign_pad(_DIGEST_INFO[name] + hashlib.new(name, data).digest(), k)
-        params = mechanism.params
-        if (
-            not isinstance(params, PssParams)
-            or params.hash_alg not in _HASH_OF_CKM
-            or params.mgf not in _HASH_OF_MGF
-        ):
-            raise MechanismParamInvalidError("PSS needs hash_alg, mgf and s_len")
-        hash_name = _HASH_OF_CKM[params.hash_alg]
-        if mech in _RSA_PSS_HASHED:
-            if _RSA_PSS_HASHED[mech] != hash_name:
-                raise MechanismParamInvalidError("PSS hash_alg does not match the mechanism")
-            data = hashlib.new(hash_name, data).digest()
-        return pss_encode(data, public.key_size, hash_name, _HASH_OF_MGF[params.mgf], params.s_len)
-
-    @staticmethod
-    def _ecdsa_input(public: ec.EllipticCurvePublicKey, mech: CKM, data: bytes) -> bytes:
-        if mech in _ECDSA_HASHED:
-            data = hashlib.new(_ECDSA_HASHED[mech], data).digest()
-        elif not 1 <= len(data) <= 1024:
-            raise DataLenRangeError("ECDSA input must be a hash")
-        size = _field_len(public)
-        # leftmost bits of the hash (FIPS 186-4 §6.4); shorter hashes keep their value
-        return data[:size].rjust(size, b"\x00")
-
-    def derive(self, key: str, mechanism: Mechanism) -> bytes:
-        if mechanism.mechanism != CKM.CKM_ECDH1_DERIVE:
-            raise MechanismInvalidError(f"{_name(mechanism.mechanism)} cannot derive")
-        state = self._key(key)
-        public = state.public_key
-        if not isinstance(public, ec.EllipticCurvePublicKey):
-            raise KeyTypeInconsistentError("ECDH needs an EC key")
-        if not state.can_decrypt:
-            raise KeyFunctionNotPermittedError(f"key {state.slot.hex} may not derive")
-        params = mechanism.params
-        if not isinstance(params, Ecdh1DeriveParams):
-            raise MechanismParamInvalidError("ECDH1_DERIVE needs CK_ECDH1_DERIVE_PARAMS")
-        if params.kdf != CKD.CKD_NULL and params.kdf not in _KDF_HASHES:
-            raise MechanismParamInvalidError(f"unsupported KDF {params.kdf!r}")
-        if params.kdf == CKD.CKD_NULL and params.shared_data:
-            raise MechanismParamInvalidError("CKD_NULL takes no shared data")
-        point = _peer_point(public, params.public_data)
-        with self._session():
-            z = self._general_authenticate(state, TAG_EXPONENTIATION, point)
-        if len(z) != _field_len(public):
-            raise DeviceError("card returned a shared secret of the wrong size")
-        if params.kdf == CKD.CKD_NULL:
-            return z
-        algo = _KDF_HASHES[params.kdf]()
-        return X963KDF(
-            algorithm=algo, length=algo.digest_size, sharedinfo=params.shared_data
-        ).derive(z)
+    def _card_ecdh(self, pair: KeyPair, point: bytes) -> bytes:
+        return self._general_authenticate(pair, TAG_EXPONENTIATION, point)
 
     # -- provisioning --
 
@@ -1547,110 +1232,16 @@ class PivToken:
     # -- PKCS#11 objects --
 
     def _rebuild_objects(self) -> None:
+        pairs: dict[int, KeyPair] = {}
         objects: list[TokenObject] = []
         for slot in PivSlot:
             state = self._slots.get(slot)
             if state is not None:
-                objects += _slot_objects(state)
+                pair = state.key_pair()
+                pairs[slot] = pair
+                objects += key_pair_objects(pair)
+        self._pairs = pairs
         self._objects = tuple(objects)
-
-
-def _slot_objects(state: _SlotState) -> list[TokenObject]:
-    slot = state.slot
-    common = {
-        CKA.CKA_TOKEN: True,
-        CKA.CKA_ID: slot.cka_id,
-        CKA.CKA_LABEL: slot.label,
-        CKA.CKA_MODIFIABLE: False,
-    }
-    subject = state.certificate.subject.public_bytes() if state.certificate else b""
-    out: list[TokenObject] = []
-    if state.certificate is not None and state.cert_der is not None:
-        cert = state.certificate
-        out.append(
-            TokenObject(
-                f"cert:{slot.hex}",
-                {
-                    CKA.CKA_CLASS: CKO.CKO_CERTIFICATE,
-                    **common,
-                    CKA.CKA_PRIVATE: False,
-                    CKA.CKA_CERTIFICATE_TYPE: CKC.CKC_X_509,
-                    CKA.CKA_TRUSTED: False,
-                    CKA.CKA_VALUE: state.cert_der,
-                    CKA.CKA_SUBJECT: subject,
-                    CKA.CKA_ISSUER: cert.issuer.public_bytes(),
-                    CKA.CKA_SERIAL_NUMBER: asn1_core.Integer(cert.serial_number).dump(),
-                },
-            )
-        )
-    public = state.public_key
-    if not state.has_key or public is None:
-        return out
-    key_attrs: dict[CKA, bool | int | bytes | str | None]
-    if isinstance(public, rsa.RSAPublicKey):
-        numbers = public.public_numbers()
-        key_attrs = {
-            CKA.CKA_KEY_TYPE: CKK.CKK_RSA,
-            CKA.CKA_MODULUS: _int_bytes(numbers.n),
-            CKA.CKA_PUBLIC_EXPONENT: _int_bytes(numbers.e),
-            CKA.CKA_MODULUS_BITS: public.key_size,
-        }
-        is_rsa = True
-    else:
-        key_attrs = {
-            CKA.CKA_KEY_TYPE: CKK.CKK_EC,
-            CKA.CKA_EC_PARAMS: _ec_params_der(public),
-            CKA.CKA_EC_POINT: asn1_core.OctetString(_uncompressed(public)).dump(),
-        }
-        is_rsa = False
-    origin = state.metadata.origin if state.metadata else None
-    local = origin == KeyOrigin.GENERATED
-    spki = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    out.append(
-        TokenObject(
-            f"priv:{slot.hex}",
-            {
-                CKA.CKA_CLASS: CKO.CKO_PRIVATE_KEY,
-                **common,
-                **key_attrs,
-                CKA.CKA_PRIVATE: True,
-                CKA.CKA_SUBJECT: subject,
-                CKA.CKA_SENSITIVE: True,
-                CKA.CKA_ALWAYS_SENSITIVE: True,
-                CKA.CKA_EXTRACTABLE: False,
-                CKA.CKA_NEVER_EXTRACTABLE: local,
-                CKA.CKA_LOCAL: local,
-                CKA.CKA_DECRYPT: is_rsa and state.can_decrypt,
-                CKA.CKA_UNWRAP: is_rsa and state.can_decrypt,
-                CKA.CKA_DERIVE: (not is_rsa) and state.can_decrypt,
-                CKA.CKA_SIGN: state.can_sign,
-                CKA.CKA_SIGN_RECOVER: False,
-                CKA.CKA_ALWAYS_AUTHENTICATE: state.always_authenticate,
-                CKA.CKA_PUBLIC_KEY_INFO: spki,
-            },
-        )
-    )
-    out.append(
-        TokenObject(
-            f"pub:{slot.hex}",
-            {
-                CKA.CKA_CLASS: CKO.CKO_PUBLIC_KEY,
-                **common,
-                **key_attrs,
-                CKA.CKA_PRIVATE: False,
-                CKA.CKA_SUBJECT: subject,
-                CKA.CKA_ENCRYPT: is_rsa and state.can_decrypt,
-                CKA.CKA_WRAP: is_rsa and state.can_decrypt,
-                CKA.CKA_VERIFY: state.can_sign,
-                CKA.CKA_VERIFY_RECOVER: False,
-                CKA.CKA_DERIVE: False,
-                CKA.CKA_PUBLIC_KEY_INFO: spki,
-            },
-        )
-    )
-    return out
 
 
 # --- small helpers -------------------------------------------------------------------------
@@ -1691,24 +1282,6 @@ def _policy_tlvs(pin_policy: PinPolicy | None, touch_policy: TouchPolicy | None)
     return out
 
 
-def _peer_point(own: ec.EllipticCurvePublicKey, public_data: bytes) -> bytes:
-    """The peer's uncompressed point, given raw (04||X||Y) or as a DER OCTET STRING."""
-    raw_len = 2 * _field_len(own) + 1
-    point = bytes(public_data)
-    if not (len(point) == raw_len and point[0] == 0x04):
-        try:
-            point = bytes(asn1_core.OctetString.load(point).native)
-        except (ValueError, TypeError):
-            raise MechanismParamInvalidError("ECDH public data is not an EC point") from None
-    try:
-        ec.EllipticCurvePublicKey.from_encoded_point(own.curve, point)
-    except ValueError:
-        raise MechanismParamInvalidError("ECDH public point is not on the key's curve") from None
-    if len(point) != raw_len:
-        raise MechanismParamInvalidError("ECDH public point must be uncompressed")
-    return point
-
-
 def _mgmt_cipher(alg: PivAlgorithm, key: bytes) -> Cipher[modes.ECB]:
     if alg == PivAlgorithm.TDES:
         algo: algorithms.AES | TripleDES = TripleDES(key)
@@ -1722,10 +1295,3 @@ def _mgmt_cipher(alg: PivAlgorithm, key: bytes) -> Cipher[modes.ECB]:
 
 def _block_size(alg: PivAlgorithm) -> int:
     return 8 if alg == PivAlgorithm.TDES else 16
-
-
-def _name(mech: int) -> str:
-    try:
-        return CKM(mech).name
-    except ValueError:
-        return f"mechanism 0x{mech:X}"

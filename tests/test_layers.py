@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.piv_codes", 0),
     ("tokend.consent", 0),
     ("tokend.ccid", 0),
+    ("tokend.mechanisms", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
@@ -56,6 +57,7 @@ SIMULATOR_MAY_IMPORT = (
     "tokend.paths",
     "tokend.piv_codes",
     "tokend.ccid",
+    "tokend.mechanisms",
 )
 
 

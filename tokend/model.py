@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol, runtime_checkable
 
 from tokend.pkcs11 import CKA, CKD, CKF_MECH, CKF_TOKEN, CKG, CKM
@@ -47,12 +48,47 @@ class MechanismInfo:
     flags: CKF_MECH
 
 
+class ObjectKind(Enum):
+    """Which of the three objects of a key pair with its certificate."""
+
+    CERTIFICATE = "cert"
+    PUBLIC_KEY = "pub"
+    PRIVATE_KEY = "priv"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectKey:
+    """Names one token object within a token instance: its kind and the applet's own key
+    reference (PIV key slot 9D, a PKCS#15 key reference …). A value, so callers compare
+    and hash it instead of building and splitting strings; ``str()`` gives the short form
+    (``"priv:9d"``) used in messages and accepted by `parse`."""
+
+    kind: ObjectKind
+    ref: int
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}:{self.ref:02x}"
+
+    @classmethod
+    def parse(cls, text: str) -> ObjectKey:
+        """``"priv:9d"`` → ObjectKey; ValueError for anything else."""
+        kind, sep, ref = text.partition(":")
+        if not sep or not ref:
+            raise ValueError(f"not an object key: {text!r}")
+        return cls(ObjectKind(kind), int(ref, 16))
+
+    @classmethod
+    def of(cls, key: ObjectKey | str) -> ObjectKey:
+        """Accept a value or its short text form (tests and tools write ``"priv:9d"``)."""
+        return key if isinstance(key, ObjectKey) else cls.parse(key)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenObject:
     """One PKCS#11 object the token exposes. ``key`` is stable within a token instance
-    (e.g. ``"cert:9d"``) and is what drivers are handed back for operations."""
+    and is what drivers are handed back for operations."""
 
-    key: str
+    key: ObjectKey
     attributes: Mapping[CKA, AttributeValue]
 
     def matches(self, template: Mapping[CKA, AttributeValue]) -> bool:
@@ -64,7 +100,7 @@ _MISSING = object()
 
 @dataclass(frozen=True, slots=True)
 class PinStatus:
-    """Retries left (None = the token does not say) and whether the card says verified."""
+    """Retries left for the user PIN and the PUK; None where the token does not say."""
 
     pin_retries: int | None
     puk_retries: int | None = None
@@ -163,19 +199,29 @@ class Token(Protocol):
         ...
 
     def decrypt(
-        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+        self,
+        key: ObjectKey,
+        mechanism: Mechanism,
+        data: bytes,
+        *,
+        context_pin: bytearray | None = None,
     ) -> bytes:
         """Decrypt; ``context_pin`` as for `sign`."""
         ...
 
     def sign(
-        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+        self,
+        key: ObjectKey,
+        mechanism: Mechanism,
+        data: bytes,
+        *,
+        context_pin: bytearray | None = None,
     ) -> bytes:
         """Sign; for always-authenticate keys ``context_pin`` is verified in the same
         exclusive section immediately before the operation."""
         ...
 
-    def derive(self, key: str, mechanism: Mechanism) -> bytes:
+    def derive(self, key: ObjectKey, mechanism: Mechanism) -> bytes:
         """Key agreement (ECDH): returns the raw shared secret (after the KDF if asked)."""
         ...
 

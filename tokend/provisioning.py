@@ -45,7 +45,7 @@ from tokend.errors import (
     TokendError,
     UserNotLoggedInError,
 )
-from tokend.model import Provisionable, TokenObject, TokenStatus
+from tokend.model import ObjectKey, ObjectKind, Provisionable, TokenObject, TokenStatus
 from tokend.piv_codes import RETIRED_SLOTS
 from tokend.pkcs11 import CKA
 from tokend.session import Application, Engine, Session
@@ -237,7 +237,7 @@ class Provisioning:
     def _target(
         self, app: Application, handle: int, *, write: bool = True, login: bool = True
     ) -> tuple[Session, Provisionable]:
-        session = self.engine._session(app, handle)
+        session = self.engine.session(app, handle)
         if write and not session.rw:
             raise SessionReadOnlyError("open a read/write session (CKF_RW_SESSION) to provision")
         if login and session.instance.key not in app.logins:
@@ -253,17 +253,11 @@ class Provisioning:
     async def _card(self, session: Session, fn: Callable[[], T]) -> T:
         # Every provisioning call reaches the card here: the per-program policy decides first.
         await self.engine.authorize(session.app, session.instance, Use.PROVISION)
-        return await self.engine._card(session, fn)  # type: ignore[no-any-return]
+        return await self.engine.run_on_card(session, fn)  # type: ignore[no-any-return]
 
     def _forget(self, session: Session, *slots: int) -> None:
-        """Drop the object handles of touched slots: the objects were replaced."""
-        inst = session.instance.key
-        names = {slot_name(s) for s in slots}
-        engine = self.engine
-        for (ikey, okey), handle in list(engine._token_handles.items()):
-            if ikey == inst and (not slots or okey.partition(":")[2] in names):
-                del engine._token_handles[(ikey, okey)]
-                engine._token_objects.pop(handle, None)
+        """Drop the object handles of touched key slots: the objects were replaced."""
+        self.engine.forget_objects(session.instance, slots)
 
     @staticmethod
     def _authenticate(token: Provisionable, management_key: bytearray | None) -> None:
@@ -305,7 +299,7 @@ class Provisioning:
         token = instance.token
         self._require(token, "status")
         status: TokenStatus = await instance.run(token.status)  # type: ignore[attr-defined]
-        usage = [_usage(obj) for obj in token.objects() if obj.key.startswith("priv:")]
+        usage = [_usage(obj) for obj in token.objects() if obj.key.kind is ObjectKind.PRIVATE_KEY]
         return StatusView(status, tuple(usage), instance.generation)
 
     # -- PIN, PUK, management key --
@@ -338,7 +332,7 @@ class Provisioning:
             session, token = self._target(app, handle, login=False)
             self._require(token, name)
             instance = session.instance
-            async with self.engine._login_lock(instance):
+            async with self.engine.login_lock(instance):
                 try:
                     await self._card(session, lambda: getattr(token, name)(first, second))
                 except (PinIncorrectError, PinLockedError) as exc:
@@ -604,7 +598,7 @@ class Provisioning:
             await self._card(session, run)
         finally:
             self._forget(session)
-            self.engine._lost_card_login(session.instance)
+            self.engine.lost_card_login(session.instance)
 
 
 def _retired_target(token: object, slot: int) -> int | None:
@@ -634,25 +628,24 @@ def _objects(token: object) -> Sequence[TokenObject]:
 
 def _public_key_info(token: object, slot: int) -> bytes | None:
     for obj in _objects(token):
-        if obj.key == f"pub:{slot_name(slot)}":
+        if obj.key == ObjectKey(ObjectKind.PUBLIC_KEY, slot):
             value = obj.attributes.get(CKA.CKA_PUBLIC_KEY_INFO)
             return value if isinstance(value, bytes) else b""
     return None
 
 
 def _has_certificate(token: object, slot: int) -> bool:
-    return any(obj.key == f"cert:{slot_name(slot)}" for obj in _objects(token))
+    return ObjectKey(ObjectKind.CERTIFICATE, slot) in {obj.key for obj in _objects(token)}
 
 
 def _populated(token: object, slot: int) -> bool:
-    suffix = f":{slot_name(slot)}"
-    return any(obj.key.endswith(suffix) for obj in _objects(token))
+    return any(obj.key.ref == slot for obj in _objects(token))
 
 
 def _usage(obj: TokenObject) -> SlotUsage:
     a = obj.attributes
     return SlotUsage(
-        slot=obj.key.partition(":")[2],
+        slot=slot_name(obj.key.ref),
         sign=bool(a.get(CKA.CKA_SIGN)),
         decrypt=bool(a.get(CKA.CKA_DECRYPT) or a.get(CKA.CKA_DERIVE)),
         always_authenticate=bool(a.get(CKA.CKA_ALWAYS_AUTHENTICATE)),

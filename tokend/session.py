@@ -54,16 +54,12 @@ from tokend.errors import (
     UserNotLoggedInError,
     UserTypeInvalidError,
 )
-from tokend.model import AttributeValue, Mechanism, TokenObject
-from tokend.pkcs11 import CKA, CKF_SESSION, CKK, CKM, CKO, CKS, CKU
+from tokend.mechanisms.tables import DECRYPT_MECHANISMS, DERIVE_MECHANISMS
+from tokend.model import AttributeValue, Mechanism, ObjectKey, TokenObject
+from tokend.pkcs11 import CKA, CKF_SESSION, CKK, CKO, CKS, CKU
 from tokend.registry import SlotEvent, SlotRegistry, TokenInstance
 
 log = logging.getLogger(__name__)
-
-#: Mechanisms whose input is hashed by the daemon before the card sees it; they may be
-#: fed in parts (C_SignUpdate).
-_DECRYPT_MECHANISMS = {CKM.CKM_RSA_PKCS, CKM.CKM_RSA_PKCS_OAEP, CKM.CKM_RSA_X_509}
-_DERIVE_MECHANISMS = {CKM.CKM_ECDH1_DERIVE}
 
 
 class OpKind(Enum):
@@ -199,8 +195,8 @@ class Engine:
         self._object_ids = itertools.count(1)
         self._sessions: dict[int, Session] = {}
         #: token object handles: handle -> (instance key, object key) and back
-        self._token_objects: dict[int, tuple[tuple[int, int], str]] = {}
-        self._token_handles: dict[tuple[tuple[int, int], str], int] = {}
+        self._token_objects: dict[int, tuple[tuple[int, int], ObjectKey]] = {}
+        self._token_handles: dict[tuple[tuple[int, int], ObjectKey], int] = {}
         self._session_objects: dict[int, SessionObject] = {}
         #: Serialises VERIFY (login) and the last-logout card reset per token instance, so
         #: a reset can never land after another application's VERIFY it did not see.
@@ -269,6 +265,34 @@ class Engine:
 
     def _login_lock(self, instance: TokenInstance) -> asyncio.Lock:
         return self._login_locks.setdefault(instance.key, asyncio.Lock())
+
+    # --- for other front ends of the engine (provisioning) -------------------------------
+
+    def session(self, app: Application, handle: int) -> Session:
+        """The live session ``handle`` of ``app`` (DeviceRemoved once, then invalid)."""
+        return self._session(app, handle)
+
+    async def run_on_card(self, session: Session, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Run ``fn`` in the token's executor with the engine's error handling (reset →
+        login lost, card refusals mapped)."""
+        return await self._card(session, fn, *args, **kwargs)
+
+    def login_lock(self, instance: TokenInstance) -> asyncio.Lock:
+        """Held around anything that changes the card's verified state."""
+        return self._login_lock(instance)
+
+    def lost_card_login(self, instance: TokenInstance) -> None:
+        """Report every application's login on ``instance`` lost (the card forgot it)."""
+        self._lost_card_login(instance)
+
+    def forget_objects(self, instance: TokenInstance, refs: Sequence[int] = ()) -> None:
+        """Drop the object handles of these key references (all when empty): provisioning
+        replaced the objects, so old handles must not reach the new ones."""
+        wanted = set(refs)
+        for (ikey, okey), handle in list(self._token_handles.items()):
+            if ikey == instance.key and (not wanted or okey.ref in wanted):
+                del self._token_handles[(ikey, okey)]
+                self._token_objects.pop(handle, None)
 
     async def _card(self, session: Session, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         instance = session.instance
@@ -578,7 +602,7 @@ class Engine:
 
     def decrypt_init(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
         session = self._session(app, handle)
-        if mechanism.mechanism not in _DECRYPT_MECHANISMS:
+        if mechanism.mechanism not in DECRYPT_MECHANISMS:
             raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot decrypt")
         self._check_mechanism(session, mechanism)
         obj = self._private_key(session, key, CKA.CKA_DECRYPT)
@@ -696,7 +720,7 @@ class Engine:
         template: Mapping[CKA, AttributeValue],
     ) -> int:
         session = self._session(app, handle)
-        if mechanism.mechanism not in _DERIVE_MECHANISMS:
+        if mechanism.mechanism not in DERIVE_MECHANISMS:
             raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot derive")
         self._check_mechanism(session, mechanism)
         if session.operation is not None:
