@@ -26,32 +26,29 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from tokend.drivers.base import Transport
 from tokend.errors import (
     ArgumentsBadError,
-    CardNotVerifiedError,
     CardResetError,
     DataInvalidError,
-    DataLenRangeError,
     DeviceError,
-    DeviceMemoryError,
     DeviceRemovedError,
-    FunctionFailedError,
-    FunctionNotSupportedError,
-    FunctionRejectedError,
-    KeyHandleInvalidError,
     KeySizeRangeError,
     PinIncorrectError,
-    PinInvalidError,
     PinLenRangeError,
-    PinLockedError,
     TokendError,
     TransportError,
 )
 from tokend.iso7816 import (
+    SW,
     ApduChannel,
     CommandApdu,
+    NotFoundError,
+    PinEncoding,
     ResponseApdu,
+    check_sw,
     encode_tlv,
+    error_for_sw,
     find_tlv,
     parse_tlvs,
+    retries_in,
 )
 from tokend.mechanisms import (
     KeyPair,
@@ -72,6 +69,7 @@ from tokend.model import (
 from tokend.piv_codes import (
     EC_CURVES,
     MGMT_KEY_LENGTHS,
+    PIV_PIN,
     RSA_BITS,
     KeyOrigin,
     PinPolicy,
@@ -79,6 +77,7 @@ from tokend.piv_codes import (
     TouchPolicy,
 )
 from tokend.pkcs11 import CKF_TOKEN
+from tokend.wipe import wipe
 
 try:  # cryptography >= 43 keeps 3DES in the "decrepit" module
     from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -324,55 +323,8 @@ _MAX_CERT = 64 * 1024
 # --- status words: the one mapping ---------------------------------------------------------
 
 
-class PivNotFoundError(FunctionFailedError):  # type: ignore[misc,valid-type]
-    """6A82: the data object or key does not exist on the card."""
-
-
-_SW_ERRORS: dict[int, tuple[type[TokendError], str]] = {
-    0x6983: (PinLockedError, "PIN or PUK blocked"),
-    0x6982: (CardNotVerifiedError, "security status not satisfied"),
-    0x6A82: (PivNotFoundError, "data object or key not found"),
-    0x6A80: (DataInvalidError, "card rejected the data"),
-    0x6A86: (ArgumentsBadError, "card rejected P1/P2 (unknown slot or algorithm)"),
-    0x6A88: (KeyHandleInvalidError, "reference data not found"),
-    0x6A84: (DeviceMemoryError, "not enough memory on the card"),
-    0x6700: (DataLenRangeError, "card rejected the length"),
-    0x6985: (FunctionRejectedError, "conditions of use not satisfied"),
-    0x6D00: (FunctionNotSupportedError, "instruction not supported by this card"),
-    0x6E00: (FunctionNotSupportedError, "class not supported by this card"),
-    0x6A81: (FunctionNotSupportedError, "function not supported by this card"),
-}
-
-
-def error_for_sw(sw: int, *, wrong_data: type[TokendError] = DataInvalidError) -> TokendError:
-    """The error for a status word other than 9000. ``wrong_data`` replaces the class used
-    for 6A80 where the caller knows better (e.g. a rejected ciphertext)."""
-    err: TokendError
-    retries = _retries_in(sw)
-    if retries is not None:
-        err = PinIncorrectError(retries=retries)
-    elif sw == 0x6A80:
-        err = wrong_data(f"card rejected the data (SW {sw:04X})")
-    elif sw in _SW_ERRORS:
-        klass, text = _SW_ERRORS[sw]
-        err = klass(f"{text} (SW {sw:04X})")
-    else:
-        err = DeviceError(f"card answered SW {sw:04X}")
-    err.sw = sw  # type: ignore[attr-defined]  # kept for diagnostics
-    return err
-
-
-def _retries_in(sw: int) -> int | None:
-    """Tries left in a 63Cx (or the older 630x, x > 0) status word, else None."""
-    if sw & 0xFFF0 == 0x63C0 or (sw & 0xFFF0 == 0x6300 and sw != 0x6300):
-        return sw & 0x0F
-    return None
-
-
-def _check(rapdu: ResponseApdu, **kw: type[TokendError]) -> bytes:
-    if rapdu.sw != 0x9000:
-        raise error_for_sw(rapdu.sw, **kw)
-    return rapdu.data
+#: 6A82 from a PIV card: the data object or key does not exist (the shared ISO class).
+PivNotFoundError = NotFoundError
 
 
 # --- TLV builders (pure) -------------------------------------------------------------------
@@ -417,19 +369,9 @@ def key_history_object(on_card: int, off_card: int, url: bytes | None = None) ->
 
 
 def pad_pin(pin: bytes | bytearray, *, digits_only: bool = True) -> bytearray:
-    """The 8-byte PIN block (ASCII, FF-padded). The caller wipes the result."""
-    if not 6 <= len(pin) <= 8:
-        raise PinLenRangeError("PIN must be 6 to 8 characters")
-    if digits_only and not all(0x30 <= b <= 0x39 for b in pin):
-        raise PinInvalidError("PIN must be digits")
-    block = bytearray(b"\xff" * 8)
-    block[: len(pin)] = pin
-    return block
-
-
-def _wipe(buf: bytearray) -> None:
-    for i in range(len(buf)):
-        buf[i] = 0
+    """The 8-byte PIN block (ASCII, FF-padded). The caller wipes the result. PUKs are any
+    6-8 bytes (``digits_only=False``)."""
+    return PIV_PIN.block(pin, encoding=None if digits_only else PinEncoding.UTF8)
 
 
 # --- key material helpers ------------------------------------------------------------------
@@ -655,9 +597,9 @@ class PivToken(KeyPairToken):
     def _get_object(self, obj: int) -> bytes | None:
         """The value of the 53 wrapper of a data object, or None if the card has none."""
         rapdu = self._send(get_data_command(obj))
-        if rapdu.sw == 0x6A82:
+        if rapdu.sw == SW.SW_FILE_NOT_FOUND:
             return None
-        data = _check(rapdu)
+        data = check_sw(rapdu)
         try:
             content = find_tlv(data, TAG_OBJ_DATA)
         except ValueError:
@@ -665,7 +607,7 @@ class PivToken(KeyPairToken):
         return content or None  # "53 00" is an emptied object
 
     def _put_object(self, obj: int, content: bytes) -> None:
-        _check(self._send(put_data_command(obj, content)))
+        check_sw(self._send(put_data_command(obj, content)))
 
     def _read_guid(self) -> bytes | None:
         try:
@@ -724,7 +666,7 @@ class PivToken(KeyPairToken):
         if not self._metadata_supported:
             return None
         rapdu = self._send(CommandApdu(0, Ins.GET_METADATA, 0, ref, le=0))
-        if rapdu.sw in (0x6D00, 0x6E00):
+        if rapdu.sw in (SW.SW_INS_NOT_SUPPORTED, SW.SW_CLA_NOT_SUPPORTED):
             self._metadata_supported = False
             return None
         if not rapdu.ok:
@@ -851,7 +793,7 @@ class PivToken(KeyPairToken):
         with self._session():
             rapdu = self._send(CommandApdu(0, Ins.VERIFY, 0, PIN_REF))
             # 9000 = verified: then the count is only in the metadata
-            pin = 0 if rapdu.sw == 0x6983 else _retries_in(rapdu.sw)
+            pin = 0 if rapdu.sw == SW.SW_AUTH_METHOD_BLOCKED else retries_in(rapdu.sw)
             if pin is None:
                 pin = self._retries_from_metadata(PIN_REF)
             return PinStatus(pin_retries=pin, puk_retries=self._retries_from_metadata(PUK_REF))
@@ -869,13 +811,13 @@ class PivToken(KeyPairToken):
     def _verify(self, pin: bytearray) -> None:
         block = pad_pin(pin)
         try:
-            _check(self._send(CommandApdu(0, Ins.VERIFY, 0, PIN_REF, bytes(block))))
+            check_sw(self._send(CommandApdu(0, Ins.VERIFY, 0, PIN_REF, bytes(block))))
         finally:
-            _wipe(block)
+            wipe(block)
 
     def logout(self) -> None:
         with self._session():
-            _check(self._send(CommandApdu(0, Ins.VERIFY, 0xFF, PIN_REF)))
+            check_sw(self._send(CommandApdu(0, Ins.VERIFY, 0xFF, PIN_REF)))
 
     def exclusive(self) -> AbstractContextManager[None]:
         return self._transport.transaction()
@@ -912,7 +854,7 @@ class PivToken(KeyPairToken):
         rapdu = self._send(
             CommandApdu(0, Ins.GENERAL_AUTHENTICATE, state.algorithm, state.slot, data, le=0)
         )
-        body = _check(rapdu, wrong_data=wrong_data)
+        body = check_sw(rapdu, wrong_data=wrong_data)
         try:
             template = find_tlv(body, TAG_DYN_AUTH)
             result = find_tlv(template, TAG_RESPONSE) if template is not None else None
@@ -959,7 +901,7 @@ class PivToken(KeyPairToken):
                 raise PinLenRangeError(f"management key for {alg.name} has the wrong length")
             cipher = _mgmt_cipher(alg, key)
             block = _block_size(alg)
-            answer = _check(
+            answer = check_sw(
                 self._send(
                     CommandApdu(
                         0,
@@ -987,9 +929,12 @@ class PivToken(KeyPairToken):
                     le=0,
                 )
             )
-            if rapdu.sw in (0x6A80, 0x6982) or _retries_in(rapdu.sw) is not None:
+            if (
+                rapdu.sw in (SW.SW_WRONG_DATA, SW.SW_SECURITY_STATUS_NOT_SATISFIED)
+                or retries_in(rapdu.sw) is not None
+            ):
                 raise PinIncorrectError("management key incorrect")
-            answer = _check(rapdu)
+            answer = check_sw(rapdu)
             response = find_tlv(find_tlv(answer, TAG_DYN_AUTH) or b"", TAG_RESPONSE)
             encryptor = cipher.encryptor()
             expected = encryptor.update(challenge) + encryptor.finalize()
@@ -1019,7 +964,7 @@ class PivToken(KeyPairToken):
             le=0,
         )
         with self._session():
-            body = _check(self._send(apdu), wrong_data=KeySizeRangeError)
+            body = check_sw(self._send(apdu), wrong_data=KeySizeRangeError)
             try:
                 inner = find_tlv(body, TAG_PUBLIC_KEY)
             except ValueError:
@@ -1066,10 +1011,10 @@ class PivToken(KeyPairToken):
         data = bytearray(b"".join(items))
         try:
             with self._session():
-                _check(self._send(CommandApdu(0, Ins.IMPORT_KEY, alg, slot, bytes(data))))
+                check_sw(self._send(CommandApdu(0, Ins.IMPORT_KEY, alg, slot, bytes(data))))
                 self._reload(slot, generated={slot: public})
         finally:
-            _wipe(data)
+            wipe(data)
 
     def put_certificate(self, slot: PivSlot, der: bytes) -> None:
         slot = PivSlot(slot)
@@ -1106,7 +1051,9 @@ class PivToken(KeyPairToken):
         with self._session():
             cert_der = self._slots[src].cert_der if src in self._slots else None
             known = self._known_keys(src)
-            _check(self._send(CommandApdu(0, Ins.MOVE_KEY, DELETE_KEY if delete else target, src)))
+            check_sw(
+                self._send(CommandApdu(0, Ins.MOVE_KEY, DELETE_KEY if delete else target, src))
+            )
             touched = [src]
             if with_certificate and cert_der is not None:
                 if target is not None:
@@ -1149,16 +1096,16 @@ class PivToken(KeyPairToken):
         try:
             b = pad_pin(second, digits_only=digits[1])
         except TokendError:
-            _wipe(a)
+            wipe(a)
             raise
         data = a + b
         try:
             with self._session():
-                _check(self._send(CommandApdu(0, ins, 0, ref, bytes(data))))
+                check_sw(self._send(CommandApdu(0, ins, 0, ref, bytes(data))))
         finally:
-            _wipe(a)
-            _wipe(b)
-            _wipe(data)
+            wipe(a)
+            wipe(b)
+            wipe(data)
 
     def set_management_key(
         self, new_key: bytes, alg: PivAlgorithm = PivAlgorithm.TDES, *, require_touch: bool = False
@@ -1171,7 +1118,7 @@ class PivToken(KeyPairToken):
             )
         data = bytes((alg, MANAGEMENT_KEY_REF, len(new_key))) + bytes(new_key)
         with self._session():
-            _check(
+            check_sw(
                 self._send(
                     CommandApdu(
                         0, Ins.SET_MANAGEMENT_KEY, 0xFF, 0xFE if require_touch else 0xFF, data
@@ -1191,11 +1138,11 @@ class PivToken(KeyPairToken):
             for ins, data in ((Ins.VERIFY, b"\xff" * 8), (Ins.RESET_RETRY_COUNTER, never_puk)):
                 for _ in range(16):
                     sw = self._send(CommandApdu(0, ins, 0, PIN_REF, data)).sw
-                    if sw == 0x6983 or _retries_in(sw) == 0:
+                    if sw == SW.SW_AUTH_METHOD_BLOCKED or retries_in(sw) == 0:
                         break
-                    if _retries_in(sw) is None:
-                        raise error_for_sw(sw) if sw != 0x9000 else DeviceError("PIN not blocked")
-            _check(self._send(CommandApdu(0, Ins.RESET, 0, 0)))
+                    if retries_in(sw) is None:
+                        raise error_for_sw(sw) if sw != SW.SW_OK else DeviceError("PIN not blocked")
+            check_sw(self._send(CommandApdu(0, Ins.RESET, 0, 0)))
             self._metadata_supported = True
             self._read_slots()
 

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tokend.iso7816 import SW, CommandApdu, Tlv, encode_tlv, parse_tlvs
+from tokend.iso7816 import SW, CommandApdu, Tlv, encode_tlv, parse_tlvs, sw_with_retries
 from tokend.piv_codes import (
     EC_CURVES,
     MGMT_KEY_LENGTHS,
@@ -236,8 +236,7 @@ def _valid_reference(value: bytes) -> bool:
     return len(value) == 8 and 6 <= len(stripped) <= 8 and b"\xff" not in stripped
 
 
-def _wrong_tries_sw(left: int) -> int:
-    return 0x63C0 | min(left, 0x0F)
+_wrong_tries_sw = sw_with_retries
 
 
 def _key_alg(key: PrivateKey) -> PivAlg:

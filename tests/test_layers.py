@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.consent", 0),
     ("tokend.ccid", 0),
     ("tokend.mechanisms", 0),
+    ("tokend.wipe", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
@@ -58,6 +59,7 @@ SIMULATOR_MAY_IMPORT = (
     "tokend.piv_codes",
     "tokend.ccid",
     "tokend.mechanisms",
+    "tokend.wipe",
 )
 
 

@@ -11,6 +11,8 @@ from enum import IntEnum
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tokend.iso7816.pin import PinFormat
+
 
 class PivAlgorithm(IntEnum):
     """Cryptographic mechanism identifiers (SP 800-78-4 Table 6-2; 05/16 are YubiKey 5.7
@@ -114,3 +116,8 @@ def parse_slot(name: str) -> int:
     if value not in STANDARD_SLOTS and value not in RETIRED_SLOTS:
         raise ValueError(f"unknown key slot {name!r} (9a, 9c, 9d, 9e or 82-95)")
     return value
+
+
+#: SP 800-73-4 §2.4.3: the PIV card application PIN (and, with any bytes, the PUK):
+#: 6-8 characters, FF-padded to 8.
+PIV_PIN = PinFormat(min_length=6, max_length=8, stored_length=8, pad_char=0xFF)

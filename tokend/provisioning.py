@@ -49,6 +49,7 @@ from tokend.model import ObjectKey, ObjectKind, Provisionable, TokenObject, Toke
 from tokend.piv_codes import RETIRED_SLOTS
 from tokend.pkcs11 import CKA
 from tokend.session import Application, Engine, Session
+from tokend.wipe import wipe
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,11 +109,6 @@ def _choose(table: dict[str, T], value: str | None, what: str) -> T | None:
         return table[value.lower()]
     except KeyError:
         raise ArgumentsBadError(f"unknown {what} {value!r} ({', '.join(table)})") from None
-
-
-def _wipe(buf: bytearray | None) -> None:
-    if buf is not None:
-        buf[:] = bytes(len(buf))
 
 
 class CredentialError(PinIncorrectError):  # type: ignore[misc]
@@ -184,7 +180,7 @@ def load_private_key(der: bytearray) -> PrivateKey:
     except (ValueError, TypeError):
         raise ArgumentsBadError("private_key is not an unencrypted DER private key") from None
     finally:
-        _wipe(der)
+        wipe(der)
     check_supported(key)
     return key  # type: ignore[return-value]
 
@@ -289,7 +285,7 @@ class Provisioning:
         try:
             return await self._card(session, run)
         finally:
-            _wipe(management_key)
+            wipe(management_key)
             self._forget(session, *touched)
 
     # -- read --
@@ -345,8 +341,8 @@ class Provisioning:
                     # verified (the card's state is global, logins are per application).
                     await self._card(session, token.logout)
         finally:
-            _wipe(first)
-            _wipe(second)
+            wipe(first)
+            wipe(second)
 
     async def set_management_key(
         self,
@@ -366,8 +362,8 @@ class Provisioning:
             if len(new) != length:
                 raise ArgumentsBadError(f"a {algorithm} management key is {length} bytes")
         except BaseException:
-            _wipe(current)
-            _wipe(new)
+            wipe(current)
+            wipe(new)
             raise
 
         def work() -> None:
@@ -376,7 +372,7 @@ class Provisioning:
         try:
             await self._managed(session, token, current, work, ())
         finally:
-            _wipe(new)
+            wipe(new)
 
     # -- keys and certificates --
 
@@ -399,7 +395,7 @@ class Provisioning:
             pin = _choose(PIN_POLICIES, pin_policy, "PIN policy")
             touch = _choose(TOUCH_POLICIES, touch_policy, "touch policy")
         except BaseException:
-            _wipe(management_key)
+            wipe(management_key)
             raise
         had_cert = _has_certificate(token, slot)
 
@@ -434,8 +430,8 @@ class Provisioning:
             if cert is not None:
                 check_match(key, cert)
         except BaseException:
-            _wipe(private_key)
-            _wipe(management_key)
+            wipe(private_key)
+            wipe(management_key)
             raise
         had_cert = _has_certificate(token, slot)
 
@@ -469,7 +465,7 @@ class Provisioning:
                     f"the certificate does not match the key in slot {slot_name(slot)}"
                 )
         except BaseException:
-            _wipe(management_key)
+            wipe(management_key)
             raise
         await self._managed(
             session,
@@ -495,7 +491,7 @@ class Provisioning:
             if not has_key and not has_cert:
                 raise FunctionFailedError(f"slot {slot_name(slot)} is empty")
         except BaseException:
-            _wipe(management_key)
+            wipe(management_key)
             raise
 
         def work() -> None:
@@ -522,7 +518,7 @@ class Provisioning:
             if _populated(token, dst):
                 raise FunctionFailedError(f"slot {slot_name(dst)} is not empty")
         except BaseException:
-            _wipe(management_key)
+            wipe(management_key)
             raise
         await self._managed(
             session, token, management_key, lambda: token.move_key(src, dst), (src, dst)
@@ -550,8 +546,8 @@ class Provisioning:
             check_match(key, cert)
             _retired_target(token, slot)  # refuse early when all retired slots are in use
         except BaseException:
-            _wipe(private_key)
-            _wipe(management_key)
+            wipe(private_key)
+            wipe(management_key)
             raise
         moved: list[int] = []
 

@@ -58,6 +58,7 @@ from tokend.mechanisms.tables import DECRYPT_MECHANISMS, DERIVE_MECHANISMS
 from tokend.model import AttributeValue, Mechanism, ObjectKey, TokenObject
 from tokend.pkcs11 import CKA, CKF_SESSION, CKK, CKO, CKS, CKU
 from tokend.registry import SlotEvent, SlotRegistry, TokenInstance
+from tokend.wipe import wipe
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,12 @@ class Operation:
 
     def forget_context_pin(self) -> None:
         if self.context_pin is not None:
-            self.context_pin[:] = bytes(len(self.context_pin))
+            wipe(self.context_pin)
             self.context_pin = None
 
     def wipe(self) -> None:
         self.forget_context_pin()
-        self.buffer[:] = bytes(len(self.buffer))
+        wipe(self.buffer)
 
 
 @dataclass
@@ -99,7 +100,7 @@ class SessionObject:
     secret: bytearray
 
     def wipe(self) -> None:
-        self.secret[:] = bytes(len(self.secret))
+        wipe(self.secret)
 
 
 @dataclass
@@ -455,7 +456,7 @@ class Engine:
                     raise UserAlreadyLoggedInError("already logged in to this token")
                 app.logins.add(instance.key)
         finally:
-            pin[:] = bytes(len(pin))
+            wipe(pin)
 
     async def logout(self, app: Application, handle: int) -> None:
         session = self._session(app, handle)
@@ -735,7 +736,7 @@ class Engine:
             await self._card(session, session.instance.token.derive, obj.key, mechanism)
         )
         if session.removed:
-            secret[:] = bytes(len(secret))
+            wipe(secret)
             raise DeviceRemovedError("the token was removed")
         value_len = template.get(CKA.CKA_VALUE_LEN)
         if isinstance(value_len, int) and 0 < value_len < len(secret):

@@ -17,6 +17,7 @@ from tokend.errors import (
     TokenNotPresentError,
     UserNotLoggedInError,
 )
+from tokend.wipe import wipe
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -97,7 +98,7 @@ def read_secret(
         try:
             return data.decode().rstrip("\r\n")
         finally:
-            data[:] = bytes(len(data))
+            wipe(data)
     if not sys.stdin.isatty():
         raise UsageError(f"{prompt.strip(': ')}: no terminal to prompt on; use {option}")
     value = getpass.getpass(prompt)

@@ -40,6 +40,7 @@ from tokend.model import Mechanism, OaepParams
 from tokend.piv_codes import parse_slot
 from tokend.pkcs11 import CKA, CKG, CKM
 from tokend.protocol import b64, unb64
+from tokend.wipe import wipe
 
 DECRYPT_MECHANISMS = {
     "rsa-pkcs": Mechanism(CKM.CKM_RSA_PKCS),
@@ -743,7 +744,7 @@ def cmd_import_p12(args: argparse.Namespace) -> int:
                     params[name] = getattr(args, name)
             client.call("tokend_ImportKey", _with_mgmt(params, args))
     finally:
-        key_der[:] = bytes(len(key_der))
+        wipe(key_der)
     print(
         f"imported key and certificate {cert.subject.rfc4514_string()} into slot {slot:02x}",
         file=sys.stderr,
@@ -771,7 +772,7 @@ def cmd_renew_encryption(args: argparse.Namespace) -> int:
                     "decrypted)"
                 ) from None
     finally:
-        key_der[:] = bytes(len(key_der))
+        wipe(key_der)
     old = result.get("retired_slot")
     moved = f"old key and certificate kept in retired slot {old} (decrypt only); " if old else ""
     print(f"{moved}new key {cert.subject.rfc4514_string()} in slot 9d", file=sys.stderr)

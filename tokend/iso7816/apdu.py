@@ -3,30 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 
-
-class SW(IntEnum):
-    """Status words used by the applets tokend speaks to (ISO 7816-4 §5.6, SP 800-73-4)."""
-
-    SW_OK = 0x9000
-    SW_WARNING_STATE_UNCHANGED = 0x6200
-    SW_WRONG_LENGTH = 0x6700
-    SW_LAST_COMMAND_EXPECTED = 0x6883
-    SW_COMMAND_CHAINING_NOT_SUPPORTED = 0x6884
-    SW_SECURITY_STATUS_NOT_SATISFIED = 0x6982
-    SW_AUTH_METHOD_BLOCKED = 0x6983
-    SW_CONDITIONS_NOT_SATISFIED = 0x6985
-    SW_WRONG_DATA = 0x6A80
-    SW_FUNC_NOT_SUPPORTED = 0x6A81
-    SW_FILE_NOT_FOUND = 0x6A82
-    SW_NOT_ENOUGH_MEMORY = 0x6A84
-    SW_INCORRECT_P1P2 = 0x6A86
-    SW_REFERENCE_NOT_FOUND = 0x6A88
-    SW_WRONG_P1P2 = 0x6B00
-    SW_INS_NOT_SUPPORTED = 0x6D00
-    SW_CLA_NOT_SUPPORTED = 0x6E00
-    SW_UNKNOWN = 0x6F00
+from tokend.iso7816.status import SW
 
 
 class ApduError(Exception):
