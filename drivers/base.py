@@ -10,6 +10,17 @@ from enum import Enum
 from typing import Protocol, runtime_checkable
 
 
+class CardProtocol(Enum):
+    """The transmission protocol negotiated with the card (ISO 7816-3), as the transport
+    reports it. T=0 cards take no extended-length APDUs and want case-4 commands without
+    Le (the answer comes through 61xx + GET RESPONSE)."""
+
+    T0 = "T=0"
+    T1 = "T=1"
+    #: contactless / USB / BLE framings that carry whole APDUs (no T=0 restrictions)
+    DIRECT = "direct"
+
+
 class ReaderEventKind(Enum):
     ARRIVED = "arrived"  # a card (token) is now present in the reader
     LEFT = "left"  # the card is gone, or the reader itself went away
@@ -34,7 +45,10 @@ class Transport(Protocol):
 
     reader: str
     #: True when extended-length APDUs can pass (USB/PC-SC v2); False → command chaining.
+    #: Always False on T=0.
     extended: bool
+    #: The protocol negotiated with the card (re-read after a reconnect).
+    protocol: CardProtocol
 
     def atr(self) -> bytes: ...
 

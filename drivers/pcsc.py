@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from smartcard import scard
 
-from tokend.drivers.base import ReaderEvent, ReaderEventKind
+from tokend.drivers.base import CardProtocol, ReaderEvent, ReaderEventKind
 from tokend.errors import CardResetError, TransportError
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,6 @@ class PcscTransport:
     card leaves the transport dead for good (a new card is a new transport).
     """
 
-    #: pcscd passes extended APDUs to PC/SC v2 readers (vpcd included).
-    extended = True
-
     def __init__(self, reader: str) -> None:
         self.reader = reader
         self._lock = threading.RLock()
@@ -90,12 +87,19 @@ class PcscTransport:
             scard.SCardReleaseContext(ctx)
             raise TransportError(f"cannot connect to the card in {reader!r}: {_describe(rv)}")
         self._card = card
-        self._protocol = protocol
+        self._set_protocol(protocol)
         rv, atr = self._status()
         if rv != scard.SCARD_S_SUCCESS:
             self.close()
             raise TransportError(f"card in {reader!r} gone while connecting: {_describe(rv)}")
         self._atr = atr
+
+    def _set_protocol(self, protocol: int) -> None:
+        self._protocol = protocol
+        self.protocol = CardProtocol.T0 if protocol == scard.SCARD_PROTOCOL_T0 else CardProtocol.T1
+        #: pcscd passes extended APDUs to PC/SC v2 readers (vpcd included), but T=0 has
+        #: no extended length at all.
+        self.extended = self.protocol is CardProtocol.T1
 
     def __repr__(self) -> str:
         return f"PcscTransport({self.reader!r})"
@@ -126,7 +130,7 @@ class PcscTransport:
         )
         if rv != scard.SCARD_S_SUCCESS:
             raise self._fail(rv, "reconnect after reset")
-        self._protocol = protocol
+        self._set_protocol(protocol)
         if self._depth > 0:
             # The reset ended our transaction; take it again so the outer `with` balances.
             rv = scard.SCardBeginTransaction(self._card)

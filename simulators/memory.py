@@ -9,18 +9,19 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from tokend.drivers.base import ReaderEvent, ReaderEventKind, Transport
+from tokend.drivers.base import CardProtocol, ReaderEvent, ReaderEventKind, Transport
 from tokend.errors import CardResetError, TransportError
 from tokend.simulators.base import VirtualCard
 
 
 class MemoryTransport:
-    """A connection to the card in a `MemoryReader`; dead once the card is pulled."""
-
-    extended = True
+    """A connection to the card in a `MemoryReader`; dead once the card is pulled. The
+    protocol is the card's own (`VirtualCard.protocol`, T=1 when it does not say)."""
 
     def __init__(self, reader: MemoryReader, card: VirtualCard, insertion: int) -> None:
         self.reader = reader.name
+        self.protocol: CardProtocol = getattr(card, "protocol", CardProtocol.T1)
+        self.extended = self.protocol is not CardProtocol.T0
         self._owner = reader
         self._card = card
         self._insertion = insertion

@@ -58,6 +58,7 @@ from tokend.piv_codes import (
     PivAlgorithm,
     TouchPolicy,
 )
+from tokend.simulators.iso7816_card import CardIo, CardStatus, sw_bytes
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +194,7 @@ def default_pin_policy(slot: int) -> PinPolicy:
     return PinPolicy.ONCE
 
 
-class _CardError(Exception):
-    """Ends a command with a status word (internal control flow, never leaves the card)."""
-
-    def __init__(self, sw: int) -> None:
-        super().__init__(f"{sw:04X}")
-        self.sw = sw
+_CardError = CardStatus
 
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -349,6 +345,7 @@ class VirtualPivCard:
         atr: bytes = DEFAULT_ATR,
     ) -> None:
         self._lock = threading.RLock()
+        self._io = CardIo(max_chain=MAX_CHAIN_SIZE)
         self._atr = bytes(atr)
         self._state_file = Path(state_file) if state_file is not None else None
         self._serial = serial if serial is not None else 10_000_000 + secrets.randbelow(80_000_000)
@@ -389,7 +386,7 @@ class VirtualPivCard:
                 response = self._process(bytes(apdu))
             except Exception as exc:  # the card must answer, whatever went wrong inside
                 log.error("virtual PIV card: internal error (%s)", type(exc).__name__)
-                self._pending_response = b""
+                self._io.drop_pending()
                 response = SW.SW_UNKNOWN.to_bytes(2, "big")
             if self._dirty and self._state_file is not None:
                 try:
@@ -566,9 +563,7 @@ class VirtualPivCard:
         self._pin_always = False  # a fresh VERIFY, consumed by a PIN-always key
         self._mgmt_authenticated = False
         self._mgmt_pending: tuple[str, bytes] | None = None  # ("witness"|"challenge", value)
-        self._chain_header: tuple[int, int, int] | None = None
-        self._chain_data = bytearray()
-        self._pending_response = b""
+        self._io.clear()
 
     # --- dispatch --------------------------------------------------------------------------
 
@@ -576,62 +571,13 @@ class VirtualPivCard:
         try:
             cmd = CommandApdu.decode(raw)
         except ValueError:
-            self._chain_header, self._chain_data = None, bytearray()
-            return self._sw(SW.SW_WRONG_LENGTH)
+            self._io.abort_chain()
+            return sw_bytes(SW.SW_WRONG_LENGTH)
         body = raw[4:]
         extended = len(body) >= 3 and body[0] == 0
         if cmd.cla & ~0x10:
-            return self._sw(SW.SW_CLA_NOT_SUPPORTED)
-        if cmd.ins == Ins.GET_RESPONSE and not cmd.cla & 0x10:
-            return self._get_response(cmd)
-        self._pending_response = b""  # any other command discards what GET RESPONSE had
-        header = (cmd.ins, cmd.p1, cmd.p2)
-        if cmd.cla & 0x10:
-            if cmd.ins in (Ins.SELECT, Ins.GET_RESPONSE):
-                return self._sw(SW.SW_COMMAND_CHAINING_NOT_SUPPORTED)
-            if self._chain_header != header:  # a different header aborts the old chain
-                self._chain_header, self._chain_data = header, bytearray()
-            self._chain_data += cmd.data
-            if len(self._chain_data) > MAX_CHAIN_SIZE:
-                self._chain_header, self._chain_data = None, bytearray()
-                return self._sw(SW.SW_NOT_ENOUGH_MEMORY)
-            return self._sw(SW.SW_OK)
-        data = cmd.data
-        if self._chain_header is not None:
-            if self._chain_header == header:
-                data = bytes(self._chain_data) + data
-            self._chain_header, self._chain_data = None, bytearray()
-        try:
-            result = self._dispatch(cmd.ins, cmd.p1, cmd.p2, data)
-        except _CardError as err:
-            return self._sw(err.sw)
-        return self._respond(result, extended)
-
-    @staticmethod
-    def _sw(sw: int) -> bytes:
-        return int(sw).to_bytes(2, "big")
-
-    def _respond(self, data: bytes, extended: bool) -> bytes:
-        # Le is ignored for sizing (yubikit sends none): up to 256 bytes, then 61xx.
-        if extended or len(data) <= 256:
-            return data + self._sw(SW.SW_OK)
-        self._pending_response = data[256:]
-        return data[:256] + bytes((0x61, min(len(self._pending_response), 256) & 0xFF))
-
-    def _get_response(self, cmd: CommandApdu) -> bytes:
-        if cmd.p1 or cmd.p2:
-            return self._sw(SW.SW_INCORRECT_P1P2)
-        if not self._pending_response:
-            return self._sw(SW.SW_CONDITIONS_NOT_SATISFIED)
-        size = min(cmd.le or 256, 256)
-        chunk, self._pending_response = (
-            self._pending_response[:size],
-            self._pending_response[size:],
-        )
-        rest = len(self._pending_response)
-        if rest:
-            return chunk + bytes((0x61, min(rest, 256) & 0xFF))
-        return chunk + self._sw(SW.SW_OK)
+            return sw_bytes(SW.SW_CLA_NOT_SUPPORTED)
+        return self._io.exchange(cmd, self._dispatch, extended=extended)
 
     def _dispatch(self, ins: int, p1: int, p2: int, data: bytes) -> bytes:
         if ins == Ins.SELECT:
