@@ -14,7 +14,7 @@ import hmac
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeVar
@@ -23,13 +23,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from tokend.drivers.applet import SelectedApplet
 from tokend.drivers.base import Transport
 from tokend.errors import (
     ArgumentsBadError,
     CardResetError,
     DataInvalidError,
     DeviceError,
-    DeviceRemovedError,
     KeySizeRangeError,
     PinIncorrectError,
     PinLenRangeError,
@@ -38,11 +38,9 @@ from tokend.errors import (
 )
 from tokend.iso7816 import (
     SW,
-    ApduChannel,
     CommandApdu,
     NotFoundError,
     PinEncoding,
-    ResponseApdu,
     check_sw,
     encode_tlv,
     error_for_sw,
@@ -481,15 +479,15 @@ class _SlotState:
 # --- the token -----------------------------------------------------------------------------
 
 
-class PivToken(KeyPairToken):
+class PivToken(SelectedApplet, KeyPairToken):
     """One PIV card instance (one insertion). Implements `tokend.model.Token` plus the
     provisioning API used by `tokenctl` through the daemon."""
 
+    AID = PIV_AID
+    APPLET_NAME = "PIV"
+
     def __init__(self, transport: Transport) -> None:
-        self._transport = transport
-        self._channel = ApduChannel(self._transmit, extended=transport.extended)
-        self._selected = False
-        self._closed = False
+        super().__init__(transport)
         self._version: tuple[int, int, int] | None = None
         self._vendor_serial: int | None = None
         self._guid: bytes | None = None
@@ -500,54 +498,11 @@ class PivToken(KeyPairToken):
         self._identity: TokenIdentity | None = None
         self._info: TokenInfo | None = None
 
-    # -- opening and I/O plumbing --
+    def _identity_marker(self) -> bytes | None:
+        return self._guid
 
-    @classmethod
-    def open(cls, transport: Transport) -> PivToken | None:
-        """SELECT the PIV applet and read everything public; None if this is no PIV card."""
-        token = cls(transport)
-        with transport.transaction():
-            if not token._select():
-                return None
-            token._read_card()
-        return token
-
-    def _transmit(self, apdu: bytes) -> bytes:
-        try:
-            return self._transport.transmit(apdu)
-        except CardResetError:
-            self._selected = False  # the card lost its selected application
-            raise
-        except TransportError:
-            self._selected = False
-            raise
-
-    def _send(self, apdu: CommandApdu) -> ResponseApdu:
-        return self._channel.send(apdu)
-
-    def _select(self) -> bool:
-        rapdu = self._send(CommandApdu(0, Ins.SELECT, 0x04, 0x00, PIV_AID, le=0))
-        self._selected = rapdu.ok
-        return rapdu.ok
-
-    @contextmanager
-    def _session(self) -> Iterator[None]:
-        """Exclusive section with the applet selected (re-selected after a card reset)."""
-        if self._closed:
-            raise DeviceRemovedError("token closed")
-        with ExitStack() as stack:
-            try:
-                stack.enter_context(self._transport.transaction())
-            except CardResetError:
-                self._selected = False  # PC/SC may report the reset when the section starts
-                raise
-            if not self._selected:
-                if not self._select():
-                    raise TransportError("PIV applet no longer answers SELECT")
-                if self._guid is not None and self._read_guid() != self._guid:
-                    # another card behind the same connection: counts as a disconnect
-                    raise TransportError("card identity changed")
-            yield
+    def _read_identity_marker(self) -> bytes | None:
+        return self._read_guid()
 
     def _read_card(self) -> None:
         self._version = self._get_version()
@@ -818,15 +773,6 @@ class PivToken(KeyPairToken):
     def logout(self) -> None:
         with self._session():
             check_sw(self._send(CommandApdu(0, Ins.VERIFY, 0xFF, PIN_REF)))
-
-    def exclusive(self) -> AbstractContextManager[None]:
-        return self._transport.transaction()
-
-    def close(self) -> None:
-        """Close the token and its transport (the token owns the transport once opened)."""
-        if not self._closed:
-            self._closed = True
-            self._transport.close()
 
     # -- operations --
 
