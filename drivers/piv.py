@@ -21,7 +21,6 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tokend.drivers.applet import SelectedApplet
 from tokend.drivers.base import Transport
@@ -64,23 +63,60 @@ from tokend.model import (
     TokenObject,
     TokenStatus,
 )
-from tokend.piv_codes import (
-    EC_CURVES,
+from tokend.piv.codes import (
+    ALG_NAMES,
+    DELETE_KEY,
+    MANAGEMENT_KEY_REF,
+    MAX_CERT,
     MGMT_KEY_LENGTHS,
+    PIN_REF,
+    PIV_AID,
     PIV_PIN,
-    RSA_BITS,
+    PUK_REF,
+    RETIRED_SLOTS,
+    STANDARD_SLOTS,
+    TAG_CERT_INFO,
+    TAG_CERTIFICATE,
+    TAG_CHALLENGE,
+    TAG_CHUID_GUID,
+    TAG_DYN_AUTH,
+    TAG_EXPONENTIATION,
+    TAG_GEN_ALGORITHM,
+    TAG_GEN_TEMPLATE,
+    TAG_HISTORY_OFF_CARD,
+    TAG_HISTORY_ON_CARD,
+    TAG_HISTORY_URL,
+    TAG_META_ALGORITHM,
+    TAG_META_ORIGIN,
+    TAG_META_POLICY,
+    TAG_META_PUBLIC_KEY,
+    TAG_META_RETRIES,
+    TAG_OBJ_DATA,
+    TAG_PUBLIC_KEY,
+    TAG_RESPONSE,
+    TAG_WITNESS,
+    Ins,
     KeyOrigin,
     PinPolicy,
     PivAlgorithm,
+    PivObject,
+    PivSlot,
     TouchPolicy,
+)
+from tokend.piv.commands import (
+    algorithm_of,
+    certificate_object,
+    dyn_auth,
+    get_data_command,
+    key_history_object,
+    mgmt_block_size,
+    mgmt_cipher,
+    parse_public_key,
+    policy_tlvs,
+    put_data_command,
 )
 from tokend.pkcs11 import CKF_TOKEN
 from tokend.wipe import wipe
-
-try:  # cryptography >= 43 keeps 3DES in the "decrepit" module
-    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-except ImportError:  # pragma: no cover - older cryptography
-    TripleDES = algorithms.TripleDES  # type: ignore[attr-defined,misc]
 
 log = logging.getLogger(__name__)
 
@@ -99,224 +135,6 @@ __all__ = [
     "error_for_sw",
 ]
 
-PIV_AID = bytes.fromhex("A000000308000010000100")
-DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
-
-
-# --- spec codes ----------------------------------------------------------------------------
-
-
-class Ins(IntEnum):
-    """Instructions: SP 800-73-4 part 2 §3, then YubiKey vendor ones."""
-
-    SELECT = 0xA4
-    VERIFY = 0x20
-    CHANGE_REFERENCE_DATA = 0x24
-    RESET_RETRY_COUNTER = 0x2C
-    GENERATE_ASYMMETRIC_KEY_PAIR = 0x47
-    GENERAL_AUTHENTICATE = 0x87
-    GET_DATA = 0xCB
-    PUT_DATA = 0xDB
-    # vendor (YubiKey, PivApplet)
-    MOVE_KEY = 0xF6
-    GET_METADATA = 0xF7
-    GET_SERIAL = 0xF8
-    ATTEST = 0xF9
-    SET_PIN_RETRIES = 0xFA
-    RESET = 0xFB
-    GET_VERSION = 0xFD
-    IMPORT_KEY = 0xFE
-    SET_MANAGEMENT_KEY = 0xFF
-
-
-class PivSlot(IntEnum):
-    """Asymmetric key references (SP 800-73-4 part 1 table 4b)."""
-
-    AUTHENTICATION = 0x9A
-    SIGNATURE = 0x9C
-    KEY_MANAGEMENT = 0x9D
-    CARD_AUTH = 0x9E
-    RETIRED1 = 0x82
-    RETIRED2 = 0x83
-    RETIRED3 = 0x84
-    RETIRED4 = 0x85
-    RETIRED5 = 0x86
-    RETIRED6 = 0x87
-    RETIRED7 = 0x88
-    RETIRED8 = 0x89
-    RETIRED9 = 0x8A
-    RETIRED10 = 0x8B
-    RETIRED11 = 0x8C
-    RETIRED12 = 0x8D
-    RETIRED13 = 0x8E
-    RETIRED14 = 0x8F
-    RETIRED15 = 0x90
-    RETIRED16 = 0x91
-    RETIRED17 = 0x92
-    RETIRED18 = 0x93
-    RETIRED19 = 0x94
-    RETIRED20 = 0x95
-
-    @property
-    def is_retired(self) -> bool:
-        return 0x82 <= self <= 0x95
-
-    @property
-    def retired_index(self) -> int:
-        """1 for 82 … 20 for 95; 0 for the four standard slots."""
-        return self - 0x81 if self.is_retired else 0
-
-    @property
-    def object_id(self) -> PivObject:
-        if self.is_retired:
-            return PivObject(PivObject.RETIRED1 + self - 0x82)
-        return _CERT_OBJECTS[self]
-
-    @property
-    def cka_id(self) -> bytes:
-        """One byte, numbered like ykcs11: 9A=1, 9C=2, 9D=3, 9E=4, 82..95=5..24."""
-        if self.is_retired:
-            return bytes((self - 0x82 + 5,))
-        return bytes((_STANDARD_IDS[self],))
-
-    @property
-    def label(self) -> str:
-        if self.is_retired:
-            return f"Retired Key {self.retired_index} ({self:02X})"
-        return f"{_STANDARD_NAMES[self]} ({self:02X})"
-
-    @property
-    def role(self) -> str:
-        if self.is_retired:
-            return "retired"
-        return _ROLES[self]
-
-    @property
-    def hex(self) -> str:
-        return f"{self:02x}"
-
-
-#: The symmetric card management key (administration), not a PivSlot.
-MANAGEMENT_KEY_REF = 0x9B
-#: Key references for VERIFY / CHANGE REFERENCE DATA / RESET RETRY COUNTER.
-PIN_REF = 0x80
-PUK_REF = 0x81
-#: P1 of MOVE KEY that deletes the key instead of moving it.
-DELETE_KEY = 0xFF
-
-
-class PivObject(IntEnum):
-    """Data object tags (SP 800-73-4 part 1 table 3), plus two vendor ones."""
-
-    CARD_CAPABILITY_CONTAINER = 0x5FC107
-    CHUID = 0x5FC102
-    CERT_AUTHENTICATION = 0x5FC105
-    FINGERPRINTS = 0x5FC103
-    SECURITY_OBJECT = 0x5FC106
-    FACIAL_IMAGE = 0x5FC108
-    PRINTED_INFORMATION = 0x5FC109
-    CERT_SIGNATURE = 0x5FC10A
-    CERT_KEY_MANAGEMENT = 0x5FC10B
-    CERT_CARD_AUTH = 0x5FC101
-    DISCOVERY = 0x7E
-    KEY_HISTORY = 0x5FC10C
-    RETIRED1 = 0x5FC10D
-    RETIRED2 = 0x5FC10E
-    RETIRED3 = 0x5FC10F
-    RETIRED4 = 0x5FC110
-    RETIRED5 = 0x5FC111
-    RETIRED6 = 0x5FC112
-    RETIRED7 = 0x5FC113
-    RETIRED8 = 0x5FC114
-    RETIRED9 = 0x5FC115
-    RETIRED10 = 0x5FC116
-    RETIRED11 = 0x5FC117
-    RETIRED12 = 0x5FC118
-    RETIRED13 = 0x5FC119
-    RETIRED14 = 0x5FC11A
-    RETIRED15 = 0x5FC11B
-    RETIRED16 = 0x5FC11C
-    RETIRED17 = 0x5FC11D
-    RETIRED18 = 0x5FC11E
-    RETIRED19 = 0x5FC11F
-    RETIRED20 = 0x5FC120
-    IRIS_IMAGES = 0x5FC121
-    BIOMETRIC_GROUP_TEMPLATE = 0x7F61
-    # vendor (YubiKey)
-    YUBICO_ADMIN_DATA = 0x5FFF00
-    YUBICO_ATTESTATION = 0x5FFF01
-
-
-_CERT_OBJECTS = {
-    PivSlot.AUTHENTICATION: PivObject.CERT_AUTHENTICATION,
-    PivSlot.SIGNATURE: PivObject.CERT_SIGNATURE,
-    PivSlot.KEY_MANAGEMENT: PivObject.CERT_KEY_MANAGEMENT,
-    PivSlot.CARD_AUTH: PivObject.CERT_CARD_AUTH,
-}
-_STANDARD_IDS = {
-    PivSlot.AUTHENTICATION: 1,
-    PivSlot.SIGNATURE: 2,
-    PivSlot.KEY_MANAGEMENT: 3,
-    PivSlot.CARD_AUTH: 4,
-}
-_STANDARD_NAMES = {
-    PivSlot.AUTHENTICATION: "PIV Authentication",
-    PivSlot.SIGNATURE: "PIV Digital Signature",
-    PivSlot.KEY_MANAGEMENT: "PIV Key Management",
-    PivSlot.CARD_AUTH: "PIV Card Authentication",
-}
-_ROLES = {
-    PivSlot.AUTHENTICATION: "authentication",
-    PivSlot.SIGNATURE: "signature",
-    PivSlot.KEY_MANAGEMENT: "encryption",
-    PivSlot.CARD_AUTH: "card-auth",
-}
-RETIRED_SLOTS = tuple(s for s in PivSlot if s.is_retired)
-STANDARD_SLOTS = tuple(s for s in PivSlot if not s.is_retired)
-
-
-_ALG_NAMES = {
-    PivAlgorithm.RSA_1024: "rsa1024",
-    PivAlgorithm.RSA_2048: "rsa2048",
-    PivAlgorithm.RSA_3072: "rsa3072",
-    PivAlgorithm.RSA_4096: "rsa4096",
-    PivAlgorithm.ECC_P256: "p256",
-    PivAlgorithm.ECC_P384: "p384",
-}
-
-
-# TLV tags inside the dynamic authentication template (7C) and elsewhere
-TAG_DYN_AUTH = 0x7C
-TAG_WITNESS = 0x80
-TAG_CHALLENGE = 0x81
-TAG_RESPONSE = 0x82
-TAG_EXPONENTIATION = 0x85
-TAG_OBJ_ID = 0x5C
-TAG_OBJ_DATA = 0x53
-TAG_CERTIFICATE = 0x70
-TAG_CERT_INFO = 0x71
-TAG_LRC = 0xFE
-TAG_GEN_TEMPLATE = 0xAC
-TAG_GEN_ALGORITHM = 0x80
-TAG_PIN_POLICY = 0xAA
-TAG_TOUCH_POLICY = 0xAB
-TAG_PUBLIC_KEY = 0x7F49
-TAG_CHUID_GUID = 0x34
-TAG_HISTORY_ON_CARD = 0xC1
-TAG_HISTORY_OFF_CARD = 0xC2
-TAG_HISTORY_URL = 0xF3
-TAG_DISCOVERY_PIN_POLICY = 0x5F2F
-# GET METADATA
-TAG_META_ALGORITHM = 0x01
-TAG_META_POLICY = 0x02
-TAG_META_ORIGIN = 0x03
-TAG_META_PUBLIC_KEY = 0x04
-TAG_META_IS_DEFAULT = 0x05
-TAG_META_RETRIES = 0x06
-
-#: Biggest certificate we accept after gzip decompression (the card holds a few KiB).
-_MAX_CERT = 64 * 1024
-
 
 # --- status words: the one mapping ---------------------------------------------------------
 
@@ -325,45 +143,14 @@ _MAX_CERT = 64 * 1024
 PivNotFoundError = NotFoundError
 
 
+def _public_key(alg: PivAlgorithm, data: bytes) -> PublicKey:
+    try:
+        return parse_public_key(alg, data)
+    except ValueError as exc:
+        raise DeviceError(f"card returned a malformed public key: {exc}") from None
+
+
 # --- TLV builders (pure) -------------------------------------------------------------------
-
-
-def _tag_bytes(tag: int) -> bytes:
-    return tag.to_bytes(max(1, (tag.bit_length() + 7) // 8), "big")
-
-
-def dyn_auth(*items: tuple[int, bytes]) -> bytes:
-    """A dynamic authentication template 7C{…}; an empty value asks for that tag back."""
-    return encode_tlv(TAG_DYN_AUTH, [encode_tlv(tag, value) for tag, value in items])
-
-
-def get_data_command(obj: int) -> CommandApdu:
-    return CommandApdu(0, Ins.GET_DATA, 0x3F, 0xFF, encode_tlv(TAG_OBJ_ID, _tag_bytes(obj)), le=0)
-
-
-def put_data_command(obj: int, content: bytes) -> CommandApdu:
-    data = encode_tlv(TAG_OBJ_ID, _tag_bytes(obj)) + encode_tlv(TAG_OBJ_DATA, content)
-    return CommandApdu(0, Ins.PUT_DATA, 0x3F, 0xFF, data)
-
-
-def certificate_object(der: bytes) -> bytes:
-    """Content of a certificate container (53 value): 70 cert, 71 CertInfo (plain), FE LRC."""
-    return (
-        encode_tlv(TAG_CERTIFICATE, der)
-        + encode_tlv(TAG_CERT_INFO, b"\x00")
-        + encode_tlv(TAG_LRC, b"")
-    )
-
-
-def key_history_object(on_card: int, off_card: int, url: bytes | None = None) -> bytes:
-    parts = [
-        encode_tlv(TAG_HISTORY_ON_CARD, bytes((on_card,))),
-        encode_tlv(TAG_HISTORY_OFF_CARD, bytes((off_card,))),
-    ]
-    if url:
-        parts.append(encode_tlv(TAG_HISTORY_URL, url))
-    parts.append(encode_tlv(TAG_LRC, b""))
-    return b"".join(parts)
 
 
 def pad_pin(pin: bytes | bytearray, *, digits_only: bool = True) -> bytearray:
@@ -373,37 +160,6 @@ def pad_pin(pin: bytes | bytearray, *, digits_only: bool = True) -> bytearray:
 
 
 # --- key material helpers ------------------------------------------------------------------
-
-
-def _algorithm_of(key: object) -> PivAlgorithm | None:
-    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
-        for alg, bits in RSA_BITS.items():
-            if bits == key.key_size:
-                return alg
-        return None
-    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
-        for alg, curve in EC_CURVES.items():
-            if isinstance(key.curve, curve):
-                return alg
-    return None
-
-
-def _parse_public_key(alg: PivAlgorithm, data: bytes) -> PublicKey:
-    """Public key from a 7F49 value (81 n, 82 e / 86 point)."""
-    try:
-        if alg.is_rsa:
-            n, e = find_tlv(data, 0x81), find_tlv(data, 0x82)
-            if n is None or e is None:
-                raise ValueError("missing modulus or exponent")
-            return rsa.RSAPublicNumbers(
-                int.from_bytes(e, "big"), int.from_bytes(n, "big")
-            ).public_key()
-        point = find_tlv(data, 0x86)
-        if point is None:
-            raise ValueError("missing EC point")
-        return ec.EllipticCurvePublicKey.from_encoded_point(EC_CURVES[alg](), point)
-    except (ValueError, KeyError) as exc:
-        raise DeviceError(f"card returned a malformed public key: {exc}") from None
 
 
 # --- per-slot state ------------------------------------------------------------------------
@@ -432,7 +188,7 @@ class _SlotState:
     def algorithm(self) -> PivAlgorithm | None:
         if self.metadata is not None and self.metadata.algorithm is not None:
             return self.metadata.algorithm
-        return _algorithm_of(self.public_key) if self.public_key is not None else None
+        return algorithm_of(self.public_key) if self.public_key is not None else None
 
     @property
     def has_key(self) -> bool:
@@ -606,7 +362,7 @@ class PivToken(SelectedApplet, KeyPairToken):
             return None
         if info and info[0] & 0x01:  # gzip-compressed (YubiKey convention)
             try:
-                der = gzip.GzipFile(fileobj=_Bytes(der)).read(_MAX_CERT)
+                der = gzip.GzipFile(fileobj=_Bytes(der)).read(MAX_CERT)
             except (OSError, EOFError):
                 log.warning("slot %02X: bad compressed certificate", slot)
                 return None
@@ -643,7 +399,7 @@ class PivToken(SelectedApplet, KeyPairToken):
         origin = raw.get(TAG_META_ORIGIN, b"")
         public = None
         if alg is not None and (alg.is_rsa or alg.is_ec) and TAG_META_PUBLIC_KEY in raw:
-            public = _parse_public_key(alg, raw[TAG_META_PUBLIC_KEY])
+            public = _public_key(alg, raw[TAG_META_PUBLIC_KEY])
         return SlotMetadata(
             algorithm=alg,
             pin_policy=_enum_or_none(PinPolicy, policy[0:1]),
@@ -845,8 +601,11 @@ class PivToken(SelectedApplet, KeyPairToken):
             alg = self._mgmt_algorithm(key)
             if len(key) != MGMT_KEY_LENGTHS.get(alg, -1):
                 raise PinLenRangeError(f"management key for {alg.name} has the wrong length")
-            cipher = _mgmt_cipher(alg, key)
-            block = _block_size(alg)
+            try:
+                cipher = mgmt_cipher(alg, key)
+            except ValueError:
+                raise ArgumentsBadError(f"{alg.name} is not a management key algorithm") from None
+            block = mgmt_block_size(alg)
             answer = check_sw(
                 self._send(
                     CommandApdu(
@@ -900,7 +659,7 @@ class PivToken(SelectedApplet, KeyPairToken):
         if not (alg.is_rsa or alg.is_ec):
             raise KeySizeRangeError(f"{alg.name} is not an asymmetric algorithm")
         template = [encode_tlv(TAG_GEN_ALGORITHM, bytes((alg,)))]
-        template += _policy_tlvs(pin_policy, touch_policy)
+        template += policy_tlvs(pin_policy, touch_policy)
         apdu = CommandApdu(
             0,
             Ins.GENERATE_ASYMMETRIC_KEY_PAIR,
@@ -917,7 +676,7 @@ class PivToken(SelectedApplet, KeyPairToken):
                 inner = None
             if inner is None:
                 raise DeviceError("GENERATE answer has no public key")
-            public = _parse_public_key(alg, inner)
+            public = _public_key(alg, inner)
             self._reload(slot, generated={slot: public})
         return public
 
@@ -930,7 +689,7 @@ class PivToken(SelectedApplet, KeyPairToken):
     ) -> None:
         """Vendor IMPORT ASYMMETRIC KEY (INS FE); needs management-key authentication."""
         slot = PivSlot(slot)
-        alg = _algorithm_of(private_key)
+        alg = algorithm_of(private_key)
         if alg is None:
             raise KeySizeRangeError("unsupported key type or size")
         if isinstance(private_key, rsa.RSAPrivateKey):
@@ -953,7 +712,7 @@ class PivToken(SelectedApplet, KeyPairToken):
                 encode_tlv(0x06, private_key.private_numbers().private_value.to_bytes(size, "big"))
             ]
             public = private_key.public_key()
-        items += _policy_tlvs(pin_policy, touch_policy)
+        items += policy_tlvs(pin_policy, touch_policy)
         data = bytearray(b"".join(items))
         try:
             with self._session():
@@ -1104,7 +863,7 @@ class PivToken(SelectedApplet, KeyPairToken):
                 KeySlotInfo(
                     slot=slot.hex,
                     role=slot.role,
-                    algorithm=_ALG_NAMES.get(alg) if alg is not None else None,
+                    algorithm=ALG_NAMES.get(alg) if alg is not None else None,
                     certificate=state.cert_der,
                     origin=origin.name.lower() if origin is not None else None,
                 )
@@ -1164,27 +923,3 @@ def _enum_or_none(enum: type[E], raw: bytes) -> E | None:
         return enum(raw[0])
     except ValueError:
         return None
-
-
-def _policy_tlvs(pin_policy: PinPolicy | None, touch_policy: TouchPolicy | None) -> list[bytes]:
-    out = []
-    if pin_policy is not None and pin_policy != PinPolicy.DEFAULT:
-        out.append(encode_tlv(TAG_PIN_POLICY, bytes((pin_policy,))))
-    if touch_policy is not None and touch_policy != TouchPolicy.DEFAULT:
-        out.append(encode_tlv(TAG_TOUCH_POLICY, bytes((touch_policy,))))
-    return out
-
-
-def _mgmt_cipher(alg: PivAlgorithm, key: bytes) -> Cipher[modes.ECB]:
-    if alg == PivAlgorithm.TDES:
-        algo: algorithms.AES | TripleDES = TripleDES(key)
-    elif alg in (PivAlgorithm.AES_128, PivAlgorithm.AES_192, PivAlgorithm.AES_256):
-        algo = algorithms.AES(key)
-    else:
-        raise ArgumentsBadError(f"{alg.name} is not a management key algorithm")
-    # single-block challenge/response: ECB is what SP 800-73-4 specifies here
-    return Cipher(algo, modes.ECB())  # noqa: S305
-
-
-def _block_size(alg: PivAlgorithm) -> int:
-    return 8 if alg == PivAlgorithm.TDES else 16

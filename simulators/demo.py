@@ -20,30 +20,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tokend.iso7816 import ApduChannel, CommandApdu, encode_tlv, find_tlv
-from tokend.simulators.piv import (
+from tokend.piv.codes import (
     DEFAULT_MANAGEMENT_KEY,
-    DEFAULT_PIN,
-    DEFAULT_PUK,
     PIV_AID,
-    DataTag,
+    TAG_CHALLENGE,
+    TAG_DYN_AUTH,
+    TAG_GEN_ALGORITHM,
+    TAG_GEN_TEMPLATE,
+    TAG_PUBLIC_KEY,
+    TAG_RESPONSE,
+    TAG_WITNESS,
     Ins,
     KeyRef,
-    PivAlg,
-    VirtualPivCard,
-    build_chuid,
-    cert_tag,
+    PivAlgorithm,
+    PivObject,
+    PivSlot,
 )
+from tokend.piv.commands import (
+    build_chuid,
+    certificate_object,
+    dyn_auth,
+    mgmt_cipher,
+    put_data_command,
+)
+from tokend.simulators.piv import DEFAULT_PIN, DEFAULT_PUK, VirtualPivCard
 
 DEMO_NAME = "Demo User"
 DEMO_EMAIL = "demo@example.org"
-RETIRED_SLOT = 0x82
+RETIRED_SLOT = PivSlot.RETIRED1
 
 
 @dataclass(frozen=True)
@@ -226,26 +235,26 @@ class _Provisioner:
 
     def authenticate(self, key: bytes) -> None:
         """9B mutual authentication with the (3DES) management key."""
-        cipher = Cipher(TripleDES(key), modes.ECB())  # noqa: S305  (one block, as specified)
+        cipher = mgmt_cipher(PivAlgorithm.TDES, key)
         reply = self.send(
             Ins.GENERAL_AUTHENTICATE,
-            PivAlg.TDES,
-            KeyRef.CARD_MANAGEMENT,
-            encode_tlv(0x7C, b"\x80\x00"),
+            PivAlgorithm.TDES,
+            KeyRef.MANAGEMENT_KEY,
+            dyn_auth((TAG_WITNESS, b"")),
         )
-        encrypted_witness = find_tlv(find_tlv(reply, 0x7C) or b"", 0x80) or b""
+        encrypted_witness = find_tlv(find_tlv(reply, TAG_DYN_AUTH) or b"", TAG_WITNESS) or b""
         decryptor = cipher.decryptor()
         witness = decryptor.update(encrypted_witness) + decryptor.finalize()
         challenge = secrets.token_bytes(8)
         reply = self.send(
             Ins.GENERAL_AUTHENTICATE,
-            PivAlg.TDES,
-            KeyRef.CARD_MANAGEMENT,
-            encode_tlv(0x7C, encode_tlv(0x80, witness) + encode_tlv(0x81, challenge)),
+            PivAlgorithm.TDES,
+            KeyRef.MANAGEMENT_KEY,
+            dyn_auth((TAG_WITNESS, witness), (TAG_CHALLENGE, challenge)),
         )
         encryptor = cipher.encryptor()
         expected = encryptor.update(challenge) + encryptor.finalize()
-        if find_tlv(find_tlv(reply, 0x7C) or b"", 0x82) != expected:
+        if find_tlv(find_tlv(reply, TAG_DYN_AUTH) or b"", TAG_RESPONSE) != expected:
             raise RuntimeError("card failed the management-key challenge")
 
     def import_rsa(self, slot: int, key: rsa.RSAPrivateKey) -> None:
@@ -253,23 +262,22 @@ class _Provisioner:
         half = key.key_size // 16
         parts = (numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp)
         data = b"".join(encode_tlv(i, v.to_bytes(half, "big")) for i, v in enumerate(parts, 1))
-        self.send(Ins.YK_IMPORT_KEY, PivAlg.RSA_2048, slot, data)
+        self.send(Ins.IMPORT_KEY, PivAlgorithm.RSA_2048, slot, data)
 
     def generate_p256(self, slot: int) -> ec.EllipticCurvePublicKey:
-        template = encode_tlv(0xAC, encode_tlv(0x80, bytes((PivAlg.ECC_P256,))))
+        template = encode_tlv(
+            TAG_GEN_TEMPLATE, encode_tlv(TAG_GEN_ALGORITHM, bytes((PivAlgorithm.ECC_P256,)))
+        )
         reply = self.send(Ins.GENERATE_ASYMMETRIC_KEY_PAIR, 0x00, slot, template, 0)
-        point = find_tlv(find_tlv(reply, 0x7F49) or b"", 0x86) or b""
+        point = find_tlv(find_tlv(reply, TAG_PUBLIC_KEY) or b"", 0x86) or b""
         return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
 
     def put_object(self, tag: int, value: bytes) -> None:
-        tag_bytes = tag.to_bytes(3 if tag > 0xFFFF else (2 if tag > 0xFF else 1), "big")
-        self.send(Ins.PUT_DATA, 0x3F, 0xFF, encode_tlv(0x5C, tag_bytes) + encode_tlv(0x53, value))
+        self._channel.send(put_data_command(tag, value)).check()
 
     def put_certificate(self, slot: int, cert: x509.Certificate) -> None:
         der = cert.public_bytes(serialization.Encoding.DER)
-        # 70 certificate, 71 CertInfo (00: not compressed), FE error detection code.
-        value = encode_tlv(0x70, der) + encode_tlv(0x71, b"\x00") + encode_tlv(0xFE)
-        self.put_object(cert_tag(slot), value)
+        self.put_object(PivSlot(slot).object_id, certificate_object(der))
 
 
 def provision_demo(
@@ -296,13 +304,13 @@ def provision_demo(
     apdu.authenticate(DEFAULT_MANAGEMENT_KEY)
     if serial is not None:
         guid = hashlib.sha256(b"tokend demo card %d" % serial).digest()[:16]
-        apdu.put_object(DataTag.CHUID, build_chuid(guid))
-    apdu.import_rsa(KeyRef.KEY_MANAGEMENT, host.encryption_key)
-    apdu.put_certificate(KeyRef.KEY_MANAGEMENT, host.encryption_cert)
+        apdu.put_object(PivObject.CHUID, build_chuid(guid))
+    apdu.import_rsa(PivSlot.KEY_MANAGEMENT, host.encryption_key)
+    apdu.put_certificate(PivSlot.KEY_MANAGEMENT, host.encryption_cert)
     apdu.import_rsa(RETIRED_SLOT, host.retired_key)
     apdu.put_certificate(RETIRED_SLOT, host.retired_cert)
     # The signing key is generated on the token and never leaves it (as in the product).
-    signing_public = apdu.generate_p256(KeyRef.DIGITAL_SIGNATURE)
+    signing_public = apdu.generate_p256(PivSlot.SIGNATURE)
     not_before = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=1)
     signing_cert = _user_cert(
         host.ca_key,
@@ -312,19 +320,19 @@ def provision_demo(
         months=13,
         encryption=False,
     )
-    apdu.put_certificate(KeyRef.DIGITAL_SIGNATURE, signing_cert)
+    apdu.put_certificate(PivSlot.SIGNATURE, signing_cert)
     authentication_cert = None
     if key_agreement:
         authentication_cert = _user_cert(
             host.ca_key,
             host.ca_cert,
-            apdu.generate_p256(KeyRef.PIV_AUTHENTICATION),
+            apdu.generate_p256(PivSlot.AUTHENTICATION),
             not_before=not_before,
             months=13,
             encryption=False,
             key_agreement=True,
         )
-        apdu.put_certificate(KeyRef.PIV_AUTHENTICATION, authentication_cert)
+        apdu.put_certificate(PivSlot.AUTHENTICATION, authentication_cert)
     card.reset()  # leave no management-key authentication behind
 
     material = DemoMaterial(

@@ -29,7 +29,6 @@ Simulator-only choices (documented here because a real card would not tell):
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hmac
 import json
 import logging
@@ -39,36 +38,47 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from tokend.iso7816 import SW, CommandApdu, Tlv, encode_tlv, parse_tlvs, sw_with_retries
-from tokend.piv_codes import (
+from tokend.piv.codes import (
+    DEFAULT_MANAGEMENT_KEY,
     EC_CURVES,
+    KEY_SLOTS,
     MGMT_KEY_LENGTHS,
+    PIN_PROTECTED_OBJECTS,
+    PIV_AID,
+    RETIRED_SLOTS,
     RSA_BITS,
+    Ins,
     KeyOrigin,
+    KeyRef,
     PinPolicy,
     PivAlgorithm,
+    PivObject,
+    PivSlot,
     TouchPolicy,
+)
+from tokend.piv.commands import (
+    algorithm_of,
+    build_chuid,
+    default_pin_policy,
+    encode_public_key,
+    mgmt_cipher,
 )
 from tokend.simulators.iso7816_card import CardIo, CardStatus, sw_bytes
 
 log = logging.getLogger(__name__)
 
-PIV_AID = bytes.fromhex("A000000308000010000100")
 #: Neutral T=1 ATR, historical bytes ``80 "tokend"`` (not a YubiKey ATR, so hosts treat the
 #: card as generic PIV).
 DEFAULT_ATR = bytes.fromhex("3B9713810180746F6B656E649B")
 DEFAULT_PIN = b"123456"
 DEFAULT_PUK = b"12345678"
-DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
 DEFAULT_RETRIES = 3
 #: Reported by the vendor GET VERSION (FD).
 FIRMWARE_VERSION = (5, 7, 1)
@@ -82,116 +92,7 @@ _STATE_FORMAT = "tokend-virtual-piv"
 _STATE_VERSION = 1
 
 
-class Ins(IntEnum):
-    """Instruction bytes. ``YK_`` members are YubiKey vendor extensions, not SP 800-73-4."""
-
-    VERIFY = 0x20
-    CHANGE_REFERENCE_DATA = 0x24
-    RESET_RETRY_COUNTER = 0x2C
-    GENERATE_ASYMMETRIC_KEY_PAIR = 0x47
-    GENERAL_AUTHENTICATE = 0x87
-    SELECT = 0xA4
-    GET_RESPONSE = 0xC0
-    GET_DATA = 0xCB
-    PUT_DATA = 0xDB
-    YK_MOVE_KEY = 0xF6
-    YK_GET_METADATA = 0xF7
-    YK_GET_SERIAL = 0xF8
-    YK_ATTEST = 0xF9
-    YK_SET_PIN_RETRIES = 0xFA
-    YK_RESET = 0xFB
-    YK_GET_VERSION = 0xFD
-    YK_IMPORT_KEY = 0xFE
-    YK_SET_MANAGEMENT_KEY = 0xFF
-
-
 PivAlg = PivAlgorithm  # the simulator's short name for the shared codes
-
-
-class KeyRef(IntEnum):
-    """Key references (SP 800-73-4 Table 4b); retired 82-95 are `RETIRED_SLOTS`."""
-
-    PIV_PIN = 0x80
-    PUK = 0x81
-    PIV_AUTHENTICATION = 0x9A
-    CARD_MANAGEMENT = 0x9B
-    DIGITAL_SIGNATURE = 0x9C
-    KEY_MANAGEMENT = 0x9D
-    CARD_AUTHENTICATION = 0x9E
-
-
-class DataTag(IntEnum):
-    """Data object tags (SP 800-73-4 Table 3) used by the card itself."""
-
-    DISCOVERY = 0x7E
-    BIOMETRIC_GROUP_TEMPLATE = 0x7F61
-    CARD_AUTHENTICATION_CERT = 0x5FC101
-    CHUID = 0x5FC102
-    FINGERPRINTS = 0x5FC103
-    PIV_AUTHENTICATION_CERT = 0x5FC105
-    SECURITY_OBJECT = 0x5FC106
-    CCC = 0x5FC107
-    FACIAL_IMAGE = 0x5FC108
-    PRINTED_INFORMATION = 0x5FC109
-    DIGITAL_SIGNATURE_CERT = 0x5FC10A
-    KEY_MANAGEMENT_CERT = 0x5FC10B
-    KEY_HISTORY = 0x5FC10C
-    RETIRED_CERT_1 = 0x5FC10D
-    RETIRED_CERT_20 = 0x5FC120
-    IRIS_IMAGES = 0x5FC121
-
-
-RETIRED_SLOTS = tuple(range(0x82, 0x96))
-KEY_SLOTS = (0x9A, 0x9C, 0x9D, 0x9E, *RETIRED_SLOTS)
-
-_CERT_TAGS = {
-    0x9A: DataTag.PIV_AUTHENTICATION_CERT,
-    0x9C: DataTag.DIGITAL_SIGNATURE_CERT,
-    0x9D: DataTag.KEY_MANAGEMENT_CERT,
-    0x9E: DataTag.CARD_AUTHENTICATION_CERT,
-    **{slot: DataTag.RETIRED_CERT_1 + i for i, slot in enumerate(RETIRED_SLOTS)},
-}
-#: Objects readable only after PIN verification (SP 800-73-4 Table 2).
-_PIN_PROTECTED_OBJECTS = frozenset(
-    {
-        DataTag.FINGERPRINTS,
-        DataTag.FACIAL_IMAGE,
-        DataTag.PRINTED_INFORMATION,
-        DataTag.IRIS_IMAGES,
-    }
-)
-# FASC-N of a non-federal issuer (agency code 9999), as yubikit and OpenSC examples use.
-_FASCN = bytes.fromhex("D4E739DA739CED39CE739D836858210842108421C84210C3EB")
-
-
-def cert_tag(slot: int) -> int:
-    """The certificate data object of a key slot (9A/9C/9D/9E, retired 82-95)."""
-    return int(_CERT_TAGS[slot])
-
-
-def build_chuid(guid: bytes) -> bytes:
-    """CHUID content (inside 53): FASC-N, GUID, expiry in ten years, empty signature."""
-    if len(guid) != 16:
-        raise ValueError("GUID must be 16 bytes")
-    expiry = (dt.date.today() + dt.timedelta(days=3650)).strftime("%Y%m%d").encode()
-    return b"".join(
-        (
-            encode_tlv(0x30, _FASCN),
-            encode_tlv(0x34, guid),
-            encode_tlv(0x35, expiry),
-            encode_tlv(0x3E),  # issuer signature: empty (unsigned CHUID)
-            encode_tlv(0xFE),  # error detection code
-        )
-    )
-
-
-def default_pin_policy(slot: int) -> PinPolicy:
-    """SP 800-73-4 access rule per key reference: 9C always, 9E never, others once."""
-    if slot == KeyRef.DIGITAL_SIGNATURE:
-        return PinPolicy.ALWAYS
-    if slot == KeyRef.CARD_AUTHENTICATION:
-        return PinPolicy.NEVER
-    return PinPolicy.ONCE
 
 
 _CardError = CardStatus
@@ -236,28 +137,10 @@ _wrong_tries_sw = sw_with_retries
 
 
 def _key_alg(key: PrivateKey) -> PivAlg:
-    if isinstance(key, rsa.RSAPrivateKey):
-        for alg, bits in RSA_BITS.items():
-            if bits == key.key_size:
-                return PivAlg(alg)
-        raise ValueError(f"unsupported RSA key size {key.key_size}")
-    for alg, curve in EC_CURVES.items():
-        if isinstance(key.curve, curve):
-            return PivAlg(alg)
-    raise ValueError(f"unsupported curve {key.curve.name}")
-
-
-def _public_key_tlvs(key: PrivateKey) -> bytes:
-    """The content of the 7F49 template: RSA ``81 n 82 e``, EC ``86 point``."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        numbers = key.public_key().public_numbers()
-        n = numbers.n.to_bytes((key.key_size + 7) // 8, "big")
-        e = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
-        return encode_tlv(0x81, n) + encode_tlv(0x82, e)
-    point = key.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )
-    return encode_tlv(0x86, point)
+    alg = algorithm_of(key)
+    if alg is None:
+        raise ValueError("unsupported key type or size")
+    return alg
 
 
 def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
@@ -274,13 +157,6 @@ def _raw_rsa(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
     m2 = pow(c, numbers.dmq1, q)
     h = (numbers.iqmp * (m1 - m2)) % p
     return (m2 + h * q).to_bytes(size, "big")
-
-
-def _mgmt_cipher(alg: int, key: bytes) -> Cipher[modes.ECB]:
-    # SP 800-73-4 9B authentication encrypts single random blocks: ECB is the spec.
-    if alg in (PivAlg.TDES, PivAlg.TDES_LEGACY):
-        return Cipher(TripleDES(key), modes.ECB())  # noqa: S305
-    return Cipher(algorithms.AES(key), modes.ECB())  # noqa: S305
 
 
 def _single_tlv(data: bytes, tag: int) -> Tlv:
@@ -416,7 +292,7 @@ class VirtualPivCard:
     def guid(self) -> bytes:
         """The GUID in the current CHUID (the factory GUID unless the host rewrote CHUID)."""
         with self._lock:
-            chuid = self._objects.get(DataTag.CHUID)
+            chuid = self._objects.get(PivObject.CHUID)
             if chuid:
                 with contextlib.suppress(ValueError):
                     for tlv in parse_tlvs(chuid):
@@ -545,8 +421,8 @@ class VirtualPivCard:
         self._mgmt_touch = TouchPolicy.NEVER
         self._keys: dict[int, _SlotKey] = {}
         self._objects: dict[int, bytes] = {
-            DataTag.CHUID: build_chuid(self._guid),
-            DataTag.CCC: self._make_ccc(),
+            PivObject.CHUID: build_chuid(self._guid),
+            PivObject.CARD_CAPABILITY_CONTAINER: self._make_ccc(),
         }
 
     @staticmethod
@@ -592,14 +468,14 @@ class VirtualPivCard:
             Ins.GENERATE_ASYMMETRIC_KEY_PAIR: self._generate,
             Ins.GET_DATA: self._get_data,
             Ins.PUT_DATA: self._put_data,
-            Ins.YK_GET_VERSION: self._yk_get_version,
-            Ins.YK_GET_SERIAL: self._yk_get_serial,
-            Ins.YK_GET_METADATA: self._yk_get_metadata,
-            Ins.YK_IMPORT_KEY: self._yk_import_key,
-            Ins.YK_SET_MANAGEMENT_KEY: self._yk_set_management_key,
-            Ins.YK_RESET: self._yk_reset,
-            Ins.YK_SET_PIN_RETRIES: self._yk_set_pin_retries,
-            Ins.YK_MOVE_KEY: self._yk_move_key,
+            Ins.GET_VERSION: self._yk_get_version,
+            Ins.GET_SERIAL: self._yk_get_serial,
+            Ins.GET_METADATA: self._yk_get_metadata,
+            Ins.IMPORT_KEY: self._yk_import_key,
+            Ins.SET_MANAGEMENT_KEY: self._yk_set_management_key,
+            Ins.RESET: self._yk_reset,
+            Ins.SET_PIN_RETRIES: self._yk_set_pin_retries,
+            Ins.MOVE_KEY: self._yk_move_key,
         }
         handler = handlers.get(ins)
         if handler is None:
@@ -633,7 +509,7 @@ class VirtualPivCard:
     # --- PIN / PUK -------------------------------------------------------------------------
 
     def _counter(self, ref: int) -> _Counter:
-        if ref == KeyRef.PIV_PIN:
+        if ref == KeyRef.PIN:
             return self._pin
         if ref == KeyRef.PUK:
             return self._puk
@@ -655,7 +531,7 @@ class VirtualPivCard:
         raise _CardError(_wrong_tries_sw(counter.left))
 
     def _verify(self, p1: int, p2: int, data: bytes) -> bytes:
-        if p2 != KeyRef.PIV_PIN:  # global PIN 00 and OCC 96 are not offered (Discovery)
+        if p2 != KeyRef.PIN:  # global PIN 00 and OCC 96 are not offered (Discovery)
             raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
         if p1 == 0xFF:
             if data:
@@ -696,7 +572,7 @@ class VirtualPivCard:
     def _reset_retry_counter(self, p1: int, p2: int, data: bytes) -> bytes:
         if p1 != 0x00:
             raise _CardError(SW.SW_INCORRECT_P1P2)
-        if p2 != KeyRef.PIV_PIN:
+        if p2 != KeyRef.PIN:
             raise _CardError(SW.SW_REFERENCE_NOT_FOUND)
         if len(data) != 16:
             raise _CardError(SW.SW_WRONG_DATA)
@@ -714,7 +590,7 @@ class VirtualPivCard:
 
     def _general_authenticate(self, p1: int, p2: int, data: bytes) -> bytes:
         fields = _tlv_dict(_single_tlv(data, 0x7C).value)
-        if p2 == KeyRef.CARD_MANAGEMENT:
+        if p2 == KeyRef.MANAGEMENT_KEY:
             return self._authenticate_management(p1, fields)
         if p2 not in KEY_SLOTS:
             raise _CardError(SW.SW_INCORRECT_P1P2)
@@ -767,7 +643,7 @@ class VirtualPivCard:
             {alg, self._mgmt_alg} <= {PivAlg.TDES, PivAlg.TDES_LEGACY}
         ):
             raise _CardError(SW.SW_INCORRECT_P1P2)
-        cipher = _mgmt_cipher(self._mgmt_alg, self._mgmt_key)
+        cipher = mgmt_cipher(self._mgmt_alg, self._mgmt_key)
         block = 8 if self._mgmt_alg in (PivAlg.TDES, PivAlg.TDES_LEGACY) else 16
         pending, self._mgmt_pending = self._mgmt_pending, None
         witness, challenge, response = fields.get(0x80), fields.get(0x81), fields.get(0x82)
@@ -844,7 +720,7 @@ class VirtualPivCard:
             raise _CardError(SW.SW_WRONG_DATA)
         _policies(fields, slot)  # validate before storing
         self._store_key(slot, key, fields, KeyOrigin.GENERATED)
-        return encode_tlv(0x7F49, _public_key_tlvs(key))
+        return encode_tlv(0x7F49, encode_public_key(key))
 
     # --- data objects ----------------------------------------------------------------------
 
@@ -864,12 +740,12 @@ class VirtualPivCard:
         tag, rest = self._object_tag(data)
         if rest:
             raise _CardError(SW.SW_WRONG_DATA)
-        if tag == DataTag.DISCOVERY:
+        if tag == PivObject.DISCOVERY:
             # PIV AID; PIN usage policy: PIV PIN only, PIV PIN primary.
             return encode_tlv(
                 0x7E, encode_tlv(0x4F, PIV_AID) + encode_tlv(0x5F2F, bytes((0x40, 0x00)))
             )
-        if tag in _PIN_PROTECTED_OBJECTS and not self._pin_verified:
+        if tag in PIN_PROTECTED_OBJECTS and not self._pin_verified:
             raise _CardError(SW.SW_SECURITY_STATUS_NOT_SATISFIED)
         value = self._objects.get(tag)
         if value is None:
@@ -894,7 +770,7 @@ class VirtualPivCard:
             self._objects[tag] = value
         else:  # 53 00 deletes the object
             self._objects.pop(tag, None)
-        if tag == DataTag.KEY_HISTORY or DataTag.RETIRED_CERT_1 <= tag <= DataTag.RETIRED_CERT_20:
+        if tag == PivObject.KEY_HISTORY or PivObject.RETIRED1 <= tag <= PivObject.RETIRED20:
             self._sync_key_history()
         self._changed()
         return b""
@@ -902,8 +778,10 @@ class VirtualPivCard:
     def _sync_key_history(self) -> None:
         """Keep keysWithOnCardCerts (C1) equal to the retired slots holding key + cert;
         keysWithOffCardCerts (C2) and the URL (F3) stay as the host wrote them."""
-        on_card = sum(1 for s in RETIRED_SLOTS if s in self._keys and cert_tag(s) in self._objects)
-        existing = self._objects.get(DataTag.KEY_HISTORY)
+        on_card = sum(
+            1 for s in RETIRED_SLOTS if s in self._keys and PivSlot(s).object_id in self._objects
+        )
+        existing = self._objects.get(PivObject.KEY_HISTORY)
         if existing is None and on_card == 0:
             return
         off_card, url = 0, None
@@ -918,7 +796,7 @@ class VirtualPivCard:
         if url is not None:
             parts.append(encode_tlv(0xF3, url))
         parts.append(encode_tlv(0xFE))
-        self._objects[DataTag.KEY_HISTORY] = b"".join(parts)
+        self._objects[PivObject.KEY_HISTORY] = b"".join(parts)
 
     # --- vendor (YubiKey-compatible) extensions --------------------------------------------
 
@@ -933,15 +811,15 @@ class VirtualPivCard:
     def _yk_get_metadata(self, p1: int, p2: int, data: bytes) -> bytes:
         """Vendor F7 GET METADATA: 01 alg, 02 policy, 03 origin, 04 public key, 05 is-default,
         06 retries (total, left)."""
-        if p2 in (KeyRef.PIV_PIN, KeyRef.PUK):
+        if p2 in (KeyRef.PIN, KeyRef.PUK):
             counter = self._counter(p2)
-            default = _pad_reference(DEFAULT_PIN if p2 == KeyRef.PIV_PIN else DEFAULT_PUK)
+            default = _pad_reference(DEFAULT_PIN if p2 == KeyRef.PIN else DEFAULT_PUK)
             return (
                 encode_tlv(0x01, b"\xff")
                 + encode_tlv(0x05, bytes((int(counter.value == default),)))
                 + encode_tlv(0x06, bytes((counter.max_tries, counter.left)))
             )
-        if p2 == KeyRef.CARD_MANAGEMENT:
+        if p2 == KeyRef.MANAGEMENT_KEY:
             is_default = (
                 self._mgmt_alg in (PivAlg.TDES, PivAlg.TDES_LEGACY)
                 and self._mgmt_key == DEFAULT_MANAGEMENT_KEY
@@ -958,7 +836,7 @@ class VirtualPivCard:
             encode_tlv(0x01, bytes((slot_key.alg,)))
             + encode_tlv(0x02, bytes((slot_key.pin_policy, slot_key.touch_policy)))
             + encode_tlv(0x03, bytes((slot_key.origin,)))
-            + encode_tlv(0x04, _public_key_tlvs(slot_key.private_key))
+            + encode_tlv(0x04, encode_public_key(slot_key.private_key))
         )
 
     def _yk_import_key(self, p1: int, p2: int, data: bytes) -> bytes:
@@ -1007,7 +885,7 @@ class VirtualPivCard:
         if not data:
             raise _CardError(SW.SW_WRONG_DATA)
         alg = data[0]
-        key = _single_tlv(data[1:], KeyRef.CARD_MANAGEMENT).value
+        key = _single_tlv(data[1:], KeyRef.MANAGEMENT_KEY).value
         if alg not in MGMT_KEY_LENGTHS or len(key) != MGMT_KEY_LENGTHS[alg]:
             raise _CardError(SW.SW_WRONG_DATA)
         self._mgmt_alg = PivAlg.TDES if alg == PivAlg.TDES_LEGACY else PivAlg(alg)

@@ -29,7 +29,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tokend import piv_codes
 from tokend.consent import Use
 from tokend.errors import (
     ArgumentsBadError,
@@ -46,7 +45,8 @@ from tokend.errors import (
     UserNotLoggedInError,
 )
 from tokend.model import ObjectKey, ObjectKind, Provisionable, TokenObject, TokenStatus
-from tokend.piv_codes import RETIRED_SLOTS
+from tokend.piv import codes as piv_codes
+from tokend.piv.codes import RETIRED_SLOTS
 from tokend.pkcs11 import CKA
 from tokend.session import Application, Engine, Session
 from tokend.wipe import wipe

@@ -37,7 +37,7 @@ from tokend.cli.common import (
 from tokend.client import Client
 from tokend.errors import DeviceMemoryError
 from tokend.model import Mechanism, OaepParams
-from tokend.piv_codes import parse_slot
+from tokend.piv.codes import parse_slot
 from tokend.pkcs11 import CKA, CKG, CKM
 from tokend.protocol import b64, unb64
 from tokend.wipe import wipe
