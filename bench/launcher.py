@@ -3,7 +3,7 @@ its own in-process reader (``tokend serve --simulate piv`` makes exactly one).
 
     python -m bench.launcher --socket /tmp/x/tokend.sock --tokens 16 [--export-dir DIR]
 
-It wires the same pieces as ``tokend serve`` (SlotRegistry with the PIV opener, Engine,
+It wires the same pieces as ``tokend serve`` (`tokend.wiring.build_registry`, Engine,
 Daemon) and stops on SIGTERM/SIGINT.
 """
 
@@ -15,12 +15,11 @@ import logging
 from pathlib import Path
 
 from tokend.daemon import Daemon
-from tokend.drivers.piv import PivToken
-from tokend.registry import SlotRegistry
 from tokend.session import Engine
 from tokend.simulators.demo import provision_demo
 from tokend.simulators.memory import MemoryReader, MemoryWatcher
 from tokend.simulators.piv import VirtualPivCard
+from tokend.wiring import build_registry
 
 
 def build_readers(count: int, export_dir: Path | None = None) -> list[MemoryReader]:
@@ -39,8 +38,7 @@ def build_readers(count: int, export_dir: Path | None = None) -> list[MemoryRead
 
 
 async def serve(socket: Path, readers: list[MemoryReader]) -> None:
-    registry = SlotRegistry([PivToken.open])
-    registry.add_watcher(MemoryWatcher(*readers))
+    registry = build_registry(watchers=[MemoryWatcher(*readers)])
     daemon = Daemon(Engine(registry), socket)
     await daemon.start()
     await daemon.serve_until_stopped()

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
+    ("tokend.wiring", 2),
     ("tokend.session", 3),
     ("tokend.provisioning", 3),
     ("tokend.api_provision", 4),

@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 
 from tokend.daemon import Daemon
 from tokend.drivers.base import Watcher
-from tokend.drivers.piv import PivToken
-from tokend.registry import SlotRegistry
 from tokend.session import Engine
+from tokend.wiring import build_registry
 
 T = TypeVar("T")
 
@@ -62,9 +61,7 @@ def start_thread_daemon(socket: Path, watchers: Sequence[Watcher]) -> ThreadDaem
         asyncio.set_event_loop(loop)
 
         async def boot() -> None:
-            registry = SlotRegistry([PivToken.open])
-            for watcher in watchers:
-                registry.add_watcher(watcher)
+            registry = build_registry(watchers=watchers)
             daemon = Daemon(Engine(registry), socket)
             await daemon.start()
             await asyncio.sleep(0)

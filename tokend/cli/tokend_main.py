@@ -6,119 +6,34 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokend import __version__
 from tokend.config import ConfigError, ServeConfig, default_config_path
 from tokend.daemon import Daemon, DaemonAlreadyRunning
-from tokend.drivers.base import Watcher
-from tokend.simulators.base import SimulatedToken
+from tokend.wiring import SIMULATORS, TRANSPORTS
 
 if TYPE_CHECKING:
     from tokend.registry import SlotRegistry
+    from tokend.simulators.base import SimulatedToken
 
 log = logging.getLogger("tokend")
 
 
-def _pcsc_watcher(cfg: ServeConfig) -> Watcher | None:
-    try:
-        from tokend.drivers.pcsc import PcscWatcher
-    except ImportError as exc:
-        log.warning("PC/SC disabled: %s (install pyscard)", exc)
-        return None
-    return PcscWatcher(allow_virtual_readers=cfg.allow_virtual_readers)
-
-
-def _usb_watcher(cfg: ServeConfig) -> Watcher | None:
-    try:
-        from tokend.drivers.usb_ccid import UsbCcidWatcher
-    except ImportError as exc:
-        log.warning("direct USB disabled: %s (install tokend[usb])", exc)
-        return None
-    return UsbCcidWatcher()
-
-
-#: `--transport NAME` / ``transports = [...]``: name → watcher factory (None: unavailable).
-TRANSPORTS: dict[str, Callable[[ServeConfig], Watcher | None]] = {
-    "pcsc": _pcsc_watcher,
-    "usb": _usb_watcher,
-}
-
-
-def _export_dir(cfg: ServeConfig, name: str) -> Path | None:
-    """Where a simulated token's demo certificates go: ``--export-dir`` itself for a single
-    token, ``--export-dir/NAME`` (e.g. ``usb0``) when several are simulated."""
-    if cfg.export_dir is None or len(cfg.simulate) <= 1:
-        return cfg.export_dir
-    return cfg.export_dir / name
-
-
-def _simulate_piv(cfg: ServeConfig, name: str, index: int) -> tuple[Watcher, SimulatedToken]:
-    """A demo card in the in-process reader."""
-    from tokend.simulators.demo import provision_demo
-    from tokend.simulators.memory import MemoryReader, MemoryToken, MemoryWatcher
-    from tokend.simulators.piv import VirtualPivCard
-
-    card = VirtualPivCard()
-    provision_demo(card, _export_dir(cfg, name), key_agreement=True)
-    reader = MemoryReader(f"Simulated PIV {index}")
-    reader.insert(card)
-    return MemoryWatcher(reader), MemoryToken(name, reader, card)
-
-
-def _simulate_usb(cfg: ServeConfig, name: str, index: int) -> tuple[Watcher, SimulatedToken]:
-    """A demo card in a virtual CCID token on its own simulated USB bus, reached through
-    pyusb and the real USB CCID driver (the bus is pyusb's backend)."""
-    from tokend.drivers.usb_ccid import UsbCcidWatcher
-    from tokend.simulators.demo import provision_demo
-    from tokend.simulators.piv import VirtualPivCard
-    from tokend.simulators.usb_ccid import SimulatedUsbBus, SimulatedUsbToken, VirtualCcidToken
-
-    card = VirtualPivCard()
-    provision_demo(card, _export_dir(cfg, name), key_agreement=True)
-    bus = SimulatedUsbBus(bus_number=index + 1)
-    token = SimulatedUsbToken(name, bus, VirtualCcidToken(card, serial=f"{index:04d}"))
-    token.plug()
-    return UsbCcidWatcher(backend=bus, hotplug=bus, name="usb-sim"), token
-
-
-#: `--simulate KIND`: kind → factory(cfg, token name, index among its kind) → (watcher,
-#: the token the control socket plugs and unplugs).
-SIMULATORS: dict[str, Callable[[ServeConfig, str, int], tuple[Watcher, SimulatedToken]]] = {
-    "piv": _simulate_piv,
-    "usb": _simulate_usb,
-}
-
-
 def build_registry(cfg: ServeConfig) -> tuple[SlotRegistry, list[SimulatedToken]]:
-    """Wire applets and watchers; the simulated tokens are named ``piv0``, ``usb0``, …"""
-    from tokend.drivers.piv import PivToken
-    from tokend.registry import SlotRegistry
+    """Wire the configured transports and simulated tokens (`tokend.wiring` holds the
+    lists of applets, transports and simulators); simulated tokens are named ``piv0``,
+    ``usb0``, …"""
+    from tokend.wiring import TransportOptions, wire
 
-    registry = SlotRegistry([PivToken.open])
-    for name in dict.fromkeys(cfg.transports):  # a transport named twice is watched once
-        if name in ("none", ""):
-            continue
-        factory = TRANSPORTS.get(name)
-        if factory is None:
-            raise ValueError(f"unknown transport {name!r} (known: {', '.join(TRANSPORTS)})")
-        watcher = factory(cfg)
-        if watcher is not None:
-            registry.add_watcher(watcher)
-    tokens: list[SimulatedToken] = []
-    counts: dict[str, int] = {}
-    for kind in cfg.simulate:
-        simulate = SIMULATORS.get(kind)
-        if simulate is None:
-            raise ValueError(f"cannot simulate {kind!r} (known: {', '.join(SIMULATORS)})")
-        index = counts.get(kind, 0)
-        counts[kind] = index + 1
-        watcher, token = simulate(cfg, f"{kind}{index}", index)
-        registry.add_watcher(watcher)
-        tokens.append(token)
-    return registry, tokens
+    wired = wire(
+        cfg.transports,
+        simulate=cfg.simulate,
+        options=TransportOptions(allow_virtual_readers=cfg.allow_virtual_readers),
+        export_dir=cfg.export_dir,
+    )
+    return wired.registry, list(wired.tokens)
 
 
 async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: float = 0.0) -> int:
