@@ -115,6 +115,7 @@ from tokend.piv.commands import (
     policy_tlvs,
     put_data_command,
 )
+from tokend.piv.profile import PIV_PROFILE
 from tokend.pkcs11 import CKF_TOKEN
 from tokend.wipe import wipe
 
@@ -241,6 +242,8 @@ class PivToken(SelectedApplet, KeyPairToken):
 
     AID = PIV_AID
     APPLET_NAME = "PIV"
+    #: key slots, algorithms and the management key, for the generic provisioning layer
+    profile = PIV_PROFILE
 
     def __init__(self, transport: Transport) -> None:
         super().__init__(transport)

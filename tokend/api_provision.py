@@ -17,7 +17,7 @@ from tokend.api import Api, method
 from tokend.errors import ArgumentsBadError
 from tokend.model import KeySlotInfo
 from tokend.protocol import Params, b64
-from tokend.provisioning import Provisioning, SlotUsage, days_left, parse_slot
+from tokend.provisioning import Provisioning, SlotUsage, days_left
 from tokend.session import Application
 
 S = ("h_session", "session")
@@ -49,8 +49,9 @@ def _hex_key(p: Params, *names: str, required: bool = False) -> bytearray | None
         raise ArgumentsBadError(f'"{names[0]}" is not a hex string') from None
 
 
-def _slot(p: Params, *names: str, default: object = ...) -> int:
-    return parse_slot(p.str(*names, default=default))
+def _slot(api: Api, app: Application, handle: int, p: Params, *names: str) -> int:
+    """A key slot by the token's own names (its provisioning profile), hex or "retiredN"."""
+    return _provisioning(api).key_slot(app, handle, p.str(*names))
 
 
 def _opt_str(p: Params, name: str) -> str | None:
@@ -153,7 +154,8 @@ async def _set_management_key(api: Api, app: Application, p: Params) -> dict:
 
 @method("tokend_GenerateKeyPair")
 async def _generate_key_pair(api: Api, app: Application, p: Params) -> dict:
-    handle, slot = p.int(*S), _slot(p, "key_slot")
+    handle = p.int(*S)
+    slot = _slot(api, app, handle, p, "key_slot")
     algorithm = p.str("algorithm")
     pin_policy, touch_policy = _opt_str(p, "pin_policy"), _opt_str(p, "touch_policy")
     mgmt = _hex_key(p, "management_key")
@@ -165,7 +167,8 @@ async def _generate_key_pair(api: Api, app: Application, p: Params) -> dict:
 
 @method("tokend_ImportKey")
 async def _import_key(api: Api, app: Application, p: Params) -> dict:
-    handle, slot = p.int(*S), _slot(p, "key_slot")
+    handle = p.int(*S)
+    slot = _slot(api, app, handle, p, "key_slot")
     cert = p.bytes("certificate") if p.get("certificate") is not None else None
     pin_policy, touch_policy = _opt_str(p, "pin_policy"), _opt_str(p, "touch_policy")
     private_key = bytearray(p.bytes("private_key"))
@@ -178,7 +181,8 @@ async def _import_key(api: Api, app: Application, p: Params) -> dict:
 
 @method("tokend_PutCertificate")
 async def _put_certificate(api: Api, app: Application, p: Params) -> dict:
-    handle, slot = p.int(*S), _slot(p, "key_slot")
+    handle = p.int(*S)
+    slot = _slot(api, app, handle, p, "key_slot")
     cert = p.bytes("certificate")
     force = p.bool("force", default=False)
     mgmt = _hex_key(p, "management_key")
@@ -188,7 +192,8 @@ async def _put_certificate(api: Api, app: Application, p: Params) -> dict:
 
 @method("tokend_DeleteKey")
 async def _delete_key(api: Api, app: Application, p: Params) -> dict:
-    handle, slot = p.int(*S), _slot(p, "key_slot")
+    handle = p.int(*S)
+    slot = _slot(api, app, handle, p, "key_slot")
     keep = p.bool("keep_certificate", default=False)
     mgmt = _hex_key(p, "management_key")
     await _provisioning(api).delete_key(app, handle, slot, mgmt, keep)
@@ -198,7 +203,7 @@ async def _delete_key(api: Api, app: Application, p: Params) -> dict:
 @method("tokend_MoveKey")
 async def _move_key(api: Api, app: Application, p: Params) -> dict:
     handle = p.int(*S)
-    src, dst = _slot(p, "from_slot"), _slot(p, "to_slot")
+    src, dst = _slot(api, app, handle, p, "from_slot"), _slot(api, app, handle, p, "to_slot")
     mgmt = _hex_key(p, "management_key")
     await _provisioning(api).move_key(app, handle, src, dst, mgmt)
     return {}
@@ -206,7 +211,9 @@ async def _move_key(api: Api, app: Application, p: Params) -> dict:
 
 @method("tokend_RenewKey")
 async def _renew_key(api: Api, app: Application, p: Params) -> dict:
-    handle, slot = p.int(*S), _slot(p, "key_slot", default="9d")
+    handle = p.int(*S)
+    name = p.get("key_slot")
+    slot = _provisioning(api).key_slot(app, handle, name if isinstance(name, str) else None)
     cert = p.bytes("certificate")
     private_key = bytearray(p.bytes("private_key"))
     mgmt = _hex_key(p, "management_key")

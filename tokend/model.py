@@ -162,6 +162,63 @@ class TokenStatus:
     version: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ProvisioningProfile:
+    """What the generic provisioning layer (`tokend.provisioning`, `tokenctl`) needs to know
+    about one token kind, supplied by its driver (`Provisionable.profile`) so the generic
+    layer holds no applet tables. Numbers are the applet's own (PIV: key references and
+    SP 800-78-4 algorithm identifiers; a PKCS#15 token: key references and its own ids).
+    """
+
+    applet: str
+    #: every key reference keys can live in, in display order
+    key_slots: tuple[int, ...]
+    #: names users type for key slots ("sign", "encrypt" …)
+    key_slot_names: Mapping[str, int]
+    #: where renewed encryption keys go (in order), empty when the token keeps none
+    retired_slots: tuple[int, ...]
+    encryption_slot: int
+    signature_slot: int
+    #: the ``dst`` of `Provisionable.move_key` that deletes the key instead
+    delete_ref: int
+    #: asymmetric algorithms by name ("rsa2048", "p256")
+    algorithms: Mapping[str, int]
+    #: what a private key must be to go on the token
+    rsa_sizes: tuple[int, ...]
+    ec_curves: tuple[str, ...]  # `cryptography` curve names
+    #: the administrator's credential: a management key (PIV) or an SO PIN (PKCS#15)
+    admin_credential: str
+    #: admin-key algorithms by name → (applet id, key length)
+    admin_algorithms: Mapping[str, tuple[int, int]]
+    #: the credential a token ships with, used when the caller gives none
+    default_admin_key: bytes | None
+    pin_policies: Mapping[str, int] = field(default_factory=dict)
+    touch_policies: Mapping[str, int] = field(default_factory=dict)
+    #: how valid key slots are described in an error message
+    slot_hint: str = ""
+
+    def parse_key_slot(self, name: str) -> int:
+        """A key slot from its name, "retiredN" (1-based) or hex; ValueError otherwise."""
+        text = name.strip().lower()
+        if text in self.key_slot_names:
+            return self.key_slot_names[text]
+        number = text[7:]
+        pool = self.retired_slots
+        if text.startswith("retired") and number.isdigit() and 1 <= int(number) <= len(pool):
+            return pool[int(number) - 1]
+        try:
+            value = int(text, 16)
+        except ValueError:
+            value = -1
+        if value not in self.key_slots:
+            raise ValueError(f"unknown key slot {name!r} ({self.slot_hint})")
+        return value
+
+    @staticmethod
+    def slot_name(ref: int) -> str:
+        return f"{ref:02x}"
+
+
 # --- the seam ------------------------------------------------------------------------------
 
 
@@ -240,6 +297,11 @@ class Provisionable(Protocol):
     Slots and algorithms are the applet's own numbers (PIV: key references 9A/9C/9D/9E,
     82-95; SP 800-78-4 algorithm identifiers). Secrets are ``bytearray`` and wiped by the
     caller; every method blocks and runs inside the token's executor."""
+
+    @property
+    def profile(self) -> ProvisioningProfile:
+        """The token kind's key slots, algorithms and admin credential."""
+        ...
 
     def status(self) -> TokenStatus: ...
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -44,9 +44,14 @@ from tokend.errors import (
     TokendError,
     UserNotLoggedInError,
 )
-from tokend.model import ObjectKey, ObjectKind, Provisionable, TokenObject, TokenStatus
-from tokend.piv import codes as piv_codes
-from tokend.piv.codes import RETIRED_SLOTS
+from tokend.model import (
+    ObjectKey,
+    ObjectKind,
+    Provisionable,
+    ProvisioningProfile,
+    TokenObject,
+    TokenStatus,
+)
 from tokend.pkcs11 import CKA
 from tokend.session import Application, Engine, Session
 from tokend.wipe import wipe
@@ -54,55 +59,12 @@ from tokend.wipe import wipe
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: The PIV default card management key (SP 800-73-4 test key, what cards ship with).
-DEFAULT_MANAGEMENT_KEY = bytes.fromhex("010203040506070801020304050607080102030405060708")
-
-#: Key slots by name: PIV key references; "82".."95" are the 20 retired slots.
-ENCRYPTION_SLOT = 0x9D
-DELETE_KEY = 0xFF
-
-#: Asymmetric algorithms by name (SP 800-78-4 identifiers).
-ALGORITHMS = {
-    "rsa1024": 0x06,
-    "rsa2048": 0x07,
-    "rsa3072": 0x05,
-    "rsa4096": 0x16,
-    "p256": 0x11,
-    "p384": 0x14,
-}
-#: Management-key algorithms by name and key length.
-MANAGEMENT_ALGORITHMS = {
-    "tdes": (0x03, 24),
-    "aes128": (0x08, 16),
-    "aes192": (0x0A, 24),
-    "aes256": (0x0C, 32),
-}
-PIN_POLICIES = {
-    "default": 0,
-    "never": 1,
-    "once": 2,
-    "always": 3,
-    "match-once": 4,
-    "match-always": 5,
-}
-TOUCH_POLICIES = {"default": 0, "never": 1, "always": 2, "cached": 3}
-_RSA_SIZES = (1024, 2048, 3072, 4096)
-_EC_CURVES = ("secp256r1", "secp384r1")
-
-
-def parse_slot(name: str) -> int:
-    """A key slot from its name ("9d", "encrypt", "82", "retired3")."""
-    try:
-        return piv_codes.parse_slot(name)
-    except ValueError as exc:
-        raise ArgumentsBadError(str(exc)) from None
-
 
 def slot_name(slot: int) -> str:
     return f"{slot:02x}"
 
 
-def _choose(table: dict[str, T], value: str | None, what: str) -> T | None:
+def _choose(table: Mapping[str, T], value: str | None, what: str) -> T | None:
     if value is None:
         return None
     try:
@@ -173,32 +135,37 @@ class RenewResult:
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
-def load_private_key(der: bytearray) -> PrivateKey:
-    """PKCS#8 (or traditional) DER; refuses key types no PIV card holds."""
+def load_private_key(der: bytearray, profile: ProvisioningProfile) -> PrivateKey:
+    """PKCS#8 (or traditional) DER; refuses key types the token kind cannot hold."""
     try:
         key = serialization.load_der_private_key(bytes(der), password=None)
     except (ValueError, TypeError):
         raise ArgumentsBadError("private_key is not an unencrypted DER private key") from None
     finally:
         wipe(der)
-    check_supported(key)
+    check_supported(key, profile)
     return key  # type: ignore[return-value]
 
 
-def check_supported(key: object) -> None:
+def check_supported(key: object, profile: ProvisioningProfile) -> None:
+    sizes = f"{min(profile.rsa_sizes)}-{max(profile.rsa_sizes)}" if profile.rsa_sizes else "none"
+    curves = ", ".join(_CURVE_NAMES.get(c, c) for c in profile.ec_curves)
     if isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size not in _RSA_SIZES:
-            raise KeySizeRangeError(f"RSA-{key.key_size} keys are not supported (1024-4096)")
+        if key.key_size not in profile.rsa_sizes:
+            raise KeySizeRangeError(f"RSA-{key.key_size} keys are not supported ({sizes})")
         if key.public_key().public_numbers().e != 65537:
             raise KeySizeRangeError("RSA keys need the public exponent 65537")
         return
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        if key.curve.name not in _EC_CURVES:
-            raise KeySizeRangeError(f"EC curve {key.curve.name} is not supported (P-256, P-384)")
+        if key.curve.name not in profile.ec_curves:
+            raise KeySizeRangeError(f"EC curve {key.curve.name} is not supported ({curves})")
         return
     raise AttributeValueInvalidError(
-        f"{type(key).__name__.lstrip('_')} keys are not supported (RSA or EC P-256/P-384)"
+        f"{type(key).__name__.lstrip('_')} keys are not supported (RSA or EC {curves})"
     )
+
+
+_CURVE_NAMES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 
 def load_certificate(der: bytes) -> x509.Certificate:
@@ -256,8 +223,30 @@ class Provisioning:
         self.engine.forget_objects(session.instance, slots)
 
     @staticmethod
-    def _authenticate(token: Provisionable, management_key: bytearray | None) -> None:
-        key = bytes(management_key) if management_key is not None else DEFAULT_MANAGEMENT_KEY
+    def _profile(token: object) -> ProvisioningProfile:
+        profile = getattr(token, "profile", None)
+        if not isinstance(profile, ProvisioningProfile):
+            raise FunctionNotSupportedError("this token cannot be provisioned")
+        return profile
+
+    def key_slot(self, app: Application, handle: int, name: str | None) -> int:
+        """The key slot ``name`` means on the session's token (its profile's names, hex,
+        "retiredN"); None: the token's encryption slot."""
+        token = self.engine.session(app, handle).instance.token
+        profile = self._profile(token)
+        if name is None:
+            return profile.encryption_slot
+        try:
+            return profile.parse_key_slot(name)
+        except ValueError as exc:
+            raise ArgumentsBadError(str(exc)) from None
+
+    @classmethod
+    def _authenticate(cls, token: Provisionable, management_key: bytearray | None) -> None:
+        default = cls._profile(token).default_admin_key
+        key = bytes(management_key) if management_key is not None else default
+        if key is None:
+            raise ArgumentsBadError(f"give the {cls._profile(token).admin_credential}")
         try:
             token.authenticate_management_key(key)
         except TokendError as exc:
@@ -356,7 +345,8 @@ class Provisioning:
         try:
             session, token = self._target(app, handle)
             self._require(token, "set_management_key", "authenticate_management_key")
-            alg, length = MANAGEMENT_ALGORITHMS.get(algorithm.lower(), (None, 0))
+            table = self._profile(token).admin_algorithms
+            alg, length = table.get(algorithm.lower(), (None, 0))
             if alg is None:
                 raise ArgumentsBadError(f"unknown management key algorithm {algorithm!r}")
             if len(new) != length:
@@ -391,9 +381,10 @@ class Provisioning:
         try:
             session, token = self._target(app, handle)
             self._require(token, "generate_key", "authenticate_management_key")
-            alg = _choose(ALGORITHMS, algorithm, "algorithm")
-            pin = _choose(PIN_POLICIES, pin_policy, "PIN policy")
-            touch = _choose(TOUCH_POLICIES, touch_policy, "touch policy")
+            profile = self._profile(token)
+            alg = _choose(profile.algorithms, algorithm, "algorithm")
+            pin = _choose(profile.pin_policies, pin_policy, "PIN policy")
+            touch = _choose(profile.touch_policies, touch_policy, "touch policy")
         except BaseException:
             wipe(management_key)
             raise
@@ -423,9 +414,10 @@ class Provisioning:
         try:
             session, token = self._target(app, handle)
             self._require(token, "import_key", "authenticate_management_key", "put_certificate")
-            pin = _choose(PIN_POLICIES, pin_policy, "PIN policy")
-            touch = _choose(TOUCH_POLICIES, touch_policy, "touch policy")
-            key = load_private_key(private_key)
+            profile = self._profile(token)
+            pin = _choose(profile.pin_policies, pin_policy, "PIN policy")
+            touch = _choose(profile.touch_policies, touch_policy, "touch policy")
+            key = load_private_key(private_key, profile)
             cert = load_certificate(certificate) if certificate is not None else None
             if cert is not None:
                 check_match(key, cert)
@@ -496,7 +488,9 @@ class Provisioning:
 
         def work() -> None:
             if has_key:
-                token.move_key(slot, DELETE_KEY, with_certificate=not keep_certificate)
+                token.move_key(
+                    slot, self._profile(token).delete_ref, with_certificate=not keep_certificate
+                )
             elif not keep_certificate:
                 token.delete_certificate(slot)
 
@@ -541,7 +535,7 @@ class Provisioning:
             self._require(
                 token, "move_key", "import_key", "put_certificate", "authenticate_management_key"
             )
-            key = load_private_key(private_key)
+            key = load_private_key(private_key, self._profile(token))
             cert = load_certificate(certificate)
             check_match(key, cert)
             _retired_target(token, slot)  # refuse early when all retired slots are in use
@@ -601,10 +595,16 @@ def _retired_target(token: object, slot: int) -> int | None:
     """The first free retired slot for the key now in ``slot`` (None: ``slot`` is empty)."""
     if _public_key_info(token, slot) is None:
         return None
-    for candidate in RETIRED_SLOTS:
+    pool = Provisioning._profile(token).retired_slots
+    for candidate in pool:
         if not _populated(token, candidate):
             return candidate
-    raise DeviceMemoryError("all 20 retired key slots (82-95) are in use; free some first")
+    if not pool:
+        raise FunctionNotSupportedError("this token keeps no retired keys")
+    first, last = slot_name(pool[0]), slot_name(pool[-1])
+    raise DeviceMemoryError(
+        f"all {len(pool)} retired key slots ({first}-{last}) are in use; free some first"
+    )
 
 
 def _rollback(token: Provisionable, slot: int, target: int) -> None:
@@ -612,7 +612,7 @@ def _rollback(token: Provisionable, slot: int, target: int) -> None:
     try:
         token.refresh()
         if _public_key_info(token, slot) is not None:
-            token.move_key(slot, DELETE_KEY)
+            token.move_key(slot, Provisioning._profile(token).delete_ref)
         token.move_key(target, slot)
     except Exception:
         log.error("renewal failed and the old key stays in slot %02X", target)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tokend.drivers.base import Watcher
 from tokend.drivers.piv import PivToken
+from tokend.model import ProvisioningProfile
 from tokend.registry import AppletOpener, SlotRegistry
 from tokend.simulators.base import SimulatedToken
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "APPLETS",
+    "PROFILES",
     "SIMULATORS",
     "TRANSPORTS",
     "TransportOptions",
@@ -42,6 +44,9 @@ __all__ = [
 
 #: Token openers in the order they are asked (a card is the first one's that accepts it).
 APPLETS: tuple[AppletOpener, ...] = (PivToken.open,)
+#: Provisioning profiles by applet name (`TokenIdentity.applet`), for tools that provision
+#: a token they reach only through the daemon.
+PROFILES: dict[str, ProvisioningProfile] = {"PIV": PivToken.profile}
 
 
 @dataclass(frozen=True, slots=True)

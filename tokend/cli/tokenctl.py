@@ -37,7 +37,7 @@ from tokend.cli.common import (
 from tokend.client import Client
 from tokend.errors import DeviceMemoryError
 from tokend.model import Mechanism, OaepParams
-from tokend.piv.codes import parse_slot
+from tokend.piv.profile import PIV_PROFILE
 from tokend.pkcs11 import CKA, CKG, CKM
 from tokend.protocol import b64, unb64
 from tokend.wipe import wipe
@@ -55,8 +55,10 @@ SIGN_MECHANISMS = {
     "ecdsa": Mechanism(CKM.CKM_ECDSA),
     "rsa-pkcs": Mechanism(CKM.CKM_RSA_PKCS),
 }
-ALGORITHMS = ("p256", "p384", "rsa2048", "rsa3072", "rsa4096", "rsa1024")
-MGMT_ALGORITHMS = {"tdes": 24, "aes128": 16, "aes192": 24, "aes256": 32}
+#: The token kind tokenctl provisions (its key slots, algorithms, admin credential).
+PROFILE = PIV_PROFILE
+ALGORITHMS = tuple(PROFILE.algorithms)
+MGMT_ALGORITHMS = {name: length for name, (_, length) in PROFILE.admin_algorithms.items()}
 RETIRED_TOTAL = 20
 
 
@@ -111,7 +113,7 @@ def _slot_arg(text: str) -> int:
         except p11uri.UriError as exc:
             raise UsageError(str(exc)) from None
     try:
-        return parse_slot(value)
+        return PROFILE.parse_key_slot(value)
     except ValueError:
         pass
     raise UsageError(
@@ -176,8 +178,12 @@ def _write_output(path: str | None, data: bytes) -> None:
         Path(path).write_bytes(data)
 
 
-#: CKA_ID of the key used when --key is not given (PIV numbering: 9D = 03, 9C = 02).
-DEFAULT_KEY_IDS = {CKA.CKA_DECRYPT: "03", CKA.CKA_SIGN: "02"}
+#: CKA_ID of the key used when --key is not given: the profile's encryption key decrypts,
+#: its signature key signs.
+DEFAULT_KEY_IDS = {
+    CKA.CKA_DECRYPT: p11uri.slot_to_id(PROFILE.encryption_slot).hex(),
+    CKA.CKA_SIGN: p11uri.slot_to_id(PROFILE.signature_slot).hex(),
+}
 
 
 def _find_key(client: Client, session: int, key: str | None, usage: CKA) -> int:
@@ -594,7 +600,8 @@ def _csr_attributes(args: argparse.Namespace, slot: int) -> list[dict[str, Any]]
                 "extn_value": [ax509.GeneralName(name="rfc822_name", value=e) for e in args.email],
             }
         )
-    usage = {"key_encipherment"} if slot == 0x9D else {"digital_signature", "non_repudiation"}
+    encryption = slot == PROFILE.encryption_slot
+    usage = {"key_encipherment"} if encryption else {"digital_signature", "non_repudiation"}
     extensions.append({"extn_id": "key_usage", "critical": True, "extn_value": usage})
     extensions.append(
         {"extn_id": "extended_key_usage", "critical": False, "extn_value": ["email_protection"]}
@@ -687,15 +694,12 @@ def _load_p12(path: str, args: argparse.Namespace) -> tuple[bytearray, bytes, x5
             "on a PIV token (RSA 1024-4096 or EC P-256/P-384 only)"
         )
     if isinstance(key, rsa.RSAPrivateKey) and (
-        key.key_size not in (1024, 2048, 3072, 4096) or key.public_key().public_numbers().e != 65537
+        key.key_size not in PROFILE.rsa_sizes or key.public_key().public_numbers().e != 65537
     ):
         raise OperationFailed(
             f"{path}: RSA-{key.key_size} keys cannot go on a PIV token (1024-4096, e=65537)"
         )
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in (
-        "secp256r1",
-        "secp384r1",
-    ):
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in PROFILE.ec_curves:
         raise OperationFailed(
             f"{path}: EC curve {key.curve.name} cannot go on a PIV token (P-256, P-384)"
         )

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_to_bytes
 
+from tokend.piv.codes import PivSlot
+
 SCHEME = "pkcs11:"
 
 #: RFC 7512 §2.3 path attributes.
@@ -27,7 +29,6 @@ PATH_ATTRIBUTES = frozenset(
 QUERY_ATTRIBUTES = frozenset(("pin-source", "pin-value", "module-name", "module-path"))
 OBJECT_TYPES = frozenset(("public", "private", "cert", "secret-key", "data"))
 
-_STANDARD_IDS = {0x9A: 1, 0x9C: 2, 0x9D: 3, 0x9E: 4}
 _LABEL_SLOT = re.compile(r"\(([0-9a-fA-F]{2})\)\s*$")
 
 
@@ -156,20 +157,17 @@ def _text(value: str, name: str) -> str:
 
 
 def slot_to_id(slot: int) -> bytes:
-    if slot in _STANDARD_IDS:
-        return bytes((_STANDARD_IDS[slot],))
-    if 0x82 <= slot <= 0x95:
-        return bytes((slot - 0x82 + 5,))
-    raise UriError(f"no PIV key slot {slot:02x}")
+    """The CKA_ID the token gives the key in ``slot`` (the PIV numbering, like ykcs11)."""
+    try:
+        return PivSlot(slot).cka_id
+    except ValueError:
+        raise UriError(f"no PIV key slot {slot:02x}") from None
 
 
 def id_to_slot(key_id: bytes) -> int:
-    if len(key_id) == 1:
-        for slot, n in _STANDARD_IDS.items():
-            if key_id[0] == n:
-                return slot
-        if 5 <= key_id[0] <= 24:
-            return key_id[0] - 5 + 0x82
+    for slot in PivSlot:
+        if slot.cka_id == key_id:
+            return int(slot)
     raise UriError(f"id={key_id.hex()} is not a PIV key (ids 01-18)")
 
 

@@ -328,24 +328,6 @@ SLOT_ALIASES = {
     "card-auth": 0x9E,
 }
 
-
-def parse_slot(name: str) -> int:
-    """A key slot from its name: "sign", "encrypt", "auth", "card-auth", "retiredN" (1-20)
-    or hex ("9d", "82"). ValueError for anything else."""
-    text = name.strip().lower()
-    if text in SLOT_ALIASES:
-        return SLOT_ALIASES[text]
-    if text.startswith("retired") and text[7:].isdigit() and 1 <= int(text[7:]) <= 20:
-        return 0x81 + int(text[7:])
-    try:
-        value = int(text, 16)
-    except ValueError:
-        value = -1
-    if value not in set(PivSlot):
-        raise ValueError(f"unknown key slot {name!r} (9a, 9c, 9d, 9e or 82-95)")
-    return value
-
-
 #: SP 800-73-4 §2.4.3: the PIV card application PIN (and, with any bytes, the PUK):
 #: 6-8 characters, FF-padded to 8.
 PIV_PIN = PinFormat(min_length=6, max_length=8, stored_length=8, pad_char=0xFF)
