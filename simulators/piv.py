@@ -54,6 +54,8 @@ from tokend.piv.codes import (
     PIV_AID,
     RETIRED_SLOTS,
     RSA_BITS,
+    TAG_PUBLIC_KEY,
+    WRITABLE_OBJECTS,
     Ins,
     KeyOrigin,
     KeyRef,
@@ -720,7 +722,7 @@ class VirtualPivCard:
             raise _CardError(SW.SW_WRONG_DATA)
         _policies(fields, slot)  # validate before storing
         self._store_key(slot, key, fields, KeyOrigin.GENERATED)
-        return encode_tlv(0x7F49, encode_public_key(key))
+        return encode_tlv(TAG_PUBLIC_KEY, encode_public_key(key))
 
     # --- data objects ----------------------------------------------------------------------
 
@@ -754,7 +756,7 @@ class VirtualPivCard:
 
     @staticmethod
     def _writable(tag: int) -> bool:
-        return 0x5FC101 <= tag <= 0x5FC123 or 0x5FFF00 <= tag <= 0x5FFFFF
+        return any(tag in r for r in WRITABLE_OBJECTS)
 
     def _put_data(self, p1: int, p2: int, data: bytes) -> bytes:
         if (p1, p2) != (0x3F, 0xFF):

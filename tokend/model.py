@@ -196,6 +196,15 @@ class ProvisioningProfile:
     touch_policies: Mapping[str, int] = field(default_factory=dict)
     #: how valid key slots are described in an error message
     slot_hint: str = ""
+    #: the CKA_ID the token gives the key in each key slot
+    key_ids: Mapping[int, bytes] = field(default_factory=dict)
+
+    def slot_of_key_id(self, key_id: bytes) -> int | None:
+        """The key slot whose objects carry CKA_ID ``key_id``, or None."""
+        for ref, value in self.key_ids.items():
+            if value == key_id:
+                return ref
+        return None
 
     def parse_key_slot(self, name: str) -> int:
         """A key slot from its name, "retiredN" (1-based) or hex; ValueError otherwise."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_to_bytes
 
-from tokend.piv.codes import PivSlot
+from tokend.piv.profile import PIV_PROFILE
 
 SCHEME = "pkcs11:"
 
@@ -158,17 +158,17 @@ def _text(value: str, name: str) -> str:
 
 def slot_to_id(slot: int) -> bytes:
     """The CKA_ID the token gives the key in ``slot`` (the PIV numbering, like ykcs11)."""
-    try:
-        return PivSlot(slot).cka_id
-    except ValueError:
-        raise UriError(f"no PIV key slot {slot:02x}") from None
+    key_id = PIV_PROFILE.key_ids.get(slot)
+    if key_id is None:
+        raise UriError(f"no PIV key slot {slot:02x}")
+    return key_id
 
 
 def id_to_slot(key_id: bytes) -> int:
-    for slot in PivSlot:
-        if slot.cka_id == key_id:
-            return int(slot)
-    raise UriError(f"id={key_id.hex()} is not a PIV key (ids 01-18)")
+    slot = PIV_PROFILE.slot_of_key_id(key_id)
+    if slot is None:
+        raise UriError(f"id={key_id.hex()} is not a PIV key (ids 01-18)")
+    return slot
 
 
 def slot_of(uri: Pkcs11Uri) -> int:

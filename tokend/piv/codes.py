@@ -230,6 +230,10 @@ TAG_META_PUBLIC_KEY = 0x04
 TAG_META_IS_DEFAULT = 0x05
 TAG_META_RETRIES = 0x06
 
+#: Data objects PUT DATA may write: the 5FC1xx range (SP 800-73-4 table 3) and the
+#: vendor 5FFFxx range.
+WRITABLE_OBJECTS = (range(0x5FC101, 0x5FC124), range(0x5FFF00, 0x600000))
+
 #: Biggest certificate we accept after gzip decompression (the card holds a few KiB).
 MAX_CERT = 64 * 1024
 

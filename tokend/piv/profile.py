@@ -66,6 +66,7 @@ PIV_PROFILE = ProvisioningProfile(
         "cached": TouchPolicy.CACHED,
     },
     slot_hint="9a, 9c, 9d, 9e or 82-95",
+    key_ids={int(s): s.cka_id for s in KEY_SLOTS},
 )
 
 
