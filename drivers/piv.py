@@ -8,7 +8,6 @@ done here on the host (in constant time where secrets are involved).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import hmac
 import logging
@@ -16,8 +15,6 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -67,7 +64,6 @@ from tokend.piv.codes import (
     ALG_NAMES,
     DELETE_KEY,
     MANAGEMENT_KEY_REF,
-    MAX_CERT,
     MGMT_KEY_LENGTHS,
     PIN_REF,
     PIV_AID,
@@ -75,8 +71,6 @@ from tokend.piv.codes import (
     PUK_REF,
     RETIRED_SLOTS,
     STANDARD_SLOTS,
-    TAG_CERT_INFO,
-    TAG_CERTIFICATE,
     TAG_CHALLENGE,
     TAG_CHUID_GUID,
     TAG_DYN_AUTH,
@@ -87,9 +81,6 @@ from tokend.piv.codes import (
     TAG_HISTORY_ON_CARD,
     TAG_HISTORY_URL,
     TAG_META_ALGORITHM,
-    TAG_META_ORIGIN,
-    TAG_META_POLICY,
-    TAG_META_PUBLIC_KEY,
     TAG_META_RETRIES,
     TAG_OBJ_DATA,
     TAG_PUBLIC_KEY,
@@ -115,6 +106,7 @@ from tokend.piv.commands import (
     policy_tlvs,
     put_data_command,
 )
+from tokend.piv.objects import SlotMetadata, certificate_der, parse_metadata
 from tokend.piv.profile import PIV_PROFILE
 from tokend.pkcs11 import CKF_TOKEN
 from tokend.wipe import wipe
@@ -137,9 +129,6 @@ __all__ = [
 ]
 
 
-# --- status words: the one mapping ---------------------------------------------------------
-
-
 #: 6A82 from a PIV card: the data object or key does not exist (the shared ISO class).
 PivNotFoundError = NotFoundError
 
@@ -151,30 +140,13 @@ def _public_key(alg: PivAlgorithm, data: bytes) -> PublicKey:
         raise DeviceError(f"card returned a malformed public key: {exc}") from None
 
 
-# --- TLV builders (pure) -------------------------------------------------------------------
-
-
 def pad_pin(pin: bytes | bytearray, *, digits_only: bool = True) -> bytearray:
     """The 8-byte PIN block (ASCII, FF-padded). The caller wipes the result. PUKs are any
     6-8 bytes (``digits_only=False``)."""
     return PIV_PIN.block(pin, encoding=None if digits_only else PinEncoding.UTF8)
 
 
-# --- key material helpers ------------------------------------------------------------------
-
-
 # --- per-slot state ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SlotMetadata:
-    """GET METADATA (vendor F7) for one key slot."""
-
-    algorithm: PivAlgorithm | None
-    pin_policy: PinPolicy | None = None
-    touch_policy: TouchPolicy | None = None
-    origin: KeyOrigin | None = None
-    public_key: PublicKey | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,23 +324,20 @@ class PivToken(SelectedApplet, KeyPairToken):
     def _read_certificate(self, slot: PivSlot) -> tuple[bytes, x509.Certificate] | None:
         try:
             content = self._get_object(slot.object_id)
-            if content is None:
-                return None
-            der = find_tlv(content, TAG_CERTIFICATE)
-            info = find_tlv(content, TAG_CERT_INFO)
         except (TransportError, CardResetError):
             raise
-        except (TokendError, ValueError):  # any card refusal: treat as absent
+        except TokendError:  # any card refusal: treat as absent
             log.warning("slot %02X: unreadable certificate object", slot)
             return None
-        if not der:
+        if content is None:
             return None
-        if info and info[0] & 0x01:  # gzip-compressed (YubiKey convention)
-            try:
-                der = gzip.GzipFile(fileobj=_Bytes(der)).read(MAX_CERT)
-            except (OSError, EOFError):
-                log.warning("slot %02X: bad compressed certificate", slot)
-                return None
+        try:
+            der = certificate_der(content)
+        except ValueError:
+            log.warning("slot %02X: unreadable certificate object", slot)
+            return None
+        if der is None:
+            return None
         try:
             return der, x509.load_der_x509_certificate(der)
         except ValueError:
@@ -395,21 +364,9 @@ class PivToken(SelectedApplet, KeyPairToken):
         if raw is None:
             return None
         try:
-            alg = PivAlgorithm(raw[TAG_META_ALGORITHM][0]) if TAG_META_ALGORITHM in raw else None
-        except ValueError:
-            alg = None
-        policy = raw.get(TAG_META_POLICY, b"")
-        origin = raw.get(TAG_META_ORIGIN, b"")
-        public = None
-        if alg is not None and (alg.is_rsa or alg.is_ec) and TAG_META_PUBLIC_KEY in raw:
-            public = _public_key(alg, raw[TAG_META_PUBLIC_KEY])
-        return SlotMetadata(
-            algorithm=alg,
-            pin_policy=_enum_or_none(PinPolicy, policy[0:1]),
-            touch_policy=_enum_or_none(TouchPolicy, policy[1:2]),
-            origin=_enum_or_none(KeyOrigin, origin[0:1]),
-            public_key=public,
-        )
+            return parse_metadata(raw)
+        except ValueError as exc:
+            raise DeviceError(f"card returned a malformed public key: {exc}") from None
 
     def _read_slot(self, slot: PivSlot, known_key: PublicKey | None = None) -> _SlotState:
         """Read one slot. ``known_key`` is a public key this driver just generated or
@@ -897,32 +854,3 @@ class PivToken(SelectedApplet, KeyPairToken):
                 objects += key_pair_objects(pair)
         self._pairs = pairs
         self._objects = tuple(objects)
-
-
-# --- small helpers -------------------------------------------------------------------------
-
-
-class _Bytes:
-    """Minimal readable file object over bytes for GzipFile (avoids io import noise)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = memoryview(data)
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
-        chunk = bytes(self._data[self._pos : end])
-        self._pos = end
-        return chunk
-
-
-E = TypeVar("E", bound=IntEnum)
-
-
-def _enum_or_none(enum: type[E], raw: bytes) -> E | None:
-    if not raw:
-        return None
-    try:
-        return enum(raw[0])
-    except ValueError:
-        return None
