@@ -1,8 +1,10 @@
 """The token model: values and the `Token` seam that applet drivers (and the vendor-module
 backend) implement and the session layer consumes. Pure: no I/O here.
 
-Vocabulary: a *slot* is where a token can be; a *token* is what is present now (one
-instance per insertion); a *session* is a PKCS#11 session; a *client* is a socket peer.
+Vocabulary: a *slot* is where a token can be (a reader); a *key slot* is where a key lives
+on a token (PIV key reference, PKCS#15 key reference); a *token* is what is present now
+(one instance per insertion); a *session* is a PKCS#11 session; a *client* is a socket
+peer.
 """
 
 from __future__ import annotations
