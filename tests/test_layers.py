@@ -141,3 +141,9 @@ def test_checker_catches_bad_imports(tmp_path: Path) -> None:
     assert len(violations("tokend.session", imports(bad))) == 3
     assert violations("tokend.simulators.piv", ["tokend.drivers.piv"]) != []
     assert violations("tokend.drivers.pcsc", ["smartcard.scard", "tokend.iso7816"]) == []
+    # the shared parts stay below the drivers; wiring stays below the session layer
+    assert violations("tokend.mechanisms.keypair", ["tokend.drivers.applet"]) != []
+    assert violations("tokend.piv.codes", ["tokend.registry"]) != []
+    assert violations("tokend.wiring", ["tokend.session"]) != []
+    assert violations("tokend.simulators.iso7816_card", ["tokend.drivers.applet"]) != []
+    assert violations("tokend.drivers.piv", ["tokend.piv.codes", "tokend.mechanisms"]) == []
