@@ -1,4 +1,5 @@
-"""ISO/IEC 7816-4 codecs and the APDU channel. Pure: no I/O of its own."""
+"""ISO/IEC 7816-4 codecs (APDU, TLV), status words and their error mapping, PIN formats and
+the APDU channel (chaining, 61xx, 6Cxx, T=0, logical channels). Pure: no I/O of its own."""
 
 from tokend.iso7816.apdu import ApduError, CommandApdu, ResponseApdu
 from tokend.iso7816.channel import ApduChannel, Transmit
