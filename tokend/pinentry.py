@@ -34,6 +34,7 @@ from tokend.consent import (
     UseRequest,
 )
 from tokend.errors import FunctionCanceledError, FunctionRejectedError
+from tokend.wipe import wipe
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class Pinentry:
             if line.startswith(b"D ") and data is not None:
                 decoded = unescape_into(line[2:])
                 data += decoded
-                decoded[:] = bytes(len(decoded))
+                wipe(decoded)
                 continue
             if line.startswith((b"S ", b"#")) or line in (b"S", b"D"):
                 continue
@@ -217,7 +218,7 @@ class Pinentry:
             await self._proc.stdin.drain()
             await self._expect_ok("GETPIN", pin)
         except BaseException:
-            pin[:] = bytes(len(pin))
+            wipe(pin)
             raise
         return pin
 

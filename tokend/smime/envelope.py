@@ -38,6 +38,7 @@ from tokend.smime.errors import (
 )
 from tokend.smime.keys import Keyring, NoPrivateKey, TokenCert
 from tokend.smime.message import Header, unwrap, with_envelope
+from tokend.wipe import wipe
 
 _OAEP_HASH = {
     "sha1": CKM.CKM_SHA_1,
@@ -296,12 +297,12 @@ def _des3_key_unwrap(kek: bytes, wrapped: bytes) -> bytearray:
         cek, icv = wkcks[:24], bytes(wkcks[24:])
         checksum = hashlib.sha1(bytes(cek), usedforsecurity=False).digest()[:8]  # RFC 3217
         if not hmac.compare_digest(checksum, icv):
-            cek[:] = bytes(len(cek))
+            wipe(cek)
             raise EncryptedDataInvalidError()
         return cek
     finally:
-        temp2[:] = bytes(len(temp2))
-        wkcks[:] = bytes(len(wkcks))
+        wipe(temp2)
+        wipe(wkcks)
 
 
 def _shared_info(wrap: str, wrap_alg: cms.KeyEncryptionAlgorithm, ukm: bytes | None) -> bytes:
@@ -357,8 +358,8 @@ def _content_key(keyring: Keyring, r: Recipient, cert: TokenCert) -> bytearray:
         except InvalidUnwrap:
             raise EncryptedDataInvalidError() from None
     finally:
-        z[:] = bytes(len(z))
-        kek[:] = bytes(len(kek))
+        wipe(z)
+        wipe(kek)
 
 
 # --- the content ---------------------------------------------------------------------------
@@ -388,7 +389,7 @@ def _cbc(eci: cms.EncryptedContentInfo, cek: bytearray) -> bytes:
     except ValueError:
         raise EncryptedDataInvalidError() from None
     finally:
-        padded[:] = bytes(len(padded))
+        wipe(padded)
 
 
 def _gcm(envelope: cms.AuthEnvelopedData, cek: bytearray) -> bytes:
@@ -420,13 +421,13 @@ def _gcm(envelope: cms.AuthEnvelopedData, cek: bytearray) -> bytes:
     try:
         decryptor.finalize()
     except InvalidTag:
-        plain[:] = bytes(len(plain))
+        wipe(plain)
         raise DecryptionFailedError(
             "the message failed its integrity check (AES-GCM tag mismatch): it was altered "
             "or damaged in transit, or the wrong key was used; nothing of it is released"
         ) from None
     out = bytes(plain)
-    plain[:] = bytes(len(plain))
+    wipe(plain)
     return out
 
 
@@ -524,7 +525,7 @@ def decrypt(keyring: Keyring, data: bytes) -> Decrypted:
                 raise
             raise CorruptMessageError(f"corrupt message: {exc}") from None
         finally:
-            cek[:] = bytes(len(cek))
+            wipe(cek)
         return Decrypted(content, found.envelope, cert, authenticated)
     if failed:
         raise DecryptionFailedError(
