@@ -52,7 +52,7 @@ from tokend.ccid import (
     MessageType,
     SlotError,
 )
-from tokend.drivers.base import ReaderEvent, ReaderEventKind
+from tokend.drivers.base import CardProtocol, ReaderEvent, ReaderEventKind
 from tokend.errors import DeviceError, TransportError
 
 log = logging.getLogger(__name__)
@@ -397,6 +397,8 @@ class UsbCcidTransport:
     def __init__(self, device: CcidDevice) -> None:
         self.reader = device.reader
         self.extended = device.descriptor.extended
+        #: APDU-level exchange: the reader runs T=0/T=1 itself, so no T=0 rules apply here
+        self.protocol = CardProtocol.DIRECT
         self._device = device
         self._lock = threading.RLock()
         self._closed = False
