@@ -18,11 +18,12 @@ from typing import Any
 from tokend.consent import Policy
 from tokend.paths import default_socket_path
 from tokend.pinentry import PinentryOptions, PinentryPrompter, PolicyAuthorizer
+from tokend.wiring import SIMULATORS, TRANSPORTS
 
 #: Transports a daemon can watch; the wiring knows which of them are installed.
-KNOWN_TRANSPORTS = ("pcsc", "usb", "ble", "none")
+KNOWN_TRANSPORTS = (*TRANSPORTS, "none")
 #: In-process simulated tokens (`--simulate KIND`).
-KNOWN_SIMULATIONS = ("piv", "sim", "usb")
+KNOWN_SIMULATIONS = tuple(SIMULATORS)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
