@@ -23,9 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The daemon with a demo-provisioned virtual PIV token behind real pcscd + vpcd.
+# The daemon with every kind of virtual token side by side (a PIV card behind real pcscd +
+# vpcd, a USB CCID token, …); the banner says what to try and how to pull each one.
 run: deps venv
-	$(PY) -m tokend.cli.demo
+	$(PY) -m tokend.cli.tokend_main simulate --all --banner
 
 test: deps venv
 	$(VENV)/bin/ruff check .

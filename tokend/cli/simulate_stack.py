@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from tokend.paths import default_socket_path
+
 
 class Kind(Protocol):
     """One kind of virtual token in the stack."""
@@ -242,7 +244,40 @@ def _wait_for_tokens(proc: subprocess.Popen[bytes], path: Path, count: int, time
     raise TimeoutError(f"tokend serve did not list {count} tokens within {timeout:g} s")
 
 
+def _banner(kinds: dict[str, Kind], socket_path: Path, env: dict[str, str]) -> list[str]:
+    """What `make run` shows a newcomer: where, what to try, how to pull each token."""
+    bin_dir = Path(sys.executable).parent
+    demo = Path(env["TOKEND_DEMO_DIR"])
+    lines = ["", f"tokend is serving {len(kinds)} kinds of virtual token on {socket_path}", ""]
+    for name, kind in kinds.items():
+        for token in kind.names:
+            pin = env.get(f"TOKEND_DEMO_{name.upper()}_PIN", "?")
+            lines.append(f"  {kind.state(token)}  (PIN {pin})")
+    lines += ["", "Try, in another shell:", f"  export TOKEND_SOCKET={socket_path}"]
+    lines.append(f"  {bin_dir}/tokenctl list")
+    for name in kinds:
+        cert = demo / name / "encryption.pem"
+        pin = env.get(f"TOKEND_DEMO_{name.upper()}_PIN", "")
+        if cert.exists():
+            # smime decrypt finds the token holding the recipient key by itself.
+            lines.append(
+                f"  echo 'Subject: hi' | openssl cms -encrypt -aes-256-gcm -recip {cert} | "
+                f"{bin_dir}/tokenctl smime decrypt --pin-fd 3 - 3<<<{pin}"
+            )
+    names = ", ".join(n for k in kinds.values() for n in k.names)
+    lines += [
+        "",
+        f"Pull a token: type `unplug NAME` here (NAME: {names}); `plug NAME` puts it back,",
+        "`list` shows them. Ctrl-C (or Ctrl-D) stops everything this started.",
+        "",
+    ]
+    return lines
+
+
 def run_stack(args: argparse.Namespace) -> int:
+    if getattr(args, "all", False):
+        for name in KINDS:
+            setattr(args, name, True)
     wanted = [k for k in KINDS if getattr(args, k, False)]
     if not wanted:
         print("tokend simulate: name a KIND, or one or more of --piv …", file=sys.stderr)
@@ -254,7 +289,11 @@ def run_stack(args: argparse.Namespace) -> int:
     os.chmod(workdir, 0o700)
     export_dir = args.export_dir or workdir / "demo"
     export_dir.mkdir(parents=True, exist_ok=True)
-    socket_path = args.socket or workdir / "tokend" / "tokend.sock"
+    banner = getattr(args, "banner", False)
+    # With --banner (make run) the daemon takes the user's default socket, so `tokenctl`
+    # in another shell finds it without any environment.
+    default = default_socket_path() if banner else workdir / "tokend" / "tokend.sock"
+    socket_path = args.socket or default
     ctx = StackContext(workdir, export_dir)
     daemon: subprocess.Popen[bytes] | None = None
     with contextlib.ExitStack() as stack:
@@ -291,6 +330,8 @@ def run_stack(args: argparse.Namespace) -> int:
         names = " ".join(n for k in kinds.values() for n in k.names)
         print(f"# tokens: {names}; commands: list, unplug NAME, plug NAME, status, quit")
         print(f"# daemon log: {workdir / 'tokend.log'}")
+        if banner:
+            print("\n".join(_banner(kinds, socket_path, env)))
         print("READY", flush=True)
         machine = Stack(kinds, ctx)
         if args.control:

@@ -242,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=["piv"], help="one token, for your own daemon")
     for name in KINDS:
         p.add_argument(f"--{name}", action="store_true", help=f"a virtual {name} token")
+    p.add_argument("--all", action="store_true", help="every kind of virtual token there is")
+    p.add_argument(
+        "--banner",
+        action="store_true",
+        help="use the default socket and print what to try and how to pull each token (make run)",
+    )
     p.add_argument("--control", type=Path, help="also take commands on this 0600 Unix socket")
     p.add_argument("--socket", type=Path, help="the daemon's socket (default: a private one)")
     p.add_argument(
