@@ -27,6 +27,7 @@ from tests.helpers import (
 from tokend.client import Client
 from tokend.errors import (
     KeyFunctionNotPermittedError,
+    KeyHandleInvalidError,
     PinIncorrectError,
     UserNotLoggedInError,
 )
@@ -145,7 +146,14 @@ def test_client_b_cannot_use_the_login_of_client_a(piv) -> None:
         # The card is verified now, but B never logged in: tokend refuses on its own.
         session_b = b.open_session(piv.extras["slot"])
         assert b.find_objects(session_b, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY"}) == []
-        with pytest.raises(UserNotLoggedInError):
+        # A's key handle answers B exactly as a handle that does not exist (issue 9):
+        # handles tell nothing about other connections.
+        with pytest.raises(KeyHandleInvalidError) as foreign:
             b.decrypt(session_b, key, "CKM_RSA_PKCS", blob)
+        with pytest.raises(KeyHandleInvalidError) as missing:
+            b.decrypt(session_b, 999_999, "CKM_RSA_PKCS", blob)
+        assert str(foreign.value).replace(str(key), "N") == str(missing.value).replace(
+            "999999", "N"
+        )
         # A still works after B's refusal.
         assert a.decrypt(session_a, key, "CKM_RSA_PKCS", blob) == secret

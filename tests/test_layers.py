@@ -22,6 +22,8 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.ccid", 0),
     ("tokend.mechanisms", 0),
     ("tokend.wipe", 0),
+    ("tokend.socket_security", 0),
+    ("tokend.limits", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),

@@ -25,6 +25,8 @@ Handler = Callable[["Api", Application, Params], Awaitable[Any]]
 METHODS: dict[str, Handler] = {}
 
 S = ("h_session", "session")
+#: Notifications held for a subscriber that does not read; newer ones are dropped.
+_NOTIFY_QUEUE = 256
 
 
 def method(name: str) -> Callable[[Handler], Handler]:
@@ -119,9 +121,10 @@ async def _get_token_info(api: Api, app: Application, p: Params) -> dict:
             "model": info.model,
             "serial_number": info.serial_number,
             "flags": flag_names(flags),
-            "max_session_count": 0,
+            # Per application (PKCS#11's meaning): the daemon's per-connection limit.
+            "max_session_count": api.engine.limits.max_sessions_per_application,
             "session_count": len(sessions),
-            "max_rw_session_count": 0,
+            "max_rw_session_count": api.engine.limits.max_sessions_per_application,
             "rw_session_count": sum(1 for s in sessions if s.rw),
             "max_pin_len": info.max_pin_len,
             "min_pin_len": info.min_pin_len,
@@ -317,7 +320,7 @@ async def _wait_for_slot_event(api: Api, app: Application, p: Params) -> dict:
 async def _subscribe(api: Api, app: Application, p: Params) -> dict:
     """tokend extension: deliver `slot_event` notifications on this connection."""
     if app.notify is None:
-        app.notify = asyncio.Queue()
+        app.notify = asyncio.Queue(maxsize=_NOTIFY_QUEUE)
     app.subscribed.set()
     return {"subscribed": True}
 

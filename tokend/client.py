@@ -1,6 +1,9 @@
 """Python client for the native socket API: `AsyncClient` (asyncio) and `Client` (blocking).
 
 Both raise the daemon's own error classes, rebuilt from the CKR code (`tokend.errors`).
+Both check who serves the socket (SO_PEERCRED: our own uid or root) before sending a
+byte, and raise `UntrustedServerError` otherwise: a PIN never goes to another user's
+socket (tokend.socket_security).
 The convenience methods are written once, as *plans* (generators yielding calls), and run
 by either client, so the two stay identical.
 """
@@ -21,6 +24,7 @@ from tokend.model import Mechanism
 from tokend.paths import default_socket_path
 from tokend.pkcs11 import CKA, CKU
 from tokend.protocol import (
+    LOGIN_LOST_NOTIFICATION,
     MAX_REQUEST_BYTES,
     SLOT_EVENT_NOTIFICATION,
     b64,
@@ -29,6 +33,12 @@ from tokend.protocol import (
     encode_request,
     unb64,
 )
+from tokend.socket_security import UntrustedServerError, check_server, connect_checked
+
+__all__ = ["AsyncClient", "Client", "ProtocolFailure", "UntrustedServerError"]
+
+#: Notifications a client collects (slot events and lost logins).
+_NOTIFICATIONS = (SLOT_EVENT_NOTIFICATION, LOGIN_LOST_NOTIFICATION)
 
 T = TypeVar("T")
 Plan = Generator[Any, Any, T]  # yields a (method, params) step or a Batch of them
@@ -217,6 +227,13 @@ def _first_error(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(msg.get("result") or {}) for msg in answers]
 
 
+def _notification(msg: Mapping[str, Any]) -> dict[str, Any]:
+    params = dict(msg.get("params") or {})
+    if msg.get("method") == LOGIN_LOST_NOTIFICATION:
+        params["notification"] = LOGIN_LOST_NOTIFICATION
+    return params
+
+
 def _socket_path(path: str | Path | None) -> Path:
     return Path(path) if path else default_socket_path()
 
@@ -226,13 +243,7 @@ class Client:
 
     def __init__(self, path: str | Path | None = None, *, timeout: float | None = 30.0) -> None:
         self.path = _socket_path(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(str(self.path))
-        except OSError:
-            self._sock.close()
-            raise
+        self._sock: socket.socket = connect_checked(self.path, timeout)
         self._file = self._sock.makefile("rb")
         self._ids = itertools.count(1)
         self.notifications: list[dict[str, Any]] = []
@@ -263,14 +274,15 @@ class Client:
             if not line:
                 raise ConnectionError("tokend closed the connection")
             msg = json.loads(line)
-            if "id" not in msg and msg.get("method") == SLOT_EVENT_NOTIFICATION:
-                self.notifications.append(msg["params"])
+            if "id" not in msg and msg.get("method") in _NOTIFICATIONS:
+                self.notifications.append(_notification(msg))
             elif msg.get("id") in ids:
                 answers[msg["id"]] = msg
         return _first_error([answers[i] for i in ids])
 
     def next_event(self, timeout: float = 5.0) -> dict[str, Any]:
-        """Wait for the next slot-event notification (after `subscribe`)."""
+        """Wait for the next notification (after `subscribe`): a slot event's params, or a
+        lost login's params with ``"notification": "login_lost"`` added."""
         if self.notifications:
             return self.notifications.pop(0)
         old = self._sock.gettimeout()
@@ -281,8 +293,8 @@ class Client:
                 if not line:
                     raise ConnectionError("tokend closed the connection")
                 msg = json.loads(line)
-                if msg.get("method") == SLOT_EVENT_NOTIFICATION:
-                    return dict(msg["params"])
+                if "id" not in msg and msg.get("method") in _NOTIFICATIONS:
+                    return _notification(msg)
         finally:
             self._sock.settimeout(old)
 
@@ -374,9 +386,13 @@ class AsyncClient:
 
     @classmethod
     async def connect(cls, path: str | Path | None = None) -> AsyncClient:
-        reader, writer = await asyncio.open_unix_connection(
-            str(_socket_path(path)), limit=MAX_REQUEST_BYTES * 4
-        )
+        where = _socket_path(path)
+        reader, writer = await asyncio.open_unix_connection(str(where), limit=MAX_REQUEST_BYTES * 4)
+        try:
+            check_server(writer.get_extra_info("socket"), where)
+        except BaseException:
+            writer.close()
+            raise
         return cls(reader, writer)
 
     async def __aenter__(self) -> AsyncClient:
@@ -400,8 +416,8 @@ class AsyncClient:
                 if not line:
                     break
                 msg = json.loads(line)
-                if "id" not in msg and msg.get("method") == SLOT_EVENT_NOTIFICATION:
-                    self.notifications.put_nowait(msg["params"])
+                if "id" not in msg and msg.get("method") in _NOTIFICATIONS:
+                    self.notifications.put_nowait(_notification(msg))
                     continue
                 fut = self._pending.pop(msg.get("id"), None)
                 if fut is not None and not fut.done():

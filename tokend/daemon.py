@@ -1,32 +1,38 @@
 """The daemon: a Unix socket serving the native JSON-RPC API to clients of the same user.
 
-Security: the socket's directory is 0700 and the socket 0600; every peer's uid is read
+Security (tokend.socket_security, shared with every other listener): the socket's
+directory chain is checked and created 0700, the socket is 0600; every peer's uid is read
 with SO_PEERCRED and anyone but the daemon's own user (and root) is refused. A second
 daemon on the same path is refused; a stale socket (nobody answering) is replaced.
+
+Resources (tokend.limits): connections are capped in total and per uid; when the process
+runs out of file descriptors the accept loop backs off and says so once per interval
+(asyncio's own accept loop logged a traceback per attempt: 96 MB in 37 s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
 import socket
-import stat
-import struct
+import time
 from pathlib import Path
 
 from tokend.api import Api
 from tokend.consent import ClientInfo
-from tokend.errors import TokendError
+from tokend.errors import FunctionFailedError, TokendError
+from tokend.limits import Limits
 from tokend.paths import default_socket_path
 from tokend.protocol import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
+    LOGIN_LOST_NOTIFICATION,
     MAX_REQUEST_BYTES,
     METHOD_NOT_FOUND,
+    SERVER_BUSY,
     SLOT_EVENT_NOTIFICATION,
     Params,
     ProtocolError,
@@ -36,16 +42,22 @@ from tokend.protocol import (
     encode_result,
 )
 from tokend.registry import SlotEvent
-from tokend.session import Application, Engine
+from tokend.session import Application, Engine, LoginLost
+from tokend.socket_security import (
+    DaemonAlreadyRunning,
+    PeerCredentials,
+    bind_private_socket,
+    is_trusted_uid,
+    peer_credentials,
+    prepare_socket_path,
+)
+
+__all__ = ["Daemon", "DaemonAlreadyRunning", "peer_uid", "prepare_socket_path"]
 
 log = logging.getLogger(__name__)
 
 #: Calls that may block for long; they run beside the connection's other requests.
 _BLOCKING = {"C_WaitForSlotEvent"}
-
-
-class DaemonAlreadyRunning(RuntimeError):
-    pass
 
 
 def client_info(pid: int, uid: int) -> ClientInfo:
@@ -61,36 +73,30 @@ def client_info(pid: int, uid: int) -> ClientInfo:
 
 
 def peer_uid(sock: socket.socket) -> tuple[int, int, int]:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    return pid, uid, gid
+    """(pid, uid, gid) of the peer (kept for callers of the old name)."""
+    creds = peer_credentials(sock)
+    return creds.pid, creds.uid, creds.gid
 
 
-def prepare_socket_path(path: Path) -> None:
-    """Create the 0700 directory; refuse a live daemon; remove a stale socket."""
-    directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = directory.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{directory} belongs to uid {st.st_uid}, not to us")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(directory, 0o700)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(str(path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise
-            log.info("removing stale socket %s", path)
-            path.unlink()
-        else:
-            raise DaemonAlreadyRunning(f"another tokend is already serving {path}")
-        finally:
-            probe.close()
+class _RateLimitedLog:
+    """One log line per reason per interval, with the count of those held back, so a
+    flood (fd exhaustion, a refused peer hammering the socket) cannot flood the log."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, key: str, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        suffix = f" ({held} more like this in the last {self.interval:.0f} s)" if held else ""
+        log.log(level, message + suffix, *args)
 
 
 class Connection:
@@ -160,12 +166,19 @@ class Connection:
         await self.send(encode_error(None, INVALID_REQUEST, message))
 
     async def _answer(self, lines: list[bytes]) -> None:
+        # Answers go out every `max_batch` requests: a client pipelining thousands of
+        # small requests never makes the daemon hold thousands of answers, and since
+        # `send` waits for the client to read (drain), one that does not read is not read.
+        batch = self.daemon.limits.max_batch
         responses = []
         for line in lines:
             if line.strip():
                 response = await self.handle(line)
                 if response:
                     responses.append(response)
+                if len(responses) >= batch:
+                    await self.send(b"".join(responses))
+                    responses = []
         if responses:
             await self.send(b"".join(responses))
 
@@ -178,6 +191,16 @@ class Connection:
             log.info("client %s: %s", self.app.peer, exc)
             return encode_error(exc.request_id, exc.code, str(exc))
         if request.method in _BLOCKING:
+            limit = self.daemon.limits.max_pending_waits
+            if len(self._tasks) >= limit:
+                # Answered in order, without a task: a flood of waits costs nothing.
+                message = f"{limit} blocking calls are already waiting on this connection"
+                error = FunctionFailedError(message)
+                return (
+                    None
+                    if request.notification
+                    else encode_error(request.id, int(error.ckr), f"{error.ckr_name}: {message}")
+                )
             task = asyncio.create_task(self._dispatch_and_send(request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -219,9 +242,18 @@ class Connection:
             if queue is None:
                 await self.app.subscribed.wait()
                 continue
-            event: SlotEvent | None = await queue.get()
+            event: SlotEvent | LoginLost | None = await queue.get()
             if event is None or queue is not self.app.notify:
                 continue  # unsubscribed since: this queue is dead, look again
+            if isinstance(event, LoginLost):
+                params = {
+                    "slot_id": event.slot_id,
+                    "generation": event.generation,
+                    "serial": event.serial,
+                    "reason": event.reason,
+                }
+                await self.send(encode_notification(LOGIN_LOST_NOTIFICATION, params))
+                continue
             await self.send(
                 encode_notification(
                     SLOT_EVENT_NOTIFICATION,
@@ -242,6 +274,7 @@ class Daemon:
         socket_path: Path | None = None,
         *,
         listen_socket: socket.socket | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.engine = engine
         self.api = Api(engine)
@@ -249,53 +282,119 @@ class Daemon:
         #: A listening socket handed over by systemd (socket activation): its path, mode and
         #: directory belong to the socket unit, so the daemon neither creates nor removes it.
         self.listen_socket = listen_socket
-        self._server: asyncio.base_events.Server | None = None
+        self.limits = limits or engine.limits
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._per_uid: dict[int, int] = {}
         self._stopped = asyncio.Event()
-        self.allowed_uids = {os.getuid(), 0}
+        self._log_limited = _RateLimitedLog()
 
     async def start(self) -> None:
         if self.listen_socket is not None:
+            # Socket activation: systemd made the socket (the unit sets its mode and
+            # directory); peers, caps and the accept loop are the same as ours.
             name = self.listen_socket.getsockname()
             if name:
                 self.socket_path = Path(name)
-            self._server = await asyncio.start_unix_server(self._accept, sock=self.listen_socket)
+            self.listen_socket.setblocking(False)
+            self._listener = self.listen_socket
+            self._accept_task = asyncio.create_task(self._accept_loop(self._listener))
             await self.engine.registry.start()
             log.info("listening on %s (socket activation)", self.socket_path)
             return
-        prepare_socket_path(self.socket_path)
-        old_umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.socket_path, 0o600)
+        self._listener = bind_private_socket(self.socket_path)
+        self._accept_task = asyncio.create_task(self._accept_loop(self._listener))
         await self.engine.registry.start()
         log.info("listening on %s", self.socket_path)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.05
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                if listener.fileno() == -1:
+                    return  # closed by stop()
+                # Out of descriptors (EMFILE/ENFILE) or memory: the pending connection stays
+                # queued in the kernel; try again later instead of spinning (and logging)
+                # on it. Anything else is retried the same way: the listener must not die.
+                self._log_limited(
+                    "accept",
+                    logging.ERROR,
+                    "cannot accept connections: %s (%d open); retrying",
+                    exc.strerror or exc,
+                    len(self._connections),
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
         try:
-            pid, uid, _gid = peer_uid(sock)
+            creds = peer_credentials(conn)
         except OSError:
-            writer.close()
+            conn.close()
             return
-        if uid not in self.allowed_uids:
-            log.warning("refused client pid %d uid %d", pid, uid)
-            writer.close()
+        if not is_trusted_uid(creds.uid):
+            self._log_limited(
+                "refused", logging.WARNING, "refused client pid %d uid %d", creds.pid, creds.uid
+            )
+            conn.close()
             return
-        app = self.engine.open_application(peer=f"pid {pid}", client=client_info(pid, uid))
-        conn = Connection(self, reader, writer, app)
+        limits = self.limits
+        if (
+            len(self._connections) >= limits.max_connections
+            or self._per_uid.get(creds.uid, 0) >= limits.max_connections_per_uid
+        ):
+            self._log_limited(
+                "busy",
+                logging.WARNING,
+                "too many connections (%d open, %d from uid %d): refusing pid %d",
+                len(self._connections),
+                self._per_uid.get(creds.uid, 0),
+                creds.uid,
+                creds.pid,
+            )
+            with contextlib.suppress(OSError):
+                conn.send(encode_error(None, SERVER_BUSY, "too many connections to tokend"))
+            conn.close()
+            return
+        self._per_uid[creds.uid] = self._per_uid.get(creds.uid, 0) + 1
+        task = asyncio.create_task(self._serve(conn, creds))
+        self._connections.add(task)
+
+    async def _serve(self, conn: socket.socket, creds: PeerCredentials) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+        except OSError:
+            conn.close()
+            self._release(creds.uid)
+            return
+        app = self.engine.open_application(
+            peer=f"pid {creds.pid}", client=client_info(creds.pid, creds.uid)
+        )
+        try:
+            await Connection(self, reader, writer, app).serve()
+        except asyncio.CancelledError:
+            pass  # the daemon is stopping
+        finally:
+            self._release(creds.uid)
+
+    def _release(self, uid: int) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self._connections.add(task)
-        try:
-            await conn.serve()
-        except asyncio.CancelledError:
-            pass  # the daemon is stopping; asyncio's stream callback must not see this
-        finally:
-            if task is not None:
-                self._connections.discard(task)
+            self._connections.discard(task)
+        left = self._per_uid.get(uid, 1) - 1
+        if left > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
 
     def request_stop(self) -> None:
         self._stopped.set()
@@ -309,9 +408,14 @@ class Daemon:
         await self.stop()
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._accept_task
+            self._accept_task = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         for task in list(self._connections):
             task.cancel()
         for task in list(self._connections):

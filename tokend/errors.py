@@ -78,6 +78,8 @@ class PinLockedError(TokendError):
 
 
 GeneralError = _define("GeneralError", CKR.CKR_GENERAL_ERROR, "Internal error.")
+HostMemoryError = _define("HostMemoryError", CKR.CKR_HOST_MEMORY, "Daemon limit reached.")
+SessionCountError = _define("SessionCountError", CKR.CKR_SESSION_COUNT, "Too many sessions.")
 FunctionFailedError = _define("FunctionFailedError", CKR.CKR_FUNCTION_FAILED, "Failed.")
 ArgumentsBadError = _define("ArgumentsBadError", CKR.CKR_ARGUMENTS_BAD, "Bad arguments.")
 NoEventError = _define("NoEventError", CKR.CKR_NO_EVENT, "No slot event pending.")
@@ -167,6 +169,21 @@ FunctionRejectedError = _define("FunctionRejectedError", CKR.CKR_FUNCTION_REJECT
 ActionProhibitedError = _define(
     "ActionProhibitedError", CKR.CKR_ACTION_PROHIBITED, "Action prohibited by policy."
 )
+
+
+class LoginBackoffError(FunctionFailedError):  # type: ignore[misc,valid-type]
+    """A wrong PIN was entered on this token moments ago: C_Login is refused, without
+    touching the token, for ``retry_after`` seconds (docs/threat-model.md, wrong PIN)."""
+
+    def __init__(self, message: str = "", *, retry_after: float = 0.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            message
+            or f"a wrong PIN was just entered on this token; try again in {retry_after:.1f} s"
+        )
+
+    def data(self) -> dict[str, object]:
+        return {"retry_after": round(getattr(self, "retry_after", 0.0), 3)}
 
 
 class TransportError(DeviceRemovedError):  # type: ignore[misc,valid-type]

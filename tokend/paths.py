@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def runtime_dir() -> Path:
+    """``$XDG_RUNTIME_DIR``, else ``/run/user/$UID``, else ``$TMPDIR/tokend-$UID`` (TMPDIR
+    defaults to /tmp). The last one lives in a directory everyone can write to: the
+    daemon refuses it unless it is ours and private (tokend.socket_security), and the
+    client checks who serves the socket, so another user cannot pre-create it and
+    capture PINs."""
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
     if not os.path.isdir(runtime):
-        runtime = f"/tmp/tokend-{os.getuid()}"
+        runtime = os.path.join(tempfile.gettempdir(), f"tokend-{os.getuid()}")
     return Path(runtime)
 
 

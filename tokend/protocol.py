@@ -45,9 +45,16 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+#: Server error (JSON-RPC's implementation-defined range): too many connections; the
+#: daemon sends this one line (id null) and closes the connection.
+SERVER_BUSY = -32000
+#: CK_ULONG is at most 64 bits: larger numbers are not handles, flags or lengths.
+MAX_ULONG = (1 << 64) - 1
 
 #: Name of the notification carrying slot events to subscribers.
 SLOT_EVENT_NOTIFICATION = "slot_event"
+#: Name of the notification telling a subscriber its login on a token was lost.
+LOGIN_LOST_NOTIFICATION = "login_lost"
 
 
 class ProtocolError(Exception):
@@ -72,6 +79,9 @@ def decode_request(line: bytes) -> Request:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(PARSE_ERROR, f"parse error: {exc}") from None
+    except RecursionError:
+        # `[[[[…` thousands deep: the parser gives up; the line is still one bad request.
+        raise ProtocolError(PARSE_ERROR, "parse error: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError(INVALID_REQUEST, "invalid request: expected a JSON object")
     request_id = obj.get("id")
@@ -187,7 +197,7 @@ def decode_attribute(name: object, value: object) -> tuple[CKA, AttributeValue]:
                 return cka, by_name(enum, value)
             except ValueError as exc:
                 raise AttributeValueInvalidError(f"{cka.name}: {exc}") from None
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ULONG:
             if enum is not None:
                 try:
                     return cka, enum(value)
@@ -340,8 +350,8 @@ class Params:
 
     def int(self, *names: str, default: object = ...) -> int:
         value = self._get(names, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ArgumentsBadError(f'"{names[0]}" must be a non-negative integer')
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ULONG:
+            raise ArgumentsBadError(f'"{names[0]}" must be an integer from 0 to 2^64-1')
         return value
 
     def bool(self, *names: str, default: object = ...) -> bool:
@@ -370,7 +380,7 @@ class Params:
     def flags(self, flag_type: type[IntFlag], *names: str, default: object = ...) -> int:
         """Flags as a list of names, or a number."""
         value = self._get(names, default)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ULONG:
             return value
         if isinstance(value, list):
             out = 0

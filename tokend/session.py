@@ -13,6 +13,11 @@ This is the one place the disconnect rule lives:
 * Logins are keyed by (slot, generation): a new insertion never matches an old login.
 * Before a private-key operation the application's own login is checked here; the card's
   global verified state is never trusted (CVE-2023-40660 class).
+
+Also here: the per-application limits (tokend.limits) and the wrong-PIN rules — a wrong
+PIN resets the card's verified state for everyone, so every application's login on that
+token ends at once and logged-in subscribers are told (`LoginLost`); further logins on
+the token are refused for a back-off period (docs/threat-model.md).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -38,22 +44,29 @@ from tokend.errors import (
     ArgumentsBadError,
     CardNotVerifiedError,
     CardResetError,
+    DataLenRangeError,
     DeviceRemovedError,
+    FunctionFailedError,
+    HostMemoryError,
     KeyFunctionNotPermittedError,
     KeyHandleInvalidError,
     KeyTypeInconsistentError,
+    LoginBackoffError,
     MechanismInvalidError,
     NoEventError,
     ObjectHandleInvalidError,
     OperationActiveError,
     OperationNotInitializedError,
     PinIncorrectError,
+    PinLockedError,
+    SessionCountError,
     SessionHandleInvalidError,
     SessionParallelNotSupportedError,
     UserAlreadyLoggedInError,
     UserNotLoggedInError,
     UserTypeInvalidError,
 )
+from tokend.limits import DEFAULT_LIMITS, Limits
 from tokend.mechanisms.tables import DECRYPT_MECHANISMS, DERIVE_MECHANISMS
 from tokend.model import AttributeValue, Mechanism, ObjectKey, TokenObject
 from tokend.pkcs11 import CKA, CKF_SESSION, CKK, CKO, CKS, CKU
@@ -61,6 +74,28 @@ from tokend.registry import SlotEvent, SlotRegistry, TokenInstance
 from tokend.wipe import wipe
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginLost:
+    """Sent to a subscribed application whose login on a token ended without its asking:
+    ``reason`` is "wrong_pin" (another application entered a wrong PIN: the card reset
+    its verified state) or "card_reset" (another program reset or re-verified the card)."""
+
+    slot_id: int
+    generation: int
+    serial: str | None
+    reason: str
+
+
+@dataclass
+class _PinFailures:
+    """Wrong PINs on one token instance that logged *other* applications out."""
+
+    count: int
+    until: float
+    #: applications that lost their login to these wrong PINs: never held back
+    victims: set[int] = field(default_factory=set)
 
 
 class OpKind(Enum):
@@ -137,7 +172,11 @@ class Application:
         self._event_waiters: list[asyncio.Future[int]] = []
         #: Slot events for the connection's notifier; None is only ever put by unsubscribe,
         #: to wake a notifier parked on a queue that is no longer this application's.
-        self.notify: asyncio.Queue[SlotEvent | None] | None = None
+        self.notify: asyncio.Queue[SlotEvent | LoginLost | None] | None = None
+        #: Handles of private token objects this application was shown (found while
+        #: logged in): only these may answer "not logged in"; any other private handle
+        #: answers as if it did not exist (it may be another application's).
+        self.known_private: set[int] = set()
         #: Set while subscribed, so the connection's notifier sleeps until then.
         self.subscribed = asyncio.Event()
         self.closed = False
@@ -151,14 +190,25 @@ class Application:
         else:
             if event.slot_id not in self.pending_events:
                 self.pending_events.append(event.slot_id)
+        self.post(event)
+
+    def post(self, event: SlotEvent | LoginLost) -> None:
+        """Queue a notification for a subscriber; a subscriber that stops reading loses
+        the newest beyond the queue's bound rather than growing the daemon."""
         if self.notify is not None:
-            self.notify.put_nowait(event)
+            with contextlib.suppress(asyncio.QueueFull):
+                self.notify.put_nowait(event)
 
     async def wait_for_slot_event(self, dont_block: bool) -> int:
         if self.pending_events:
             return self.pending_events.pop(0)
         if dont_block:
             raise NoEventError("no slot event")
+        limit = self.engine.limits.max_pending_waits
+        if len(self._event_waiters) >= limit:
+            raise FunctionFailedError(
+                f"{limit} C_WaitForSlotEvent calls are already waiting on this connection"
+            )
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._event_waiters.append(waiter)
         try:
@@ -183,8 +233,10 @@ class Engine:
         pin_prompter: PinPrompter | None = None,
         authorizer: Authorizer | None = None,
         pin_prompts: int = 3,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.registry = registry
+        self.limits = limits
         #: Set: tokens advertise CKF_PROTECTED_AUTHENTICATION_PATH and C_Login without a
         #: PIN asks the user through this prompt (the daemon's own, never the client).
         self.pin_prompter = pin_prompter
@@ -202,6 +254,8 @@ class Engine:
         #: Serialises VERIFY (login) and the last-logout card reset per token instance, so
         #: a reset can never land after another application's VERIFY it did not see.
         self._login_locks: dict[tuple[int, int], asyncio.Lock] = {}
+        #: Wrong-PIN back-off per token instance (docs/threat-model.md).
+        self._pin_failures: dict[tuple[int, int], _PinFailures] = {}
         registry.on_retire(self._on_retire)
         registry.subscribe(self._on_slot_event)
 
@@ -242,6 +296,7 @@ class Engine:
         for app in self.apps.values():
             app.logins.discard(key)
         self._login_locks.pop(key, None)
+        self._pin_failures.pop(key, None)
         for handle, (inst_key, obj_key) in list(self._token_objects.items()):
             if inst_key == key:
                 del self._token_objects[handle]
@@ -251,12 +306,66 @@ class Engine:
         for app in list(self.apps.values()):
             app.queue_event(event)
 
-    def _lost_card_login(self, instance: TokenInstance) -> None:
-        """The card forgot its verified state (reset by another program): every
-        application's login on this instance is reported lost, never silently restored."""
+    def _lost_card_login(self, instance: TokenInstance, reason: str = "card_reset") -> None:
+        """The card forgot its verified state (reset by another program, or a wrong PIN):
+        every application's login on this instance is reported lost, never silently
+        restored; logged-in subscribers are told at once."""
+        lost = LoginLost(
+            instance.slot_id, instance.generation, instance.token.identity.serial, reason
+        )
         for app in self.apps.values():
-            app.logins.discard(instance.key)
+            if instance.key in app.logins:
+                app.logins.discard(instance.key)
+                app.post(lost)
             self._forget_context_pins(app, instance)
+
+    def _check_backoff(self, app: Application, instance: TokenInstance) -> None:
+        failures = self._pin_failures.get(instance.key)
+        if failures is None or app.id in failures.victims:
+            return  # those who were logged out may log in again at once
+        left = failures.until - time.monotonic()
+        if left > 0:
+            raise LoginBackoffError(retry_after=left)
+
+    def _wrong_pin(self, app: Application, instance: TokenInstance) -> None:
+        """A wrong PIN reached the card: it reset its verified state for everyone (PIV:
+        the security status of the PIN is cleared), so every login on it ends now and the
+        logged-in subscribers are told. If that logged *another* application out, it was
+        a disturbance: further logins on the token, except by those logged out, are held
+        back (1 s, doubling per disturbance up to the maximum) — from any connection, so
+        reconnecting does not help. A user mistyping alone is never held back."""
+        key = instance.key
+        disturbed = {o.id for o in self.apps.values() if o is not app and key in o.logins}
+        self._lost_card_login(instance, "wrong_pin")
+        if not disturbed:
+            return
+        previous = self._pin_failures.get(instance.key)
+        count = 1 if previous is None else previous.count + 1
+        delay = min(
+            self.limits.wrong_pin_backoff * (2 ** (count - 1)), self.limits.wrong_pin_backoff_max
+        )
+        victims = disturbed | (previous.victims if previous is not None else set())
+        self._pin_failures[instance.key] = _PinFailures(count, time.monotonic() + delay, victims)
+        log.warning(
+            "slot %d: a wrong PIN (%s) logged %d other application(s) out; logins held back %.0f s",
+            instance.slot_id,
+            app.peer,
+            len(disturbed),
+            delay,
+        )
+
+    async def _verify(self, app: Application, session: Session, pin: bytearray) -> None:
+        """VERIFY under the token's login lock, with the wrong-PIN rules."""
+        instance = session.instance
+        self._check_backoff(app, instance)
+        try:
+            await self._card(session, instance.token.login, pin)
+        except (PinIncorrectError, PinLockedError):  # the try that blocks the PIN is one too
+            self._wrong_pin(app, instance)
+            raise
+        failures = self._pin_failures.get(instance.key)
+        if failures is not None and app.id not in failures.victims:
+            del self._pin_failures[instance.key]  # the user is back: the count starts over
 
     def _forget_context_pins(self, app: Application, instance: TokenInstance) -> None:
         """A context-specific PIN belongs to the login it was given under: it ends with it."""
@@ -325,6 +434,11 @@ class Engine:
         if not flags & CKF_SESSION.CKF_SERIAL_SESSION:
             raise SessionParallelNotSupportedError("CKF_SERIAL_SESSION must be set")
         instance = self.registry.instance(slot_id)
+        if len(app.sessions) >= self.limits.max_sessions_per_application:
+            raise SessionCountError(
+                f"{self.limits.max_sessions_per_application} sessions are open on this "
+                "connection; close one first"
+            )
         handle = next(self._session_ids)
         session = Session(handle, app, instance, rw=bool(flags & CKF_SESSION.CKF_RW_SESSION))
         app.sessions[handle] = session
@@ -409,6 +523,8 @@ class Engine:
             )
         error = ""
         for attempt in range(1, self.pin_prompts + 1):
+            # Held back after another program's wrong PIN: say so before asking the user.
+            self._check_backoff(app, session.instance)
             request = PinRequest(app.client, self.describe_token(session.instance), attempt, error)
             typed = await self.pin_prompter.ask_pin(request)
             try:
@@ -440,7 +556,7 @@ class Engine:
                 if instance.key not in app.logins:
                     raise UserNotLoggedInError("log in as CKU_USER first")
                 async with self._login_lock(instance):
-                    await self._card(session, instance.token.login, pin)
+                    await self._verify(app, session, pin)
                 # Kept only until the operation runs, then verified again right before it
                 # inside one exclusive section (nothing may come between, §7).
                 op.forget_context_pin()  # a repeated context login replaces only the PIN
@@ -451,7 +567,7 @@ class Engine:
             if instance.key in app.logins:
                 raise UserAlreadyLoggedInError("already logged in to this token")
             async with self._login_lock(instance):
-                await self._card(session, instance.token.login, pin)
+                await self._verify(app, session, pin)
                 if instance.key in app.logins:  # a second C_Login raced this one
                     raise UserAlreadyLoggedInError("already logged in to this token")
                 app.logins.add(instance.key)
@@ -501,9 +617,13 @@ class Engine:
         logged_in = session.instance.key in session.app.logins
         out: list[tuple[int, Mapping[CKA, AttributeValue]]] = []
         for obj in session.instance.token.objects():
-            if obj.attributes.get(CKA.CKA_PRIVATE) and not logged_in:
+            private = obj.attributes.get(CKA.CKA_PRIVATE)
+            if private and not logged_in:
                 continue
-            out.append((self._handle_for(session.instance, obj), obj.attributes))
+            handle = self._handle_for(session.instance, obj)
+            if private:
+                session.app.known_private.add(handle)
+            out.append((handle, obj.attributes))
         for obj in session.objects.values():
             out.append((obj.handle, obj.attributes))
         return out
@@ -561,7 +681,9 @@ class Engine:
             return values
         else:
             obj = self._token_object(session, obj_handle)
-            if obj.attributes.get(CKA.CKA_PRIVATE) and session.instance.key not in app.logins:
+            if obj.attributes.get(CKA.CKA_PRIVATE) and (
+                session.instance.key not in app.logins or obj_handle not in app.known_private
+            ):
                 raise ObjectHandleInvalidError(f"no object {obj_handle}")
             attrs = obj.attributes
         return {t: attrs.get(t) for t in types}
@@ -583,6 +705,10 @@ class Engine:
             obj = self._token_object(session, key_handle)
         except ObjectHandleInvalidError:
             raise KeyHandleInvalidError(f"no key {key_handle}") from None
+        if obj.attributes.get(CKA.CKA_PRIVATE) and key_handle not in session.app.known_private:
+            # Never shown to this application (another one found it): as if it did not
+            # exist, so handles reveal nothing about other connections.
+            raise KeyHandleInvalidError(f"no key {key_handle}")
         if obj.attributes.get(CKA.CKA_CLASS) != CKO.CKO_PRIVATE_KEY:
             raise KeyTypeInconsistentError("not a private key")
         if not obj.attributes.get(usage):
@@ -659,6 +785,18 @@ class Engine:
         op = session.operation
         if op is None or op.kind is not OpKind.SIGN:
             raise OperationNotInitializedError("call C_SignInit first")
+        budget = self.limits.max_multipart_bytes
+        buffered = sum(
+            len(s.operation.buffer) for s in app.sessions.values() if s.operation is not None
+        )
+        if buffered + len(data) > budget:
+            # PKCS#11: an error in C_SignUpdate ends the operation.
+            session.operation = None
+            op.wipe()
+            raise DataLenRangeError(
+                f"multi-part input over {budget} bytes on this connection; hash the data "
+                "and sign the digest instead"
+            )
         op.buffer += data
 
     async def sign(self, app: Application, handle: int, data: bytes) -> bytes:
@@ -727,6 +865,11 @@ class Engine:
         if session.operation is not None:
             raise OperationActiveError("another operation is active in this session")
         obj = self._private_key(session, base_key, CKA.CKA_DERIVE)
+        held = sum(len(s.objects) for s in app.sessions.values())
+        if held >= self.limits.max_session_objects:
+            raise HostMemoryError(
+                f"{held} session objects are held on this connection; destroy some first"
+            )
         if obj.attributes.get(CKA.CKA_ALWAYS_AUTHENTICATE):
             # C_DeriveKey has no Init, so there is no operation to log in to: refuse here
             # rather than let the card refuse (which would read as a lost login).

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from tokend.daemon import Daemon
 from tokend.drivers.base import Watcher
+from tokend.limits import DEFAULT_LIMITS, Limits
 from tokend.session import Engine
 from tokend.wiring import build_registry
 
@@ -50,9 +51,12 @@ class ThreadDaemon:
         self.thread.join(10)
 
 
-def start_thread_daemon(socket: Path, watchers: Sequence[Watcher]) -> ThreadDaemon:
-    """Start a daemon serving ``socket`` with these watchers; returns once it listens and
-    the tokens present at start have been probed. Start-up errors are raised here."""
+def start_thread_daemon(
+    socket: Path, watchers: Sequence[Watcher], limits: Limits = DEFAULT_LIMITS
+) -> ThreadDaemon:
+    """Start a daemon serving ``socket`` with these watchers (and resource ``limits``);
+    returns once it listens and the tokens present at start have been probed. Start-up
+    errors are raised here."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict[str, Any] = {}
@@ -62,7 +66,7 @@ def start_thread_daemon(socket: Path, watchers: Sequence[Watcher]) -> ThreadDaem
 
         async def boot() -> None:
             registry = build_registry(watchers=watchers)
-            daemon = Daemon(Engine(registry), socket)
+            daemon = Daemon(Engine(registry, limits=limits), socket)
             await daemon.start()
             await asyncio.sleep(0)
             await registry.wait_settled()

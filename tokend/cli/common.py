@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -22,6 +23,8 @@ from tokend.wipe import wipe
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: A PIN, PUK, password or management key read from a descriptor is one short line.
+MAX_SECRET_BYTES = 1024
 
 
 class UsageError(Exception):
@@ -65,19 +68,28 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, DeviceRemovedError | TokenNotPresentError):
         return "the token is not there (removed?): plug it in and try again"
     if isinstance(exc, UserNotLoggedInError):
-        return f"not logged in: {exc}"
+        return f"not logged in: {_human(exc)}"
     if isinstance(exc, DeviceMemoryError):
-        return f"token full: {exc}"
+        return f"token full: {_human(exc)}"
     if isinstance(exc, FunctionNotSupportedError):
-        return f"this token cannot do that: {exc}"
+        return f"this token cannot do that: {_human(exc)}"
     if isinstance(exc, TokendError):
-        return str(exc)
+        return _human(exc)
     if isinstance(exc, DaemonUnreachable):
         return (
             f"cannot reach tokend at {exc} (is it running? start it with `tokend serve`, or "
             "set TOKEND_SOCKET / --socket)"
         )
     return str(exc) or type(exc).__name__
+
+
+_CKR_PREFIX = re.compile(r"^CKR_[A-Z0-9_]+: ")
+
+
+def _human(exc: BaseException) -> str:
+    """The daemon's message without its machine prefix ("CKR_TEMPLATE_INCONSISTENT: …")."""
+    text = _CKR_PREFIX.sub("", str(exc), count=1)
+    return text or str(exc)
 
 
 def read_secret(
@@ -89,6 +101,9 @@ def read_secret(
         data = bytearray()
         try:
             while not data.endswith(b"\n"):
+                if len(data) > MAX_SECRET_BYTES:
+                    data[:] = bytes(len(data))
+                    raise UsageError(f"{option} {fd}: no line end within {MAX_SECRET_BYTES} bytes")
                 chunk = os.read(fd, 1)
                 if not chunk:
                     break

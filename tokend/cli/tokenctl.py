@@ -34,7 +34,7 @@ from tokend.cli.common import (
     explain,
     read_secret,
 )
-from tokend.client import Client
+from tokend.client import Client, UntrustedServerError
 from tokend.errors import DeviceMemoryError
 from tokend.model import Mechanism, OaepParams
 from tokend.piv.profile import PIV_PROFILE
@@ -60,6 +60,11 @@ PROFILE = PIV_PROFILE
 ALGORITHMS = tuple(PROFILE.algorithms)
 MGMT_ALGORITHMS = {name: length for name, (_, length) in PROFILE.admin_algorithms.items()}
 RETIRED_TOTAL = 20
+#: Largest input file read: keys, certificates, PKCS#12 files and blobs are kilobytes;
+#: S/MIME messages (attachments) may be large. Reading stops one byte past the cap, so
+#: /dev/zero or a huge file fails fast instead of filling memory.
+MAX_INPUT_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 64 << 20
 
 
 # --- connecting and choosing ---------------------------------------------------------------
@@ -69,6 +74,8 @@ def _client(args: argparse.Namespace) -> Client:
     try:
         # On-card RSA generation can take a minute on real hardware.
         return Client(args.socket, timeout=300.0)
+    except UntrustedServerError:
+        raise  # not "unreachable": someone else answers there (explain() says who)
     except OSError:
         from tokend.paths import default_socket_path
 
@@ -159,11 +166,20 @@ def _hex(text: str, what: str) -> str:
     return clean
 
 
-def _read_file(path: str) -> bytes:
+def _read_file(path: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """At most ``limit`` bytes of ``path`` ("-": stdin); a larger input is refused."""
     try:
-        return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        if path == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(limit + 1)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        where = "standard input" if path == "-" else path
+        raise UsageError(f"{where} is larger than {limit // 1024} KiB: not an input tokenctl takes")
+    return data
 
 
 def _read_input(path: str | None) -> bytes:
@@ -705,6 +721,11 @@ def _load_p12(path: str, args: argparse.Namespace) -> tuple[bytearray, bytes, x5
         )
     spki = _spki(key.public_key())
     candidates = ([cert] if cert is not None else []) + list(extra)
+    if not candidates:
+        raise OperationFailed(
+            f"{path} holds a private key but no certificate: ask for the PKCS#12 with its "
+            "certificate; nothing was written"
+        )
     matching = [c for c in candidates if _spki(c.public_key()) == spki]
     if not matching:
         raise OperationFailed(
