@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tokend.paths import default_socket_path
+from tokend.socket_security import bind_private_socket, is_trusted_uid, peer_credentials
 
 
 class Kind(Protocol):
@@ -196,16 +197,10 @@ class Stack:
 
 
 def _serve_control(path: Path, stack: Stack, stop: threading.Event) -> socket.socket:
-    """`--control PATH`: the same commands over a 0600 Unix socket, same-uid peers only."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        server.bind(str(path))
-    finally:
-        os.umask(old)
-    server.listen(4)
+    """`--control PATH`: the same commands over a 0600 Unix socket, same-uid peers only
+    (the path and peer checks every tokend listener shares: tokend.socket_security)."""
+    server = bind_private_socket(path, backlog=4)
+    server.setblocking(True)  # served by its own thread
 
     def serve() -> None:
         while not stop.is_set():
@@ -214,9 +209,7 @@ def _serve_control(path: Path, stack: Stack, stop: threading.Event) -> socket.so
             except OSError:
                 return
             with conn:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                uid = int.from_bytes(creds[4:8], sys.byteorder)
-                if uid not in (os.getuid(), 0):
+                if not is_trusted_uid(peer_credentials(conn).uid):
                     continue
                 for raw in conn.makefile("r"):
                     answer = stack.command(raw.strip())
