@@ -10,7 +10,8 @@ One command per line, one answer line each:
     anything else  → error: …
 
 The socket is created 0600 in a 0700 directory and only peers of the daemon's own uid (or
-root) are served, as on the API socket. It exists only when asked for.
+root) are served, as on the API socket (the shared checks of tokend.socket_security). It
+exists only when asked for.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokend.daemon import peer_uid, prepare_socket_path
 from tokend.simulators.base import SimulatedToken
+from tokend.socket_security import bind_private_socket, peer_credentials, trusted_uids
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,12 @@ class SimControl:
     def __init__(self, path: Path, tokens: Sequence[SimulatedToken]) -> None:
         self.path = path
         self.tokens = {t.name: t for t in tokens}
-        self.allowed_uids = {os.getuid(), 0}
+        self.allowed_uids = set(trusted_uids())
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
-        prepare_socket_path(self.path)
-        old_umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(
-                self._accept, path=str(self.path), limit=MAX_LINE
-            )
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        listener = bind_private_socket(self.path, backlog=16)
+        self._server = await asyncio.start_unix_server(self._accept, sock=listener, limit=MAX_LINE)
         log.info("simulator control socket on %s (%s)", self.path, ", ".join(self.tokens))
 
     async def stop(self) -> None:
@@ -81,7 +74,8 @@ class SimControl:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            pid, uid, _gid = peer_uid(writer.get_extra_info("socket"))
+            creds = peer_credentials(writer.get_extra_info("socket"))
+            pid, uid = creds.pid, creds.uid
         except OSError:
             writer.close()
             return
