@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import REPO, Row, SectionResult, format_table
 
-SECTIONS = ("overhead", "softhsm", "concurrency", "lock", "footprint", "scale")
+SECTIONS = ("overhead", "softhsm", "concurrency", "lock", "footprint", "scale", "ble")
 DEFAULT_OUT = REPO / "bench" / "results.json"
 
 
@@ -65,6 +65,10 @@ def _runner(
             from bench import footprint
 
             return footprint.run(quick)
+        if name == "ble":
+            from bench import ble
+
+            return ble.run(quick)
         if name == "scale":
             from bench import scale
 

@@ -61,6 +61,19 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+class TokenRefused(Exception):
+    """A transport's verdict that the token opened on it must not be used (e.g. a BLE key
+    whose token identity differs from the one trusted at that address). Not retried."""
+
+
+@runtime_checkable
+class IdentityCheck(Protocol):
+    """Optional on a transport: called with the token's identity serial once the applet is
+    open; raises `TokenRefused` to keep the token out."""
+
+    def accept_identity(self, serial: str) -> None: ...
+
+
 @runtime_checkable
 class Watcher(Protocol):
     """Reports presence for one transport family and opens transports to present cards."""

@@ -177,4 +177,5 @@ def pcsc_piv(request, sock_path: Path) -> Iterator[RunningDaemon]:  # type: igno
     yield from _piv_daemon("pcsc", request, sock_path)
 
 
+from tests.ble_fixtures import ble_bus, ble_piv, bluetoothctl_shim, fake_bluez  # noqa: E402, F401
 from tests.pcsc_fixtures import pcscd_service, vpcd  # noqa: E402, F401

@@ -24,3 +24,17 @@ def test_quick_overhead_section_writes_a_report(tmp_path: Path) -> None:
     verdicts = {row["verdict"] for row in report["table"]}
     assert "error" not in verdicts
     assert "not available yet" in verdicts
+
+
+def test_quick_ble_section_runs(tmp_path: Path, bluetoothctl_shim) -> None:  # type: ignore[no-untyped-def]
+    from tests.ble_fixtures import ble_unavailable_reason
+
+    if ble_unavailable_reason():
+        import pytest
+
+        pytest.skip(ble_unavailable_reason() or "")
+    out = tmp_path / "results.json"
+    assert main(["--quick", "--only", "ble", "--out", str(out)]) == 0
+    section = json.loads(out.read_text())["sections"]["ble"]
+    assert section["decrypt_ble"]["n"] > 0 and section["decrypt_memory"]["n"] > 0
+    assert section["framing_us_4096"] > 0

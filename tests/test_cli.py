@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tests.helpers import PIN, pkcs1_blob
 from tokend.cli.tokenctl import main
 
@@ -86,3 +88,28 @@ def test_serve_config_rejects_unknown_keys(tmp_path) -> None:
     bad.write_text("alow_virtual_readers = true\n")  # a typo must not pass silently
     with pytest.raises(ValueError, match=r"bad\.toml:1: alow_virtual_readers: unknown key"):
         ServeConfig.load(bad)
+
+
+def test_transports_come_from_the_config_or_the_repeatable_flag(tmp_path) -> None:
+    from tokend.cli.tokend_main import ServeConfig, build_parser, build_registry
+
+    conf = tmp_path / "tokend.toml"
+    conf.write_text(
+        'transports = ["pcsc", "ble"]\n[[ble_trusted]]\naddress = "c0-ff-ee-00-00-01"\n'
+        'identity = "0A1B"\n'
+    )
+    cfg = ServeConfig.load(conf)
+    assert cfg.transports == ["pcsc", "ble"]
+    registry = build_registry(cfg)
+    watchers = {w.name: w for w in registry._watchers}
+    assert set(watchers) == {"pcsc", "ble"}
+    trusted = watchers["ble"].configured["C0:FF:EE:00:00:01"]
+    assert trusted.identity == "0a1b" and trusted.source == "config"
+
+    args = build_parser().parse_args(["serve", "--transport", "ble", "--transport", "pcsc"])
+    assert args.transport == ["ble", "pcsc"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--transport", "radio"])
+    cfg.transports = ["radio"]
+    with pytest.raises(ValueError, match="unknown transport 'radio'"):
+        build_registry(cfg)

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.wipe", 0),
     ("tokend.socket_security", 0),
     ("tokend.limits", 0),
+    ("tokend.ble_framing", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
@@ -49,6 +50,7 @@ ONLY_IN = {
     "usb": ("tokend.drivers.usb_ccid", "tokend.simulators.usb_ccid"),
     "pyudev": ("tokend.drivers.usb_ccid",),
     "bleak": ("tokend.drivers.ble",),
+    "dbus_fast": ("tokend.drivers.ble", "tokend.simulators.bluez"),
 }
 #: Simulators implement the seams; they may not reach the driver modules themselves.
 SIMULATOR_MAY_IMPORT = (
@@ -63,6 +65,7 @@ SIMULATOR_MAY_IMPORT = (
     "tokend.ccid",
     "tokend.mechanisms",
     "tokend.wipe",
+    "tokend.ble_framing",
 )
 
 
@@ -149,3 +152,5 @@ def test_checker_catches_bad_imports(tmp_path: Path) -> None:
     assert violations("tokend.wiring", ["tokend.session"]) != []
     assert violations("tokend.simulators.iso7816_card", ["tokend.drivers.applet"]) != []
     assert violations("tokend.drivers.piv", ["tokend.piv.codes", "tokend.mechanisms"]) == []
+    assert violations("tokend.session", ["bleak", "dbus_fast.aio"]) != []
+    assert violations("tokend.simulators.ble", ["bleak"]) != []

@@ -35,3 +35,21 @@ def test_debug_logs_carry_no_pin_and_no_plaintext(memory_piv, caplog) -> None:
         assert needle.encode().hex() not in text.lower()
     for form in (secret.hex(), base64.b64encode(secret).decode()):
         assert form not in text
+
+
+def test_ble_debug_logs_carry_no_pin_and_no_plaintext(ble_piv, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Over BLE the PIN crosses bleak (VERIFY fragments) and the decrypted key comes back in
+    GATT notifications: neither bleak's nor dbus-fast's DEBUG logging may show them."""
+    caplog.set_level(logging.DEBUG)
+    demo, slot = ble_piv.extras["demo"], ble_piv.extras["slot"]
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    with Client(ble_piv.socket) as client:
+        session = logged_in_session(client, slot)
+        key = private_key(client, session, ID_9D)
+        assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)
+    pin_hex = PIN.encode().hex()
+    for form in (PIN, pin_hex, str(list(PIN.encode()))[1:-1], secret.hex()):
+        assert form not in text.lower()
+    assert repr(secret)[2:-1] not in text

@@ -25,3 +25,13 @@ def default_socket_path() -> Path:
     if env:
         return Path(env)
     return runtime_dir() / "tokend" / "tokend.sock"
+
+
+def state_dir() -> Path:
+    """tokend's own persistent state (e.g. the BLE keys it trusts): ``$TOKEND_STATE_DIR``,
+    else ``$XDG_STATE_HOME/tokend``, else ``~/.local/state/tokend``."""
+    env = os.environ.get("TOKEND_STATE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return Path(base) / "tokend"

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
-from tokend.drivers.base import ReaderEvent, ReaderEventKind, Transport, Watcher
+from tokend.drivers.base import (
+    IdentityCheck,
+    ReaderEvent,
+    ReaderEventKind,
+    TokenRefused,
+    Transport,
+    Watcher,
+)
 from tokend.errors import (
     DeviceRemovedError,
     SlotIdInvalidError,
@@ -287,6 +294,16 @@ class SlotRegistry:
                 log.warning("slot %d: no supported applet on the token", slot.slot_id)
             return
         assert transport is not None
+        if isinstance(transport, IdentityCheck):
+            try:
+                await asyncio.to_thread(transport.accept_identity, token.identity.serial)
+            except TokenRefused as exc:
+                log.warning("slot %d: token not used: %s", slot.slot_id, exc)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(token.close)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(transport.close)
+                return
         slot.unrecognized = False
         slot.generation += 1
         instance = TokenInstance(self, slot, slot.generation, token, transport)

@@ -18,9 +18,10 @@ Rank 2 (beside the registry): it imports drivers and simulators, never the sessi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokend.drivers.base import Watcher
 from tokend.drivers.piv import PivToken
@@ -54,6 +55,9 @@ class TransportOptions:
     """Settings a transport factory may use (from the command line / config file)."""
 
     allow_virtual_readers: bool = False
+    #: BLE keys trusted by the configuration: ``[[ble_trusted]]`` tables (address,
+    #: identity, label) or plain addresses; `tokenctl ble pair` adds more in tokend's state.
+    ble_trusted: tuple[Mapping[str, Any] | str, ...] = ()
 
 
 TransportFactory = Callable[[TransportOptions], Watcher]
@@ -71,15 +75,26 @@ def _usb(options: TransportOptions) -> Watcher:
     return UsbCcidWatcher()
 
 
+def _ble(options: TransportOptions) -> Watcher:
+    from tokend.drivers.ble import BleWatcher
+
+    return BleWatcher(trusted=options.ble_trusted)
+
+
 #: Transport name → watcher factory. Names are what ``--transport`` and the config's
 #: ``transports`` list accept; "none" (or "") means no transport.
 TRANSPORTS: dict[str, TransportFactory] = {
     "pcsc": _pcsc,
     "usb": _usb,
+    "ble": _ble,
 }
 #: What to call a transport and how to get it, said when its import fails.
-_LABELS = {"pcsc": "PC/SC", "usb": "direct USB"}
-_INSTALL_HINTS = {"pcsc": "install pyscard", "usb": "install tokend[usb]"}
+_LABELS = {"pcsc": "PC/SC", "usb": "direct USB", "ble": "Bluetooth LE"}
+_INSTALL_HINTS = {
+    "pcsc": "install pyscard",
+    "usb": "install tokend[usb]",
+    "ble": "install tokend[ble]",
+}
 
 #: factory(export dir or None, token name "piv0", index among its kind) → (watcher, the
 #: token a control socket plugs and unplugs)

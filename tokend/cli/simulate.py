@@ -4,6 +4,7 @@ foreground until interrupted. The same building blocks as the test harness."""
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import threading
@@ -53,3 +54,102 @@ def run_simulator(args: argparse.Namespace) -> int:
     connection.unplug()
     print("unplugged", flush=True)
     return 0
+
+
+#: `tokend simulate ble` control commands (design §6.1): plug/unplug are the BLE range.
+BLE_COMMANDS = ("out-of-range", "in-range", "kill-bluez", "start-bluez", "status", "quit")
+
+
+def run_ble_simulator(args: argparse.Namespace) -> int:
+    """A virtual BLE key (demo PIV card) behind a fake BlueZ on a private dbus-daemon (or
+    ``--bus``). Prints ``DBUS_SYSTEM_BUS_ADDRESS=…`` for the daemon, then answers one line
+    per control command read on stdin."""
+    try:
+        from tokend.simulators.ble import FakeBlueZThread, PrivateBus, VirtualBleKey
+    except ImportError as exc:
+        print(f"tokend simulate: BLE support is not installed ({exc})", file=sys.stderr)
+        return 1
+    if not re.fullmatch(r"([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}", args.address):
+        print(
+            f"tokend simulate: --address {args.address!r} is not XX:XX:XX:XX:XX:XX", file=sys.stderr
+        )
+        return 2
+    card, provisioned = make_card(args.state, args.provision, args.export_dir)
+    bus = None
+    address = args.bus
+    if address is None:
+        bus = PrivateBus()
+        try:
+            address = bus.start()
+        except OSError as exc:
+            print(f"tokend simulate: {exc}", file=sys.stderr)
+            return 1
+    key = VirtualBleKey(card, args.address)
+    fake = FakeBlueZThread(address)
+
+    def show_passkey(addr: str, passkey: int) -> None:
+        print(f"key {addr} shows passkey {passkey:06d}", file=sys.stderr, flush=True)
+
+    fake.fake.on_passkey = show_passkey
+
+    def _stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        fake.start()
+        fake.add_key(key)
+        what = "demo-provisioned " if provisioned else ""
+        print(
+            f"virtual BLE key {key.address} ({what}PIV) advertising on a fake BlueZ; "
+            f"pair it with `tokenctl ble pair {key.address}`",
+            file=sys.stderr,
+            flush=True,
+        )
+        if args.export_dir and provisioned:
+            print(f"demo certificates written to {args.export_dir}", file=sys.stderr, flush=True)
+        print(f"DBUS_SYSTEM_BUS_ADDRESS={address}", flush=True)
+        for line in sys.stdin:
+            command = line.strip()
+            if not command:
+                continue
+            answer = _ble_command(fake, key.address, command)
+            print(answer, flush=True)
+            if command == "quit":
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fake.stop()
+        if bus is not None:
+            bus.stop()
+    return 0
+
+
+def _ble_command(fake, address: str, command: str) -> str:  # type: ignore[no-untyped-def]
+    try:
+        if command in ("out-of-range", "unplug"):
+            fake.out_of_range(address)
+        elif command in ("in-range", "plug"):
+            fake.in_range(address)
+        elif command == "kill-bluez":
+            if not fake.fake.running:
+                return "error bluez is not running"
+            fake.kill_bluez()
+        elif command == "start-bluez":
+            if fake.fake.running:
+                return "error bluez is already running"
+            fake.start_bluez()
+        elif command == "status":
+            state = fake.device(address)
+            return (
+                f"ok {'in-range' if state.in_range else 'out-of-range'} "
+                f"{'connected' if state.connected else 'disconnected'} "
+                f"{'bonded' if state.bonded else 'not-bonded'} "
+                f"bluez-{'running' if fake.fake.running else 'stopped'}"
+            )
+        elif command != "quit":
+            return f"error unknown command {command!r} (known: {', '.join(BLE_COMMANDS)})"
+    except Exception as exc:
+        return f"error {exc}"
+    return f"ok {command}"

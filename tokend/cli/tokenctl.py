@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from tokend import __version__
+from tokend.cli import ble as ble_cli
 from tokend.cli import uri as p11uri
 from tokend.cli.common import (
     EXIT_FAILED,
@@ -944,6 +945,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="slots and the tokens in them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
+
+    ble_cli.add_parser(sub)
 
     p = sub.add_parser("status", help="identity, PIN/PUK retries, key slots and certificates")
     p.add_argument("token", nargs="?", help="token serial (prefix), slot id or PKCS#11 URI")

@@ -30,7 +30,9 @@ def build_registry(cfg: ServeConfig) -> tuple[SlotRegistry, list[SimulatedToken]
     wired = wire(
         cfg.transports,
         simulate=cfg.simulate,
-        options=TransportOptions(allow_virtual_readers=cfg.allow_virtual_readers),
+        options=TransportOptions(
+            allow_virtual_readers=cfg.allow_virtual_readers, ble_trusted=tuple(cfg.ble_trusted)
+        ),
         export_dir=cfg.export_dir,
     )
     return wired.registry, list(wired.tokens)
@@ -148,6 +150,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return run_stack(args)
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if args.kind == "ble":
+        from tokend.cli.simulate import run_ble_simulator
+
+        return run_ble_simulator(args)
     return run_simulator(args)
 
 
@@ -200,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="watch this transport (repeatable; default from the configuration, else pcsc): "
         "pcsc = readers behind pcscd, usb = CCID tokens over USB directly (pyusb; a token "
-        "pcscd holds stays with pcsc)",
+        "pcscd holds stays with pcsc), ble = Bluetooth LE keys through BlueZ (docs/ble.md)",
     )
     p.add_argument(
         "--export-dir",
@@ -237,9 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         "`tokend simulate --piv [--sim …]`: those tokens, the services they need and a daemon "
         "on a private socket; prints `export NAME=value` lines and READY, then takes list, "
         "unplug NAME, plug NAME, status, quit on stdin (and on --control PATH). EOF, Ctrl-C or "
-        "SIGTERM stops everything it started.",
+        "SIGTERM stops everything it started. `tokend simulate ble`: a virtual BLE key (PIV "
+        "applet) behind a fake BlueZ on a private dbus-daemon; prints "
+        "DBUS_SYSTEM_BUS_ADDRESS=… for `tokend serve --transport ble`, then takes "
+        "out-of-range, in-range, kill-bluez, start-bluez, status, quit on stdin (EOF = quit), "
+        "one line of answer each.",
     )
-    p.add_argument("kind", nargs="?", choices=["piv"], help="one token, for your own daemon")
+    p.add_argument("kind", nargs="?", choices=["piv", "ble"], help="one token, for your own daemon")
     for name in KINDS:
         p.add_argument(f"--{name}", action="store_true", help=f"a virtual {name} token")
     p.add_argument("--all", action="store_true", help="every kind of virtual token there is")
@@ -261,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="provision a fresh card (default: demo unless --state exists)",
     )
     p.add_argument("--export-dir", type=Path, help="write the demo certificates and CA here")
+    p.add_argument(
+        "--bus",
+        metavar="ADDRESS",
+        help="ble: use this D-Bus address instead of starting a private dbus-daemon",
+    )
+    p.add_argument(
+        "--address", default="C0:FF:EE:00:00:01", help="ble: the key's Bluetooth address"
+    )
     p.set_defaults(func=cmd_simulate)
     return parser
 
