@@ -124,3 +124,27 @@ def test_pairing_without_an_agent_fails(fake_bluez) -> None:  # type: ignore[no-
 
     assert asyncio.run(bare_pair()) == "org.bluez.Error.AuthenticationFailed"
     assert fake_bluez.device(key.address).paired is False
+
+
+def test_configured_key_with_a_pinned_identity(fake_bluez, sock_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """`[[ble_trusted]]` with `identity`: only that token is used at that address."""
+    from tokend.drivers.ble import BleWatcher
+
+    right, demo = _key("C0:FF:EE:00:00:21")
+    wrong, _ = _key("C0:FF:EE:00:00:22")
+    fake_bluez.add_key(right, paired=True)
+    fake_bluez.add_key(wrong, paired=True)
+    trusted = [
+        {"address": right.address, "identity": demo.guid.hex().upper(), "label": "mine"},
+        {"address": wrong.address, "identity": "00" * 16},
+    ]
+    running = start_daemon(sock_path, [BleWatcher(trusted=trusted)])
+    try:
+        slot = wait_for_token(running)
+        time.sleep(0.3)
+        with Client(running.socket) as client:
+            assert client.slot_list(token_present=True) == [slot]
+            assert client.token_info(slot)["token_serial"] == demo.guid.hex()
+    finally:
+        stop_daemon(running)
+    assert f"not the trusted {'00' * 16}" in caplog.text
