@@ -100,7 +100,7 @@ def test_transports_come_from_the_config_or_the_repeatable_flag(tmp_path) -> Non
     )
     cfg = ServeConfig.load(conf)
     assert cfg.transports == ["pcsc", "ble"]
-    registry = build_registry(cfg)
+    registry, _tokens = build_registry(cfg)
     watchers = {w.name: w for w in registry._watchers}
     assert set(watchers) == {"pcsc", "ble"}
     trusted = watchers["ble"].configured["C0:FF:EE:00:00:01"]
