@@ -63,8 +63,11 @@ class SlotEvent:
 
 
 class TokenInstance:
-    """What is present in a slot now. All card I/O for it goes through `run`, one call at a
-    time, on its own thread, so blocking drivers never touch the event loop."""
+    """What is present in a slot now. All card I/O for it goes through `run`, on the
+    instance's own threads, so blocking drivers never touch the event loop: one thread (one
+    call at a time) unless the token says it takes parallel calls (``workers``, a vendor
+    module's token). A token with a ``call_timeout`` has every call bounded by it: a call
+    that does not return in time retires the instance (its thread is left to the driver)."""
 
     def __init__(
         self,
@@ -84,7 +87,11 @@ class TokenInstance:
         self._mechanisms: frozenset[CKM] | None = None
         self._objects_seen: object = None
         self._object_index: dict[str, TokenObject] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot{slot.slot_id}")
+        workers = max(1, int(getattr(token, "workers", 1)))
+        self.call_timeout: float | None = getattr(token, "call_timeout", None)
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=f"slot{slot.slot_id}"
+        )
 
     @property
     def key(self) -> tuple[int, int]:
@@ -115,7 +122,14 @@ class TokenInstance:
         self.ensure_live()
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+            future = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+            if self.call_timeout is None:
+                result = await future
+            else:
+                result = await asyncio.wait_for(future, self.call_timeout)
+        except TimeoutError:
+            self.registry.retire(self, f"no answer within {self.call_timeout:g} s")
+            raise DeviceRemovedError(f"token in slot {self.slot_id} stopped answering") from None
         except TransportError as exc:
             self.registry.retire(self, f"transport failure: {exc}")
             raise DeviceRemovedError(f"token in slot {self.slot_id} is gone") from None
@@ -262,6 +276,10 @@ class SlotRegistry:
 
     async def _probe(self, slot: Slot, ticket: int) -> None:
         token, transport = None, None
+        # A watcher may bring its own opener (a vendor module: the module is the applet).
+        own_opener = getattr(slot.watcher, "open_token", None)
+        applets = [own_opener] if own_opener is not None else self._applets
+        timeout: float | None = getattr(slot.watcher, "probe_timeout", None)
         # A card that has just arrived may not answer yet (pcscd powers it up while we
         # connect: SCARD_E_NOT_TRANSACTED): a failure is retried a few times; a card
         # that answers but carries no supported applet is not.
@@ -270,8 +288,8 @@ class SlotRegistry:
                 return
             try:
                 transport = await slot.watcher.connect(slot.reader)
-                for opener in self._applets:
-                    token = await asyncio.to_thread(opener, transport)
+                for opener in applets:
+                    token = await asyncio.wait_for(asyncio.to_thread(opener, transport), timeout)
                     if token is not None:
                         break
                 break
