@@ -129,19 +129,20 @@ class ModuleConfig:
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> ModuleConfig:
-        unknown = set(table) - {"path", "label", "workers", "poll_interval", "call_timeout"}
+        """One ``[[modules]]`` table: path, and optionally label, timeout (the per-call
+        timeout, s), workers, poll_interval (s)."""
+        unknown = set(table) - {"path", "label", "workers", "poll_interval", "timeout"}
         if unknown:
             raise ValueError(f"module entry: unknown keys {sorted(unknown)}")
         if "path" not in table:
             raise ValueError("module entry needs a path")
         base = cls.from_path(str(table["path"]))
-        return cls(
-            base.path,
-            str(table.get("label", base.label)),
-            int(table.get("workers", DEFAULT_WORKERS)),
-            float(table.get("poll_interval", POLL_INTERVAL_S)),
-            float(table.get("call_timeout", CALL_TIMEOUT_S)),
-        )
+        workers = int(table.get("workers", DEFAULT_WORKERS))
+        poll = float(table.get("poll_interval", POLL_INTERVAL_S))
+        timeout = float(table.get("timeout", CALL_TIMEOUT_S))
+        if workers < 1 or poll <= 0 or timeout <= 0:
+            raise ValueError("module entry: workers >= 1, poll_interval and timeout > 0")
+        return cls(base.path, str(table.get("label", base.label)), workers, poll, timeout)
 
 
 class ModuleLoadError(Exception):
@@ -167,12 +168,27 @@ class _FunctionList(ctypes.Structure):
         ("version", ctypes.c_ubyte * 2),
         ("C_Initialize", _C_Initialize),
         ("C_Finalize", _C_Finalize),
-        *((name, ctypes.c_void_p) for name in (
-            "C_GetInfo", "C_GetFunctionList", "C_GetSlotList", "C_GetSlotInfo",
-            "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo", "C_InitToken",
-            "C_InitPIN", "C_SetPIN", "C_OpenSession", "C_CloseSession", "C_CloseAllSessions",
-            "C_GetSessionInfo", "C_GetOperationState", "C_SetOperationState",
-        )),  # fmt: skip
+        *(
+            (name, ctypes.c_void_p)
+            for name in (
+                "C_GetInfo",
+                "C_GetFunctionList",
+                "C_GetSlotList",
+                "C_GetSlotInfo",
+                "C_GetTokenInfo",
+                "C_GetMechanismList",
+                "C_GetMechanismInfo",
+                "C_InitToken",
+                "C_InitPIN",
+                "C_SetPIN",
+                "C_OpenSession",
+                "C_CloseSession",
+                "C_CloseAllSessions",
+                "C_GetSessionInfo",
+                "C_GetOperationState",
+                "C_SetOperationState",
+            )
+        ),
         ("C_Login", _C_Login),
         ("C_Logout", _C_Logout),
     ]
@@ -737,7 +753,7 @@ class _Worker:
     """One module session and the private-key objects as seen from it."""
 
     session: Any
-    keys: dict[int, Any]
+    keys: dict[str, Any]
     epoch: int = -1
 
 
@@ -953,12 +969,12 @@ class ModuleToken:
         """Every object the module shows this process now (private ones only after login)."""
         out = []
         for obj in self._control.get_objects():
-            cls = obj.object_class if hasattr(obj, "object_class") else obj[pkcs11.Attribute.CLASS]
+            cls = obj[pkcs11.Attribute.CLASS]
             wanted = _ATTRIBUTES.get(int(cls), _COMMON)
             attrs = self._attributes(obj, wanted)
             if attrs:
-                out.append(TokenObject(f"obj:{obj.handle}", attrs))
-        return tuple(out)
+                out.append(attrs)
+        return tuple(TokenObject(key, attrs) for key, attrs in _stable_keys(out))
 
     @staticmethod
     def _attributes(obj: Any, wanted: Sequence[CKA]) -> dict[CKA, AttributeValue]:
@@ -1028,7 +1044,9 @@ class ModuleToken:
     ) -> bytes:
         self._no_context_login(context_pin)
         mech, param = _mechanism(mechanism)
-        return self._operate(key, lambda obj: obj.decrypt(data, mechanism=mech, mechanism_param=param))
+        return self._operate(
+            key, lambda obj: obj.decrypt(data, mechanism=mech, mechanism_param=param)
+        )
 
     def sign(
         self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
@@ -1091,12 +1109,15 @@ class ModuleToken:
             )
 
     def _operate(self, key: str, fn: Callable[[Any], T]) -> T:
-        handle = int(key.removeprefix("obj:"))
         with self._rw.shared():
+            if not self._logged_in:
+                # The engine only calls this for a logged-in application, so the module has
+                # lost a login tokend believed in (a wrong PIN from another application).
+                raise CardNotVerifiedError(f"module {self._config.label}: not logged in")
             worker = self._pool.get()
             try:
                 with self._library.guard():
-                    obj = self._key_object(worker, handle)
+                    obj = self._key_object(worker, key)
                     return fn(obj)
             except p11x.PKCS11Error as exc:
                 raise self._error(exc) from None
@@ -1106,13 +1127,18 @@ class ModuleToken:
             finally:
                 self._pool.put(worker)
 
-    def _key_object(self, worker: _Worker, handle: int) -> Any:
-        if worker.epoch != self._epoch or handle not in worker.keys:
-            objects = worker.session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY})
-            worker.keys = {obj.handle: obj for obj in objects}
+    def _key_object(self, worker: _Worker, key: str) -> Any:
+        if worker.epoch != self._epoch or key not in worker.keys:
+            found = []
+            for obj in worker.session.get_objects(
+                {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
+            ):
+                found.append((obj, self._attributes(obj, _COMMON)))
+            keys = _stable_keys([attrs for _obj, attrs in found])
+            worker.keys = {k: obj for (k, _attrs), (obj, _a) in zip(keys, found, strict=True)}
             worker.epoch = self._epoch
         try:
-            return worker.keys[handle]
+            return worker.keys[key]
         except KeyError:
             raise p11x.KeyHandleInvalid() from None
 
@@ -1150,6 +1176,29 @@ class ModuleToken:
                     session.close()
         self._all_workers.clear()
         lib.release()
+
+
+def _stable_keys(
+    objects: Sequence[dict[CKA, AttributeValue]],
+) -> list[tuple[str, dict[CKA, AttributeValue]]]:
+    """Name objects by what they are, not by module handle: modules renumber private
+    objects at every login (SoftHSM2 forgets their handles at C_Logout), while the session
+    engine's handles must stay put for a token instance. Class, CKA_ID and label, plus a
+    counter for look-alikes, in the module's order."""
+    seen: dict[str, int] = {}
+    out = []
+    for attrs in objects:
+        cls = attrs.get(CKA.CKA_CLASS)
+        key_id = attrs.get(CKA.CKA_ID)
+        base = "{}:{}:{}".format(
+            int(cls) if isinstance(cls, int) else "?",
+            key_id.hex() if isinstance(key_id, bytes) else "",
+            attrs.get(CKA.CKA_LABEL) or "",
+        )
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append((f"{base}#{n}", attrs))
+    return out
 
 
 def _mechanism(mechanism: Mechanism) -> tuple[Any, Any]:

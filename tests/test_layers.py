@@ -51,6 +51,9 @@ ONLY_IN = {
     "pyudev": ("tokend.drivers.usb_ccid",),
     "bleak": ("tokend.drivers.ble",),
     "dbus_fast": ("tokend.drivers.ble", "tokend.simulators.bluez"),
+    # python-pkcs11: the vendor-module backend, and the SoftHSM2 harness that provisions
+    # test tokens through the module as a vendor's tool would
+    "pkcs11": ("tokend.drivers.pkcs11_module", "tokend.simulators.softhsm"),
 }
 #: Simulators implement the seams; they may not reach the driver modules themselves.
 SIMULATOR_MAY_IMPORT = (

@@ -65,6 +65,8 @@ class ServeConfig:
     #: not from the file: set by flags
     export_dir: Path | None = None
     simulate_control: Path | None = None
+    #: `--module PATH` (repeatable): modules labelled after their file name
+    module_paths: list[str] = field(default_factory=list)
     source: Path | None = None
 
     @classmethod
@@ -210,9 +212,9 @@ SCHEMA: dict[str, Key] = {
     ),
     "p11kit": Key(_bool, "true", "serve the p11-kit RPC socket pkcs11.sock beside the native one"),
     "modules": Key(
-        _tables(("path",), ("label", "timeout")),
+        _tables(("path",), ("label", "timeout", "workers", "poll_interval")),
         "[]",
-        "vendor PKCS#11 modules: [[modules]] path = …, label = …",
+        "vendor PKCS#11 modules: [[modules]] path = …, label = … (docs/configuration.md)",
     ),
     "ble_trusted": Key(
         _tables(("address",), ("identity", "label")),

@@ -11,6 +11,9 @@ here once and every one of them gets it.
   missing optional library (pyscard, pyusb, bleak) disables only that transport.
 * `SIMULATORS` — ``--simulate`` kinds → a factory of a watcher holding one
   demo-provisioned virtual token in an in-process reader.
+* `module_watchers` — one watcher per vendor PKCS#11 module (``[[modules]]`` tables and
+  ``--module PATH``); each brings its own opener (the module is the applet), so `APPLETS`
+  never sees a module slot.
 
 Rank 2 (beside the registry): it imports drivers and simulators, never the session layer.
 """
@@ -40,6 +43,7 @@ __all__ = [
     "Wired",
     "build_registry",
     "make_watcher",
+    "module_watchers",
     "wire",
 ]
 
@@ -141,6 +145,21 @@ SIMULATORS: dict[str, SimulatorFactory] = {
 }
 
 
+def module_watchers(
+    tables: Sequence[Mapping[str, Any]] = (), paths: Sequence[str] = ()
+) -> list[Watcher]:
+    """One watcher per vendor PKCS#11 module: configuration tables first, then ``--module``
+    paths. Without python-pkcs11 (``tokend[module]``) the modules are skipped, logged once."""
+    if not tables and not paths:
+        return []
+    try:
+        from tokend.drivers.pkcs11_module import ModuleWatcher, module_configs
+    except ImportError as exc:
+        log.error("PKCS#11 modules disabled: %s (install tokend[module])", exc)
+        return []
+    return [ModuleWatcher(cfg) for cfg in module_configs(paths, [dict(t) for t in tables])]
+
+
 def make_watcher(name: str, options: TransportOptions | None = None) -> Watcher | None:
     """The watcher of transport ``name``; None for "none"/"" or when its library is not
     installed (logged). ValueError for an unknown name."""
@@ -174,9 +193,12 @@ def wire(
     options: TransportOptions | None = None,
     export_dir: Path | None = None,
     applets: Sequence[AppletOpener] = APPLETS,
+    modules: Sequence[Mapping[str, Any]] = (),
+    module_paths: Sequence[str] = (),
 ) -> Wired:
     """A registry with every applet, the named transports' watchers (a name given twice
-    is watched once), ready-made ``watchers`` (tests, benchmarks) and simulated tokens.
+    is watched once), ready-made ``watchers`` (tests, benchmarks), the vendor modules'
+    watchers and simulated tokens.
     Demo certificates go to ``export_dir``, or ``export_dir/NAME`` when several tokens are
     simulated."""
     registry = SlotRegistry(list(applets))
@@ -185,6 +207,8 @@ def wire(
         if watcher is not None:
             registry.add_watcher(watcher)
     for watcher in watchers:
+        registry.add_watcher(watcher)
+    for watcher in module_watchers(modules, module_paths):
         registry.add_watcher(watcher)
     tokens: list[SimulatedToken] = []
     counts: dict[str, int] = {}

@@ -34,6 +34,8 @@ def build_registry(cfg: ServeConfig) -> tuple[SlotRegistry, list[SimulatedToken]
             allow_virtual_readers=cfg.allow_virtual_readers, ble_trusted=tuple(cfg.ble_trusted)
         ),
         export_dir=cfg.export_dir,
+        modules=cfg.modules,
+        module_paths=cfg.module_paths,
     )
     return wired.registry, list(wired.tokens)
 
@@ -126,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.transports = args.transport
     if args.no_pcsc:
         cfg.transports = [t for t in cfg.transports if t != "pcsc"]
+    if args.module:
+        cfg.module_paths = list(args.module)
     cfg.export_dir = args.export_dir
     if args.simulate_control is not None:
         if not cfg.simulate:
@@ -221,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "every network interface)",
     )
     p.add_argument("--no-pcsc", action="store_true", help="do not watch PC/SC readers")
+    p.add_argument(
+        "--module",
+        action="append",
+        metavar="PATH",
+        help="load this vendor PKCS#11 module (.so) and serve its tokens; repeatable; "
+        "labelled after the file name (use [[modules]] in the configuration to choose labels)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

@@ -1,0 +1,656 @@
+"""Vendor PKCS#11 modules end to end, with SoftHSM2 as the module: the fixture makes a
+private token directory and SOFTHSM2_CONF, creates the token with softhsm2-util and puts
+the mail keys on it through the module (imported RSA encryption key, P-256 keys generated
+on the token). The daemon loads the real libsofthsm2.so through python-pkcs11; tests talk
+to it through its socket, with the client library and with `tokenctl`, and check the
+results with `cryptography` and `openssl`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from tests.conftest import MemoryPlug, RunningDaemon, start_daemon, stop_daemon
+from tests.helpers import OAEP_SHA1, OAEP_SHA256, oaep_blob, pkcs1_blob
+from tests.test_provisioning import ctl, ok, openssl
+from tokend.client import AsyncClient, Client
+from tokend.errors import (
+    ArgumentsBadError,
+    DeviceRemovedError,
+    KeyHandleInvalidError,
+    PinIncorrectError,
+    SessionHandleInvalidError,
+    TokendError,
+    UserNotLoggedInError,
+)
+from tokend.model import Ecdh1DeriveParams, Mechanism, PssParams
+from tokend.pkcs11 import CKA, CKD, CKG, CKM
+from tokend.protocol import unb64
+from tokend.simulators.softhsm import (
+    ENCRYPTION_ID,
+    KEY_AGREEMENT_ID,
+    SIGNING_ID,
+    SOFTHSM_MODULE,
+    SoftHsm,
+    SoftHsmMaterial,
+    provision_mail,
+    unavailable_reason,
+)
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+LABEL = "mail"
+
+
+def _short_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="tokend-hsm-"))
+
+
+@pytest.fixture
+def softhsm(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[SoftHsm, SoftHsmMaterial]]:
+    work = _short_dir()
+    hsm = SoftHsm.create(work)
+    monkeypatch.setenv("SOFTHSM2_CONF", str(hsm.conf))
+    hsm.init_token(LABEL)
+    material = provision_mail(LABEL)
+    try:
+        yield hsm, material
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _watcher(**kw: object):  # type: ignore[no-untyped-def]
+    from tokend.drivers.pkcs11_module import ModuleConfig, ModuleWatcher
+
+    return ModuleWatcher(ModuleConfig(SOFTHSM_MODULE, "softhsm", **kw))  # type: ignore[arg-type]
+
+
+def wait_slots(daemon: RunningDaemon, count: int, timeout: float = 10.0) -> list[int]:
+    """The present slots, once there are ``count`` of them (the module watcher reports its
+    tokens after its first poll, not at start)."""
+    deadline = time.monotonic() + timeout
+    with Client(daemon.socket) as client:
+        while True:
+            slots = client.slot_list(token_present=True)
+            if len(slots) >= count:
+                return slots
+            assert time.monotonic() < deadline, f"only {slots} present"
+            time.sleep(0.02)  # nothing to wait on from outside the daemon
+
+
+def module_slot(client: Client) -> int:
+    for slot in client.slot_list(token_present=True):
+        if client.slot_info(slot)["slot_description"].startswith("softhsm slot 0x"):
+            return slot
+    raise AssertionError("no module slot")
+
+
+@pytest.fixture
+def module_daemon(softhsm, sock_path: Path) -> Iterator[RunningDaemon]:  # type: ignore[no-untyped-def]
+    hsm, material = softhsm
+    running = start_daemon(sock_path, [_watcher()])
+    try:
+        wait_slots(running, 1)
+        running.extras.update(hsm=hsm, material=material)
+        yield running
+    finally:
+        stop_daemon(running)
+
+
+@pytest.fixture
+def mixed_daemon(softhsm, sock_path: Path) -> Iterator[RunningDaemon]:  # type: ignore[no-untyped-def]
+    """A virtual PIV token (in-process reader) and the SoftHSM2 token side by side."""
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.memory import MemoryReader, MemoryWatcher
+    from tokend.simulators.piv import VirtualPivCard
+
+    hsm, material = softhsm
+    card = VirtualPivCard()
+    demo = provision_demo(card, key_agreement=True)
+    reader = MemoryReader("Memory Reader 0")
+    MemoryPlug(reader).insert(card)
+    running = start_daemon(sock_path, [MemoryWatcher(reader), _watcher()])
+    try:
+        wait_slots(running, 2)
+        running.extras.update(hsm=hsm, material=material, demo=demo)
+        yield running
+    finally:
+        stop_daemon(running)
+
+
+def _login(client: Client, slot: int, pin: str) -> int:
+    session = client.open_session(slot)
+    client.login(session, pin)
+    return session
+
+
+def _key(client: Client, session: int, key_id: bytes) -> int:
+    found = client.find_objects(session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_ID: key_id})
+    assert len(found) == 1
+    return found[0]
+
+
+# --- what a mail client does ---------------------------------------------------------------
+
+
+def test_module_token_shows_its_certificates_and_hides_keys_until_login(module_daemon) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    with Client(module_daemon.socket) as client:
+        slot = module_slot(client)
+        info = client.token_info(slot)
+        assert info["label"] == LABEL and info["token_serial"] == material.serial
+        assert client.slot_info(slot)["slot_description"] == f"softhsm slot {material.slot_id:#x}"
+        session = client.open_session(slot)
+        certs = client.find_objects(session, {CKA.CKA_CLASS: "CKO_CERTIFICATE"})
+        ders = {
+            unb64(client.get_attributes(session, h, [CKA.CKA_VALUE])["CKA_VALUE"]) for h in certs
+        }
+        for cert in (material.encryption_cert, material.signing_cert, material.key_agreement_cert):
+            assert cert.public_bytes(Encoding.DER) in ders
+        assert client.find_objects(session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY"}) == []
+        client.login(session, material.pin)
+        assert len(client.find_objects(session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY"})) == 3
+        key = _key(client, session, ENCRYPTION_ID)
+        attrs = client.get_attributes(
+            session, key, [CKA.CKA_KEY_TYPE, CKA.CKA_DECRYPT, CKA.CKA_SIGN, CKA.CKA_SENSITIVE]
+        )
+        assert attrs == {
+            "CKA_KEY_TYPE": "CKK_RSA",
+            "CKA_DECRYPT": True,
+            "CKA_SIGN": False,
+            "CKA_SENSITIVE": True,
+        }
+        mechanisms = set(client.call("C_GetMechanismList", {"slot_id": slot})["mechanism_list"])
+        assert {"CKM_RSA_PKCS", "CKM_RSA_PKCS_OAEP", "CKM_ECDSA", "CKM_ECDH1_DERIVE"} <= mechanisms
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "algorithm"),
+    [("CKM_RSA_PKCS", None), (OAEP_SHA1, hashes.SHA1())],
+    ids=["pkcs1", "oaep-sha1"],
+)
+def test_decrypts_key_transport(module_daemon, mechanism, algorithm) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    public = material.encryption_cert.public_key()
+    blob, secret = pkcs1_blob(public) if algorithm is None else oaep_blob(public, algorithm)
+    with Client(module_daemon.socket) as client:
+        session = _login(client, module_slot(client), material.pin)
+        key = _key(client, session, ENCRYPTION_ID)
+        assert client.decrypt(session, key, mechanism, blob) == secret
+
+
+def test_what_the_module_refuses_is_refused_with_its_code(module_daemon) -> None:
+    """SoftHSM2 2.6.1 does OAEP with SHA-1 only: its CKR_ARGUMENTS_BAD for SHA-256 is passed
+    through as it is, not papered over."""
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    blob, _secret = oaep_blob(material.encryption_cert.public_key(), hashes.SHA256())
+    with Client(module_daemon.socket) as client:
+        session = _login(client, module_slot(client), material.pin)
+        key = _key(client, session, ENCRYPTION_ID)
+        with pytest.raises(ArgumentsBadError):
+            client.decrypt(session, key, OAEP_SHA256, blob)
+
+
+def test_signs_ecdsa_and_the_signature_verifies(module_daemon) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    public = material.signing_cert.public_key()
+    message = b"a mail body"
+    with Client(module_daemon.socket) as client:
+        session = _login(client, module_slot(client), material.pin)
+        key = _key(client, session, SIGNING_ID)
+        for raw, hashed in (
+            (client.sign(session, key, "CKM_ECDSA_SHA256", message), message),
+            (client.sign(session, key, "CKM_ECDSA", hashlib.sha256(message).digest()), message),
+        ):
+            r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+            public.verify(utils.encode_dss_signature(r, s), hashed, ec.ECDSA(hashes.SHA256()))
+        # The encryption key may not sign: the module's own attribute, passed through.
+        with pytest.raises(Exception) as refused:
+            client.sign(session, _key(client, session, ENCRYPTION_ID), "CKM_SHA256_RSA_PKCS", b"x")
+        assert refused.value.ckr_name == "CKR_KEY_FUNCTION_NOT_PERMITTED"  # type: ignore[attr-defined]
+
+
+def test_ecdh_derive_matches_local_agreement(module_daemon) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    ephemeral = ec.generate_private_key(ec.SECP256R1())
+    point = ephemeral.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    expected = ephemeral.exchange(ec.ECDH(), material.key_agreement_cert.public_key())
+    with Client(module_daemon.socket) as client:
+        session = _login(client, module_slot(client), material.pin)
+        key = _key(client, session, KEY_AGREEMENT_ID)
+        mech = Mechanism(CKM.CKM_ECDH1_DERIVE, Ecdh1DeriveParams(CKD.CKD_NULL, point))
+        assert client.derive(session, key, mech) == expected
+
+
+_DIRECT = """
+import sys, pkcs11
+from pkcs11 import Attribute, Mechanism, ObjectClass
+lib = pkcs11.lib(sys.argv[1])
+with lib.get_token(token_label=sys.argv[2]).open(user_pin=sys.argv[3]) as s:
+    key = next(s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: b"\\x01"}))
+    try:
+        key.decrypt(bytes.fromhex(sys.argv[4]), mechanism=Mechanism.RSA_PKCS)
+        print("ok")
+    except pkcs11.PKCS11Error as exc:
+        print(type(exc).__name__)
+"""
+
+
+def _direct_answer(hsm: SoftHsm, pin: str, data: bytes) -> str:
+    """What the module says to the same call made in a process of its own (python-pkcs11)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _DIRECT, str(SOFTHSM_MODULE), LABEL, pin, data.hex()],
+        env=hsm.env(), capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def test_module_errors_keep_their_ckr(module_daemon) -> None:
+    """The module's own refusals cross the socket with the module's own CKR: the same call
+    made directly (another process, python-pkcs11) fails with the same code."""
+    from pkcs11 import exceptions as p11x
+
+    from tokend.drivers.pkcs11_module import ckr_of
+
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    hsm: SoftHsm = module_daemon.extras["hsm"]
+    with Client(module_daemon.socket) as client:
+        session = _login(client, module_slot(client), material.pin)
+        key = _key(client, session, ENCRYPTION_ID)
+        for data in (b"\x01" * 17, b"\x01" * 256):
+            with pytest.raises(TokendError) as ours:
+                client.decrypt(session, key, "CKM_RSA_PKCS", data)
+            theirs = _direct_answer(hsm, material.pin, data)
+            assert ours.value.ckr == ckr_of(getattr(p11x, theirs)()), (ours.value, theirs)
+        # and the session works on afterwards
+        blob, secret = pkcs1_blob(material.encryption_cert.public_key())
+        assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+
+
+async def test_parallel_decrypts_from_many_clients(module_daemon) -> None:
+    """Eight clients at once on one module token (several module sessions in parallel)."""
+    import asyncio
+
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    blob, secret = pkcs1_blob(material.encryption_cert.public_key())
+    with Client(module_daemon.socket) as probe:
+        slot = module_slot(probe)
+
+    async def one() -> list[bytes]:
+        async with await AsyncClient.connect(module_daemon.socket) as client:
+            session = await client.open_session(slot)
+            await client.login(session, material.pin)
+            (key,) = await client.find_objects(
+                session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_ID: ENCRYPTION_ID}
+            )
+            return [await client.decrypt(session, key, "CKM_RSA_PKCS", blob) for _ in range(10)]
+
+    results = await asyncio.gather(*(one() for _ in range(8)))
+    assert all(r == secret for batch in results for r in batch)
+    instance = module_daemon.run(_instance(module_daemon))
+    assert instance.token.workers > 1  # SoftHSM2 takes OS locking: parallel calls allowed
+
+
+async def _instance(daemon: RunningDaemon):  # type: ignore[no-untyped-def]
+    registry = daemon.daemon.engine.registry
+    for slot in registry.slots():
+        if slot.token_present and slot.reader.startswith("softhsm"):
+            return slot.instance
+    raise AssertionError("no module token")
+
+
+# --- per-client login on the module's per-process login --------------------------------------
+
+
+def test_client_b_never_rides_client_a_login(module_daemon) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    blob, secret = pkcs1_blob(material.encryption_cert.public_key())
+    with Client(module_daemon.socket) as a, Client(module_daemon.socket) as b:
+        slot = module_slot(a)
+        sa = _login(a, slot, material.pin)
+        key_a = _key(a, sa, ENCRYPTION_ID)
+        assert a.decrypt(sa, key_a, "CKM_RSA_PKCS", blob) == secret
+        # B: same token, no login. The module is logged in (per process), B is not.
+        sb = b.open_session(slot)
+        assert b.find_objects(sb, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY"}) == []
+        with pytest.raises((KeyHandleInvalidError, UserNotLoggedInError)):
+            b.decrypt(sb, key_a, "CKM_RSA_PKCS", blob)
+        # B's wrong PIN reaches the module: refused, and (as a failed VERIFY on a card) it
+        # ends the module's login, so A is told to log in again rather than served on.
+        with pytest.raises(PinIncorrectError):
+            b.login(sb, "999999")
+        with pytest.raises(UserNotLoggedInError):
+            a.decrypt(sa, key_a, "CKM_RSA_PKCS", blob)
+        a.login(sa, material.pin)
+        b.login(sb, material.pin)
+        key_b = _key(b, sb, ENCRYPTION_ID)
+        assert a.decrypt(sa, key_a, "CKM_RSA_PKCS", blob) == secret
+        # A logs out: B keeps its own login; the module stays logged in for B.
+        a.logout(sa)
+        with pytest.raises(UserNotLoggedInError):
+            a.decrypt(sa, key_a, "CKM_RSA_PKCS", blob)
+        assert b.decrypt(sb, key_b, "CKM_RSA_PKCS", blob) == secret
+        assert module_daemon.run(_module_sees_private_keys(module_daemon))
+        # B, the last one, logs out: the module itself is logged out.
+        b.logout(sb)
+        assert not module_daemon.run(_module_sees_private_keys(module_daemon))
+        with pytest.raises(UserNotLoggedInError):
+            b.decrypt(sb, key_b, "CKM_RSA_PKCS", blob)
+
+
+async def _module_sees_private_keys(daemon: RunningDaemon) -> bool:
+    """Asked of the module itself, on a session of its own: is the process logged in?"""
+    import pkcs11
+
+    instance = await _instance(daemon)
+
+    def ask() -> bool:
+        session = instance.token._control
+        return bool(
+            list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}))
+        )
+
+    return await instance.run(ask)
+
+
+def test_client_leaving_is_its_last_logout(module_daemon) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    with Client(module_daemon.socket) as a:
+        _login(a, module_slot(a), material.pin)
+        assert module_daemon.run(_module_sees_private_keys(module_daemon))
+    deadline = time.monotonic() + 5
+    while module_daemon.run(_module_sees_private_keys(module_daemon)):
+        assert time.monotonic() < deadline, "the module stayed logged in after the client left"
+        time.sleep(0.02)
+
+
+# --- removal by the module's own means: the disconnect rule ------------------------------------
+
+
+def test_deleted_token_is_a_disconnect(module_daemon) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    hsm: SoftHsm = module_daemon.extras["hsm"]
+    blob, secret = pkcs1_blob(material.encryption_cert.public_key())
+    with Client(module_daemon.socket) as client, Client(module_daemon.socket) as watcher:
+        watcher.subscribe()
+        slot = module_slot(client)
+        session = _login(client, slot, material.pin)
+        key = _key(client, session, ENCRYPTION_ID)
+        assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+        started = time.monotonic()
+        hsm.delete_token(LABEL)
+        event = watcher.next_event(timeout=5)
+        took = time.monotonic() - started
+        assert event["event"] == "left" and event["slot_id"] == slot
+        assert took < 0.5 + 0.5  # one poll interval, plus softhsm2-util's own start
+        with pytest.raises(DeviceRemovedError):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        with pytest.raises(SessionHandleInvalidError):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        assert slot in client.slot_list(token_present=False)  # the slot stays
+        assert slot not in client.slot_list(token_present=True)
+
+
+def test_reinitialised_token_is_a_new_instance_without_logins(module_daemon) -> None:
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    hsm: SoftHsm = module_daemon.extras["hsm"]
+    blob, _secret = pkcs1_blob(material.encryption_cert.public_key())
+    with Client(module_daemon.socket) as client, Client(module_daemon.socket) as watcher:
+        watcher.subscribe()
+        slot = module_slot(client)
+        generation = client.token_info(slot)["generation"]
+        session = _login(client, slot, material.pin)
+        key = _key(client, session, ENCRYPTION_ID)
+        hsm.reinit_token(material.slot_id, LABEL, "112233")
+        events = [watcher.next_event(timeout=5), watcher.next_event(timeout=5)]
+        assert [e["event"] for e in events] == ["left", "arrived"]
+        with pytest.raises(DeviceRemovedError):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        assert client.token_info(slot)["generation"] > generation
+        fresh = client.open_session(slot)
+        assert not client.is_logged_in(fresh) if hasattr(client, "is_logged_in") else True
+        with pytest.raises((KeyHandleInvalidError, UserNotLoggedInError)):
+            client.decrypt(fresh, key, "CKM_RSA_PKCS", blob)
+        assert client.find_objects(fresh, {}) == []  # everything went with the old token
+
+
+# --- a module token and a PIV token side by side: the same mail tests ----------------------------
+
+
+def test_tokenctl_lists_piv_and_module_tokens_side_by_side(mixed_daemon) -> None:
+    material: SoftHsmMaterial = mixed_daemon.extras["material"]
+    demo = mixed_daemon.extras["demo"]
+    out = ok(ctl(mixed_daemon, "list")).out.decode()
+    lines = out.strip().splitlines()
+    assert len(lines) == 2, out
+    assert any("Memory Reader 0" in line and demo.guid.hex() in line for line in lines), out
+    assert any(
+        f"softhsm slot {material.slot_id:#x}" in line and material.serial in line for line in lines
+    ), out
+
+
+def _mail_token(daemon: RunningDaemon, kind: str) -> tuple[str, str, object, str]:
+    """(token selector for tokenctl, PIN, the encryption certificate, signing key)."""
+    if kind == "piv":
+        demo = daemon.extras["demo"]
+        return demo.guid.hex(), "123456", demo.encryption_cert, "9c"
+    material: SoftHsmMaterial = daemon.extras["material"]
+    return material.serial, material.pin, material.encryption_cert, "signature"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+@pytest.mark.parametrize("kind", ["piv", "softhsm"])
+def test_mail_decrypt_and_sign_on_each_token(mixed_daemon, kind: str, tmp_path: Path) -> None:
+    token, pin, cert, sign_key = _mail_token(mixed_daemon, kind)
+    signing_cert = (
+        mixed_daemon.extras["demo"].signing_cert
+        if kind == "piv"
+        else mixed_daemon.extras["material"].signing_cert
+    )
+    (tmp_path / "enc.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
+    (tmp_path / "sign.pem").write_bytes(
+        signing_cert.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (tmp_path / "mail.txt").write_bytes(b"secret mail for the token\r\n")
+    # PKCS#1 v1.5 (what Debian 12's NSS sends) and RSA-OAEP (SHA-1: SoftHSM2 2.6.1's only).
+    for extra in ([], ["-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha1"]):
+        openssl(
+            "cms", "-encrypt", "-binary", "-aes256", "-in", "mail.txt", "-out", "mail.p7m",
+            "-recip", "enc.pem", *extra, cwd=tmp_path,
+        )  # fmt: skip
+        ran = ok(
+            ctl(
+                mixed_daemon, "smime-decrypt", str(tmp_path / "mail.p7m"), "--token", token,
+                "--pin-fd", "{fd}", secrets=(pin,),
+            )
+        )  # fmt: skip
+        assert ran.out == b"secret mail for the token\r\n"
+    ok(
+        ctl(
+            mixed_daemon, "sign", "--token", token, "--key", sign_key, "--mechanism",
+            "ecdsa-sha256", "--der", "--in", str(tmp_path / "mail.txt"), "--out",
+            str(tmp_path / "mail.sig"), "--pin-fd", "{fd}", secrets=(pin, pin),
+        )
+    )  # fmt: skip
+    verified = openssl(
+        "dgst", "-sha256", "-verify", "sign.pem", "-signature", "mail.sig", "mail.txt",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert "Verified OK" in verified
+
+
+# --- modules that cannot be used ---------------------------------------------------------------
+
+
+def test_bad_modules_are_one_log_line_each_and_the_daemon_serves_the_rest(
+    sock_path: Path, tmp_path: Path
+) -> None:
+    not_pkcs11 = next(
+        p
+        for p in (
+            Path("/usr/lib/x86_64-linux-gnu/libz.so.1"),
+            Path("/lib/x86_64-linux-gnu/libz.so.1"),
+        )
+        if p.exists()
+    )
+    env = {**os.environ, "SOFTHSM2_CONF": str(tmp_path / "missing.conf")}  # C_Initialize fails
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc",
+            "--simulate", "piv", "--socket", str(sock_path), "--export-dir", str(tmp_path),
+            "--module", str(tmp_path / "libnowhere.so"),
+            "--module", str(not_pkcs11),
+            "--module", str(SOFTHSM_MODULE),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not sock_path.exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "tokend did not start"
+            time.sleep(0.02)
+        time.sleep(1.0)  # the module watchers report after start-up
+        with Client(sock_path) as client:
+            assert client.slot_list(token_present=True) == [0]
+            session = client.open_session(0)
+            client.login(session, "123456")
+            demo_cert = tmp_path / "encryption.pem"
+            from cryptography import x509
+
+            public = x509.load_pem_x509_certificate(demo_cert.read_bytes()).public_key()
+            blob, secret = pkcs1_blob(public)
+            key = client.find_objects(
+                session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_ID: b"\x03"}
+            )[0]
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 3, out
+    assert "libnowhere.so does not exist" in errors[0] or any(
+        "libnowhere.so does not exist" in e for e in errors
+    )
+    assert any("is not a PKCS#11 module" in e for e in errors), errors
+    assert any("C_Initialize failed" in e for e in errors), errors
+    assert "Traceback" not in out
+
+
+def test_serve_loads_modules_from_the_configuration(
+    softhsm, sock_path: Path, tmp_path: Path
+) -> None:
+    _hsm, material = softhsm
+    config = tmp_path / "tokend.toml"
+    config.write_text(f'modules = [{{path = "{SOFTHSM_MODULE}", label = "vendor"}}]\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc",
+         "--config", str(config), "--socket", str(sock_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        with_token: list[int] = []
+        while not with_token:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "no module token"
+            if sock_path.exists():
+                with Client(sock_path) as client:
+                    with_token = client.slot_list(token_present=True)
+            time.sleep(0.05)
+        with Client(sock_path) as client:
+            assert client.slot_info(with_token[0])["slot_description"] == (
+                f"vendor slot {material.slot_id:#x}"
+            )
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert material.pin not in out
+
+
+def test_rsa_pkcs_signature_by_an_rsa_signing_key(module_daemon) -> None:
+    """CKM_SHA256_RSA_PKCS and PSS pass through for an RSA key that may sign (generated on
+    the token here, through the module)."""
+    import pkcs11
+
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    module_daemon.run(_generate_rsa_signing_key(module_daemon, material.pin))
+    with Client(module_daemon.socket) as client:
+        slot = module_slot(client)
+        session = _login(client, slot, material.pin)
+        key = _key(client, session, b"\x09")
+        pub = client.find_objects(session, {CKA.CKA_CLASS: "CKO_PUBLIC_KEY", CKA.CKA_ID: b"\x09"})
+        attrs = client.get_attributes(session, pub[0], [CKA.CKA_MODULUS, CKA.CKA_PUBLIC_EXPONENT])
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        public = rsa.RSAPublicNumbers(
+            int.from_bytes(unb64(attrs["CKA_PUBLIC_EXPONENT"]), "big"),
+            int.from_bytes(unb64(attrs["CKA_MODULUS"]), "big"),
+        ).public_key()
+        sig = client.sign(session, key, "CKM_SHA256_RSA_PKCS", b"mail")
+        public.verify(sig, b"mail", padding.PKCS1v15(), hashes.SHA256())
+        pss = Mechanism(CKM.CKM_RSA_PKCS_PSS, PssParams(CKM.CKM_SHA256, CKG.CKG_MGF1_SHA256, 32))
+        sig = client.sign(session, key, pss, hashlib.sha256(b"mail").digest())
+        public.verify(
+            sig,
+            hashlib.sha256(b"mail").digest(),
+            padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+            utils.Prehashed(hashes.SHA256()),
+        )
+    del pkcs11
+
+
+async def _generate_rsa_signing_key(daemon: RunningDaemon, pin: str) -> None:
+    """Provision through the daemon's own loaded module (another program would need its own
+    module instance): an RSA key generated on the token; the token re-arrives afterwards
+    (its objects changed), as it would for any provisioning behind tokend's back."""
+    import asyncio
+
+    import pkcs11
+
+    instance = await _instance(daemon)
+    token = instance.token._pkcs11_token
+
+    def generate() -> None:
+        with token.open(rw=True) as session:
+            pin_bytes = bytearray(pin.encode())
+            instance.token._library.login(session.handle, pin_bytes)
+            try:
+                session.generate_keypair(
+                    pkcs11.KeyType.RSA, 2048, store=True, id=b"\x09", label="rsa-sign",
+                    capabilities=pkcs11.MechanismFlag.SIGN | pkcs11.MechanismFlag.VERIFY,
+                )  # fmt: skip
+            finally:
+                instance.token._library.logout(session.handle)
+
+    await asyncio.to_thread(generate)
+    registry = daemon.daemon.engine.registry
+    for _ in range(200):  # the watcher's next poll sees other objects: a new instance
+        slot = registry.slot(instance.slot_id)
+        if slot.instance is not None and slot.instance is not instance and slot.token_present:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the re-provisioned token did not re-arrive")
