@@ -76,7 +76,14 @@ class IdentityCheck(Protocol):
 
 @runtime_checkable
 class Watcher(Protocol):
-    """Reports presence for one transport family and opens transports to present cards."""
+    """Reports presence for one transport family and opens transports to present cards.
+
+    Optional attributes the registry looks for (a vendor PKCS#11 module's watcher has them):
+    ``open_token(transport) -> Token | None``, its own applet opener, used instead of the
+    registry's applet list; ``probe_timeout`` (seconds) bounding that opener;
+    ``reports_returns = True`` when the watcher itself reports a token again (ARRIVED)
+    after the registry retired its instance on a failure, so the registry does not re-probe.
+    """
 
     name: str
 

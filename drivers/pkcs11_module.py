@@ -315,6 +315,22 @@ _LOADED: dict[str, ModuleLibrary] = {}
 _LOADED_LOCK = threading.Condition()
 
 
+#: The `ModuleLibrary` whose `_Lib` is being constructed on this thread.
+_CONSTRUCTING = threading.local()
+
+
+class _Lib(_pkcs11.lib):  # type: ignore[misc, name-defined]
+    """python-pkcs11's library object, with C_Initialize done by `ModuleLibrary` (with
+    CKF_OS_LOCKING_OK) instead of python-pkcs11's NULL arguments. Defined once at module
+    level: python-pkcs11's finaliser looks methods up on the class when the object dies."""
+
+    def initialize(self) -> None:
+        owner = getattr(_CONSTRUCTING, "owner", None)
+        if owner is None:
+            raise ModuleLoadError("a module can only be initialised through ModuleLibrary")
+        owner._initialize()
+
+
 class ModuleLibrary:
     """A module file loaded and initialised once; shared by its watcher and its tokens, and
     finalised when the last of them lets go."""
@@ -370,12 +386,7 @@ class ModuleLibrary:
                 raise ModuleLoadError(f"{path} is already loaded by another module entry")
             _LOADED[key] = self
         self._functions = pointer.contents
-        owner = self
-
-        class _Lib(_pkcs11.lib):  # type: ignore[misc, name-defined]
-            def initialize(self) -> None:  # python-pkcs11 would pass NULL (no locking)
-                owner._initialize()
-
+        _CONSTRUCTING.owner = self
         try:
             self.lib = _Lib(str(path))
         except ModuleLoadError:
@@ -384,6 +395,8 @@ class ModuleLibrary:
         except Exception as exc:
             self._unclaim()
             raise ModuleLoadError(f"{path}: {exc}") from None
+        finally:
+            _CONSTRUCTING.owner = None
         self._users = 1
 
     def _initialize(self) -> None:
@@ -465,6 +478,10 @@ class ModuleSlot:
     slot_id: int
     reader: str
     wake: Callable[[], None]
+    #: Tells the watcher the instance on this slot is over, so it reports the token again.
+    forget: Callable[[str, int], None]
+    #: Which of the watcher's reports (ARRIVED) of this reader this connection answers.
+    arrival: int = 0
     extended: bool = False
 
     def atr(self) -> bytes:
@@ -486,6 +503,12 @@ class ModuleWatcher:
     def __init__(self, config: ModuleConfig) -> None:
         self.config = config
         self.name = f"module:{config.label}"
+        #: The registry does not re-probe after a failure: `forget` makes this watcher report
+        #: the token again once the module answers.
+        self.reports_returns = True
+        self._forgotten: set[tuple[str, int]] = set()
+        #: reader -> number of ARRIVED reports so far (a closing instance names its own)
+        self._arrivals: dict[str, int] = {}
         self.library = ModuleLibrary(config)
         #: How long the registry waits for `open_token` (it reads the token's objects).
         self.probe_timeout = config.call_timeout
@@ -551,11 +574,18 @@ class ModuleWatcher:
             except Exception as exc:
                 log.warning("module %s: slot scan failed: %s", label, exc)
                 snapshot = {}
+            for reader, arrival in self._forgotten:
+                if arrival == self._arrivals.get(reader):
+                    # The instance of the latest report ended on a failure while the token
+                    # stayed: a token there is news again.
+                    present.pop(reader, None)
+            self._forgotten.clear()
             for reader in sorted(present):
                 if snapshot.get(reader) != present[reader]:
                     yield ReaderEvent(ReaderEventKind.LEFT, reader)
             for reader in sorted(snapshot):
                 if present.get(reader) != snapshot[reader]:
+                    self._arrivals[reader] = self._arrivals.get(reader, 0) + 1
                     yield ReaderEvent(ReaderEventKind.ARRIVED, reader)
             present = snapshot
             with contextlib.suppress(TimeoutError):
@@ -564,7 +594,8 @@ class ModuleWatcher:
 
     async def connect(self, reader: str) -> ModuleSlot:
         slot_id = int(reader.rsplit("0x", 1)[1], 16)
-        return ModuleSlot(self.library, slot_id, reader, self.wake)
+        arrival = self._arrivals.get(reader, 0)
+        return ModuleSlot(self.library, slot_id, reader, self.wake, self.forget, arrival)
 
     def open_token(self, transport: Any) -> ModuleToken | None:
         """The applet opener for this watcher's slots (blocking; the registry runs it off the
@@ -597,6 +628,20 @@ class ModuleWatcher:
         self._executor.shutdown(wait=False)
 
     # --- internals ---------------------------------------------------------------------
+
+    def forget(self, reader: str, arrival: int) -> None:
+        """The registry's instance on ``reader`` made from report ``arrival`` ended (from
+        any thread): if that is still the latest report, report the token again."""
+
+        def _forget() -> None:
+            self._forgotten.add((reader, arrival))
+            if self._wake is not None:
+                self._wake.set()
+
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_forget)
 
     def wake(self) -> None:
         """Poll now (a token call failed in a way that may mean the token is gone)."""
@@ -1176,6 +1221,8 @@ class ModuleToken:
                     session.close()
         self._all_workers.clear()
         lib.release()
+        # Only now (the module logged out, our sessions closed) may a new instance start.
+        self._slot.forget(self._slot.reader, self._slot.arrival)
 
 
 def _stable_keys(

@@ -359,9 +359,9 @@ async def _module_sees_private_keys(daemon: RunningDaemon) -> bool:
 
     def ask() -> bool:
         session = instance.token._control
-        return bool(
-            list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}))
-        )
+        template = {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
+        with instance.token.exclusive():  # not in the middle of the driver's C_Logout
+            return bool(list(session.get_objects(template)))
 
     return await instance.run(ask)
 
@@ -654,3 +654,92 @@ async def _generate_rsa_signing_key(daemon: RunningDaemon, pin: str) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("the re-provisioned token did not re-arrive")
+
+
+# --- a module that stops answering -------------------------------------------------------------
+
+_LOCKER = """
+import fcntl, sys, time
+from pathlib import Path
+held = []
+for path in sorted(Path(sys.argv[1]).rglob("*")):
+    if path.is_file():
+        f = open(path, "r+b")
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        held.append(f)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_hanging_module_times_out_and_the_daemon_serves_the_rest(
+    softhsm, sock_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds SoftHSM2's token files locked: every call into the module
+    blocks (for real, in fcntl). The call times out, the token counts as removed, the PIV
+    token next to it keeps working, and once the module answers again its token comes back
+    as a new instance without any login."""
+    import logging
+
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.memory import MemoryReader, MemoryWatcher
+    from tokend.simulators.piv import VirtualPivCard
+
+    hsm, material = softhsm
+    card = VirtualPivCard()
+    demo = provision_demo(card)
+    reader = MemoryReader("Memory Reader 0")
+    MemoryPlug(reader).insert(card)
+    caplog.set_level(logging.INFO, logger="tokend")
+    running = start_daemon(
+        sock_path, [MemoryWatcher(reader), _watcher(call_timeout=1.0, poll_interval=0.2)]
+    )
+    locker = None
+    try:
+        wait_slots(running, 2)
+        blob, secret = pkcs1_blob(material.encryption_cert.public_key())
+        piv_blob, piv_secret = pkcs1_blob(demo.encryption_public_key)
+        with Client(sock_path) as client:
+            slot = module_slot(client)
+            session = _login(client, slot, material.pin)
+            key = _key(client, session, ENCRYPTION_ID)
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+            locker = subprocess.Popen(
+                [sys.executable, "-c", _LOCKER, str(hsm.tokendir)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+            started = time.monotonic()
+            with pytest.raises(DeviceRemovedError):
+                client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+            assert time.monotonic() - started < 3.0
+            # The PIV token is served meanwhile, on the same connection.
+            piv = next(s for s in client.slot_list(token_present=True) if s != slot)
+            piv_session = _login(client, piv, "123456")
+            piv_key = _key(client, piv_session, b"\x03")
+            assert client.decrypt(piv_session, piv_key, "CKM_RSA_PKCS", piv_blob) == piv_secret
+            deadline = time.monotonic() + 5
+            while slot in client.slot_list(token_present=True):
+                assert time.monotonic() < deadline, "the hung module's token stayed present"
+                time.sleep(0.05)
+            # The module answers again: its token is back, as a new instance, logged out.
+            locker.stdin.close()  # type: ignore[union-attr]
+            locker.wait(10)
+            deadline = time.monotonic() + 10
+            while slot not in client.slot_list(token_present=True):
+                assert time.monotonic() < deadline, "the module's token did not come back"
+                time.sleep(0.05)
+            with pytest.raises(SessionHandleInvalidError):
+                client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+            fresh = client.open_session(slot)
+            assert client.find_objects(fresh, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY"}) == []
+            client.login(fresh, material.pin)
+            key = _key(client, fresh, ENCRYPTION_ID)
+            assert client.decrypt(fresh, key, "CKM_RSA_PKCS", blob) == secret
+    finally:
+        if locker is not None and locker.poll() is None:
+            locker.kill()
+            locker.wait()
+        stop_daemon(running)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("did not return within 1 s" in m for m in messages), messages

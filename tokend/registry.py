@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
@@ -43,6 +43,9 @@ T = TypeVar("T")
 
 #: Pauses between probe attempts of an arriving token; None marks the last attempt.
 PROBE_RETRY_DELAYS: tuple[float | None, ...] = (0.05, 0.2, 0.5, None)
+
+#: How long a stopping daemon waits for its tokens to close.
+STOP_CLOSE_TIMEOUT = 5.0
 
 #: Opens the applet on a fresh transport: a Token, or None if this applet is not there.
 AppletOpener = Callable[[Transport], Token | None]
@@ -128,6 +131,12 @@ class TokenInstance:
             else:
                 result = await asyncio.wait_for(future, self.call_timeout)
         except TimeoutError:
+            log.warning(
+                "slot %d: token call %s did not return within %g s: token counted as removed",
+                self.slot_id,
+                getattr(fn, "__name__", "?"),
+                self.call_timeout,
+            )
             self.registry.retire(self, f"no answer within {self.call_timeout:g} s")
             raise DeviceRemovedError(f"token in slot {self.slot_id} stopped answering") from None
         except TransportError as exc:
@@ -137,15 +146,19 @@ class TokenInstance:
             raise DeviceRemovedError(f"token in slot {self.slot_id} was removed during the call")
         return result
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> Future[None]:
+        """Close token and transport on the instance's own thread; returns when that is
+        done (the registry waits for it when the daemon stops)."""
+
         def _close() -> None:
             with contextlib.suppress(Exception):
                 self.token.close()
             with contextlib.suppress(Exception):
                 self.transport.close()
 
-        self._executor.submit(_close)
+        done = self._executor.submit(_close)
         self._executor.shutdown(wait=False)
+        return done
 
 
 @dataclass
@@ -180,6 +193,7 @@ class SlotRegistry:
         self._retire_listeners: list[RetireListener] = []
         self._subscribers: list[Callable[[SlotEvent], None]] = []
         self._probes: set[asyncio.Task[None]] = set()
+        self._closing: list[Future[None]] = []
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -219,6 +233,12 @@ class SlotRegistry:
         for slot in self._slots.values():
             if slot.instance is not None:
                 self.retire(slot.instance, "daemon stopping", emit=False)
+        # Let the tokens close (a module logs out and is finalised) before the daemon is
+        # gone; a token that does not answer is not waited for long.
+        closing = [asyncio.wrap_future(f) for f in self._closing if not f.done()]
+        self._closing.clear()
+        if closing:
+            await asyncio.wait(closing, timeout=STOP_CLOSE_TIMEOUT)
 
     # --- queries -----------------------------------------------------------------------
 
@@ -358,7 +378,8 @@ class SlotRegistry:
                 listener(instance)
             except Exception:
                 log.exception("retire listener failed")
-        instance.shutdown()
+        self._closing = [f for f in self._closing if not f.done()]
+        self._closing.append(instance.shutdown())
         if emit:
             self._emit(
                 SlotEvent(
@@ -369,7 +390,9 @@ class SlotRegistry:
                     time.monotonic(),
                 )
             )
-        if reason.startswith("transport failure"):
+        if reason.startswith("transport failure") and not getattr(
+            slot.watcher, "reports_returns", False
+        ):
             # The card may still be there (a glitch): probe again; it becomes a new instance.
             with contextlib.suppress(RuntimeError):
                 slot.pending += 1
