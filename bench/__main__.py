@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import REPO, Row, SectionResult, format_table
 
-SECTIONS = ("overhead", "softhsm", "concurrency", "lock", "footprint", "scale", "ble")
+SECTIONS = ("overhead", "softhsm", "modules", "concurrency", "lock", "footprint", "scale", "ble")
 DEFAULT_OUT = REPO / "bench" / "results.json"
 
 
@@ -53,6 +53,10 @@ def _runner(
                 else None
             )
             return softhsm.run(quick, ours)
+        if name == "modules":
+            from bench import modules
+
+            return modules.run(quick)
         if name == "concurrency":
             from bench import concurrency
 
