@@ -13,7 +13,9 @@ together; the modes alternate round by round so drift on this shared machine hit
 them alike. Reported per mode: ops/s (all clients' operations over the wall time from the
 first start to the last finish), median and p99 latency, and the per-op overhead over (i)
 (median difference). A further row runs tokend with one module worker at 8 clients, to show
-what the driver's parallel module sessions buy.
+what the driver's parallel module sessions buy, and, when uvloop is installed, a row with
+the daemon on uvloop's event loop (the issue allows it if a side-by-side run shows it pays;
+it is not a dependency).
 
 python-pkcs11 makes three PKCS#11 calls per operation (Init, a size query, the operation),
 so through p11-kit each operation is three RPC round trips; tokend's client sends Init and
@@ -45,6 +47,7 @@ MODES = {
     "iii": "(iii) tokend native socket",
     "iv": "(iv) p11-kit-client.so -> tokend p11-kit front end",
     "iii-1w": "(iii) tokend, one module worker",
+    "iii-uv": "(iii) tokend under uvloop",
 }
 OPS = {"decrypt": "RSA-2048 decrypt", "sign": "P-256 sign"}
 
@@ -73,6 +76,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def frontend_available() -> bool:
     """(iv) needs tokend's p11-kit RPC front end (issue 14)."""
     try:
@@ -93,7 +104,7 @@ def _worker(mode: str, op: str, count: int, workdir: Path) -> None:
     secret = os.urandom(32)
     blob = cert.public_key().encrypt(secret, padding.PKCS1v15())  # type: ignore[union-attr]
     pin = (workdir / "pin").read_text().strip()
-    if mode in ("iii", "iii-1w"):
+    if mode in ("iii", "iii-1w", "iii-uv"):
         from tokend.client import Client
         from tokend.pkcs11 import CKA
 
@@ -119,22 +130,25 @@ def _worker(mode: str, op: str, count: int, workdir: Path) -> None:
 
         module, p11kit_client = _paths()
         lib = pkcs11.lib(str(module if mode == "i" else p11kit_client))
+        key_id = b"\x01" if op == "decrypt" else b"\x02"
         for attempt in range(50):
-            # SoftHSM2 reads its token files once, at C_Initialize; a token whose file
-            # another process holds locked at that instant is left out. Try again.
+            # SoftHSM2 reads its token files with locks; when another process holds one at
+            # that instant it answers CKR_GENERAL_ERROR (or leaves the token out at
+            # C_Initialize). Set-up is retried; the measured operations never needed it.
             try:
                 token = lib.get_token(token_label="bench")
+                psession = token.open(user_pin=pin)
+                pkey = next(
+                    psession.get_objects(
+                        {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}
+                    )
+                )
                 break
-            except pkcs11.NoSuchToken:
+            except (pkcs11.NoSuchToken, pkcs11.GeneralError):
                 if attempt == 49:
                     raise
                 time.sleep(0.05)
                 lib.reinitialize()
-        psession = token.open(user_pin=pin)
-        key_id = b"\x01" if op == "decrypt" else b"\x02"
-        pkey = next(
-            psession.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id})
-        )
         if op == "decrypt":
 
             def once() -> object:
@@ -219,14 +233,21 @@ def _servers(quick: bool) -> Iterator[Setup]:
         (workdir / "one-worker.toml").write_text(
             f'modules = [{{path = "{module}", label = "softhsm", workers = 1}}]\n'
         )
-        for mode, extra in (
-            ("iii", ["--module", str(module)]),
-            ("iii-1w", ["--config", str(workdir / "one-worker.toml")]),
-        ):
+        daemons = [
+            ("iii", "tokend.cli.tokend_main", ["--module", str(module)]),
+            ("iii-1w", "tokend.cli.tokend_main", ["--config", str(workdir / "one-worker.toml")]),
+        ]
+        if uvloop_available():
+            daemons.append(("iii-uv", "bench.modules", ["--module", str(module)]))
+            available["iii-uv"] = ""
+        else:
+            available["iii-uv"] = "uvloop not installed"
+        for mode, entry, extra in daemons:
             tsock = workdir / f"tokend-{mode}.sock"
+            prefix = ["serve-uvloop"] if entry == "bench.modules" else []
             with open(workdir / f"tokend-{mode}.log", "wb") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc",
+                    [sys.executable, "-m", entry, *prefix, "serve", "--no-pcsc",
                      "--socket", str(tsock), *extra],
                     cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT,
@@ -325,7 +346,7 @@ def _measure(setup: Setup, mode: str, op: str, clients: int, count: int) -> dict
 
 
 def run(quick: bool = False) -> SectionResult:
-    res = SectionResult("6 module")
+    res = SectionResult("7 modules")
     reason = unavailable_reason()
     if reason is not None:
         res.row("SoftHSM2 behind tokend vs p11-kit server", f"skipped: {reason}", "", "skipped")
@@ -340,6 +361,8 @@ def run(quick: bool = False) -> SectionResult:
             for op in OPS:
                 for clients in (1, 8):
                     plan = list(runnable) + (["iii-1w"] if clients == 8 else [])
+                    if not setup.available.get("iii-uv"):
+                        plan.append("iii-uv")
                     if _round % 2:
                         plan.reverse()
                     for mode in plan:
@@ -351,8 +374,10 @@ def run(quick: bool = False) -> SectionResult:
     for op, op_name in OPS.items():
         for clients in (1, 8):
             base = None
-            for mode in ("i", "ii", "iii", "iv", "iii-1w"):
+            for mode in ("i", "ii", "iii", "iv", "iii-1w", "iii-uv"):
                 if mode == "iii-1w" and clients == 1:
+                    continue
+                if mode == "iii-uv" and available.get(mode):
                     continue
                 key = f"{op}/{clients}/{mode}"
                 runs = series.get((mode, op, clients))
@@ -418,6 +443,16 @@ def run(quick: bool = False) -> SectionResult:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve-uvloop"]:
+        # `tokend serve` on uvloop's event loop: for the side-by-side row only.
+        import asyncio
+
+        import uvloop
+
+        from tokend.cli.tokend_main import main as tokend_main
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return tokend_main(argv[1:])
     if len(argv) == 5 and argv[0] == "worker":
         _worker(argv[1], argv[2], int(argv[3]), Path(argv[4]))
         return 0

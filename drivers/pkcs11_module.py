@@ -53,6 +53,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +101,10 @@ POLL_INTERVAL_S = 0.5
 CALL_TIMEOUT_S = 10.0
 #: Loading and C_Initialize may take longer (a module may scan USB buses).
 LOAD_TIMEOUT_S = 20.0
+#: A token whose C_GetTokenInfo fails with CKR_GENERAL_ERROR is asked again this many times
+#: (SCAN_RETRY_S apart) before it counts as gone.
+SCAN_ATTEMPTS = 3
+SCAN_RETRY_S = 0.02
 #: Parallel calls per token when the module accepts OS locking (see docs/performance.md).
 DEFAULT_WORKERS = 4
 
@@ -708,18 +713,31 @@ class ModuleWatcher:
         with lib.guard():
             slots = lib.lib.get_slots()
         for slot in slots:
+            fingerprint: frozenset[int] | None = None
             if not slot.flags & pkcs11.SlotFlag.TOKEN_PRESENT:
                 self._drop_watch_session(slot.slot_id)
                 continue
-            try:
-                with lib.guard():
-                    token = slot.get_token()
-                    if not token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
-                        raise p11x.TokenNotRecognised()
-                    fingerprint = self._fingerprint(slot.slot_id, token)
-            except p11x.PKCS11Error:
-                # SoftHSM2 answers CKR_GENERAL_ERROR for a deleted token: absent either way.
-                self._drop_watch_session(slot.slot_id)
+            for attempt in range(SCAN_ATTEMPTS):
+                try:
+                    with lib.guard():
+                        token = slot.get_token()
+                        if not token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+                            raise p11x.TokenNotRecognised()
+                        fingerprint = self._fingerprint(slot.slot_id, token)
+                    break
+                except p11x.GeneralError:
+                    # SoftHSM2 answers CKR_GENERAL_ERROR for a deleted token, and also when
+                    # another process holds the token's files locked for an instant: only an
+                    # answer that stays an error counts as gone.
+                    self._drop_watch_session(slot.slot_id)
+                    if attempt + 1 < SCAN_ATTEMPTS:
+                        time.sleep(SCAN_RETRY_S)
+                except p11x.PKCS11Error:
+                    self._drop_watch_session(slot.slot_id)
+                    break
+            else:
+                continue
+            if fingerprint is None:
                 continue
             out[reader_name(self.config.label, slot.slot_id)] = (
                 _text(token.serial),

@@ -129,7 +129,9 @@ class TokenInstance:
             if self.call_timeout is None:
                 result = await future
             else:
-                result = await asyncio.wait_for(future, self.call_timeout)
+                # asyncio.timeout, not wait_for: no extra task per call (it is measurable).
+                async with asyncio.timeout(self.call_timeout):
+                    result = await future
         except TimeoutError:
             log.warning(
                 "slot %d: token call %s did not return within %g s: token counted as removed",
