@@ -183,6 +183,8 @@ class Setup:
     workdir: Path
     env: dict[str, str]
     available: dict[str, str]  # mode -> "" if runnable, else why not
+    #: mode -> PID of the bridge serving it (p11-kit server, a tokend daemon)
+    pids: dict[str, int]
 
 
 @contextlib.contextmanager
@@ -220,6 +222,7 @@ def _servers(quick: bool) -> Iterator[Setup]:
             stdin=subprocess.DEVNULL,
         )
         procs.append(server)
+        pids = {"ii": server.pid}
         assert server.stdout is not None
         address = ""
         for raw in server.stdout:  # the address first, in sh syntax
@@ -253,6 +256,7 @@ def _servers(quick: bool) -> Iterator[Setup]:
                     stderr=subprocess.STDOUT,
                 )  # fmt: skip
             procs.append(proc)
+            pids[mode] = proc.pid
             wait_for_socket(tsock, proc, 60)
             from bench.common import wait_tokens
 
@@ -262,7 +266,7 @@ def _servers(quick: bool) -> Iterator[Setup]:
         )
         if not available["iv"]:
             available["iv"] = _start_frontend(workdir, env, procs)
-        yield Setup(workdir, env, available)
+        yield Setup(workdir, env, available, pids)
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -288,6 +292,22 @@ def _start_frontend(workdir: Path, env: dict[str, str], procs: list) -> str:  # 
 
 
 # --- one measurement -----------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and of its live children (p11-kit server forks a `p11-kit
+    remote` per connection), user + system, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[1] is the parent PID; utime, stime are fields[11], fields[12]
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def _measure(setup: Setup, mode: str, op: str, clients: int, count: int) -> dict[str, object]:
@@ -322,6 +342,8 @@ def _measure(setup: Setup, mode: str, op: str, clients: int, count: int) -> dict
             if line != "ready":
                 err = w.stderr.read() if w.stderr else ""
                 raise RuntimeError(f"{mode} {op} client failed: {line} {err.strip()[-300:]}")
+        bridge = setup.pids.get(mode)
+        cpu0 = _cpu_seconds(bridge) if bridge else 0.0
         for w in workers:  # released together
             assert w.stdin is not None
             w.stdin.write("go\n")
@@ -330,6 +352,7 @@ def _measure(setup: Setup, mode: str, op: str, clients: int, count: int) -> dict
         for w in workers:
             assert w.stdout is not None
             results.append(json.loads(w.stdout.readline()))
+        cpu = _cpu_seconds(bridge) - cpu0 if bridge else None
     finally:
         for w in workers:
             with contextlib.suppress(Exception):
@@ -342,7 +365,7 @@ def _measure(setup: Setup, mode: str, op: str, clients: int, count: int) -> dict
                 w.wait()
     lat = [x for r in results for x in r["lat"]]
     wall = max(r["t1"] for r in results) - min(r["t0"] for r in results)
-    return {"lat": lat, "wall": wall, "ops": len(lat)}
+    return {"lat": lat, "wall": wall, "ops": len(lat), "bridge_cpu_s": cpu}
 
 
 def run(quick: bool = False) -> SectionResult:
@@ -353,7 +376,7 @@ def run(quick: bool = False) -> SectionResult:
         res.data["skipped"] = reason
         return res
     rounds = 2 if quick else 4
-    count = {1: 15 if quick else 120, 8: 5 if quick else 30}
+    count = {1: 15 if quick else 150, 8: 5 if quick else 60}
     series: dict[tuple[str, str, int], list[dict[str, object]]] = {}
     with _servers(quick) as setup:
         runnable = [m for m in ("i", "ii", "iii", "iv") if not setup.available.get(m)]
@@ -399,6 +422,10 @@ def run(quick: bool = False) -> SectionResult:
                     **summary.as_dict(),
                     "ops_per_s": round(ops / wall, 1),
                 }
+                cpu = [r["bridge_cpu_s"] for r in runs if r.get("bridge_cpu_s") is not None]
+                if cpu:
+                    # CPU the bridge process(es) spent per operation (clock ticks: 10 ms)
+                    entry["bridge_cpu_ms_per_op"] = round(1000 * sum(cpu) / ops, 3)  # type: ignore[arg-type]
                 if mode == "i":
                     base = summary
                 elif base is not None:
@@ -409,6 +436,8 @@ def run(quick: bool = False) -> SectionResult:
                     if "overhead_ms" in entry
                     else ""
                 )
+                if "bridge_cpu_ms_per_op" in entry:
+                    over += f"; bridge CPU {entry['bridge_cpu_ms_per_op']:.2f} ms/op"
                 res.row(
                     f"{op_name}, {clients} client{'s' * (clients > 1)}: {MODES[mode]}",
                     f"{entry['ops_per_s']:.0f} ops/s, median {summary.median_ms:.3f} ms, "

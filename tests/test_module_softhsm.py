@@ -315,7 +315,10 @@ async def _instance(daemon: RunningDaemon):  # type: ignore[no-untyped-def]
 # --- per-client login on the module's per-process login --------------------------------------
 
 
-def test_client_b_never_rides_client_a_login(module_daemon) -> None:
+def test_client_b_never_rides_client_a_login(module_daemon, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
     material: SoftHsmMaterial = module_daemon.extras["material"]
     blob, secret = pkcs1_blob(material.encryption_cert.public_key())
     with Client(module_daemon.socket) as a, Client(module_daemon.socket) as b:
@@ -349,6 +352,8 @@ def test_client_b_never_rides_client_a_login(module_daemon) -> None:
         assert not module_daemon.run(_module_sees_private_keys(module_daemon))
         with pytest.raises(UserNotLoggedInError):
             b.decrypt(sb, key_b, "CKM_RSA_PKCS", blob)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert material.pin not in logged and "999999" not in logged  # PINs never logged
 
 
 async def _module_sees_private_keys(daemon: RunningDaemon) -> bool:
