@@ -400,7 +400,8 @@ def test_deleted_token_is_a_disconnect(module_daemon) -> None:
         event = watcher.next_event(timeout=5)
         took = time.monotonic() - started
         assert event["event"] == "left" and event["slot_id"] == slot
-        assert took < 0.5 + 0.5  # one poll interval, plus softhsm2-util's own start
+        # one poll interval (0.5 s) after softhsm2-util is done; generous for a busy machine
+        assert took < 0.5 + 2.5
         with pytest.raises(DeviceRemovedError):
             client.decrypt(session, key, "CKM_RSA_PKCS", blob)
         with pytest.raises(SessionHandleInvalidError):
@@ -717,7 +718,7 @@ def test_hanging_module_times_out_and_the_daemon_serves_the_rest(
             started = time.monotonic()
             with pytest.raises(DeviceRemovedError):
                 client.decrypt(session, key, "CKM_RSA_PKCS", blob)
-            assert time.monotonic() - started < 3.0
+            assert time.monotonic() - started < 1.0 + 4.0  # the 1 s timeout, generously
             # The PIV token is served meanwhile, on the same connection.
             piv = next(s for s in client.slot_list(token_present=True) if s != slot)
             piv_session = _login(client, piv, "123456")
