@@ -345,6 +345,7 @@ class ModuleLibrary:
         self.lib: Any = None
         self.threaded = False
         self._functions: _FunctionList | None = None
+        self._initialized = False
         self._users = 0
         self._lock = threading.Lock()
         #: Held around every call when the module refused OS locking.
@@ -394,11 +395,13 @@ class ModuleLibrary:
         _CONSTRUCTING.owner = self
         try:
             self.lib = _Lib(str(path))
-        except ModuleLoadError:
-            self._unclaim()
-            raise
         except Exception as exc:
+            if self._initialized:  # C_Initialize worked, something after it did not
+                with contextlib.suppress(Exception):
+                    self._functions.C_Finalize(None)
             self._unclaim()
+            if isinstance(exc, ModuleLoadError):
+                raise
             raise ModuleLoadError(f"{path}: {exc}") from None
         finally:
             _CONSTRUCTING.owner = None
@@ -417,6 +420,7 @@ class ModuleLibrary:
             raise ModuleLoadError(f"{self.config.path}: already initialised in this process")
         if rv != 0:
             raise ModuleLoadError(f"{self.config.path}: C_Initialize failed ({_ckr_name(rv)})")
+        self._initialized = True
 
     def acquire(self) -> None:
         with self._lock:
@@ -474,7 +478,7 @@ def reader_name(label: str, slot_id: int) -> str:
 # --- the watcher ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModuleSlot:
     """What `ModuleWatcher.connect` hands the registry: the way to one module slot. It has
     the `Transport` attributes so the registry can hold it; there are no APDUs to send."""
@@ -548,6 +552,10 @@ class ModuleWatcher:
                 path,
                 LOAD_TIMEOUT_S,
             )
+            return
+        except Exception as exc:  # anything else a broken module does: still one line
+            self.state = f"failed: {exc}"
+            log.error("module %s not used: %s: %s", label, path, exc)
             return
         self._loaded = True
         self.state = "ready"
@@ -687,7 +695,9 @@ class ModuleWatcher:
 
         def wait_events() -> None:
             lib = self.library.lib
+            fast = 0
             while not self._closed:
+                started = time.monotonic()
                 try:
                     lib.wait_for_slot_event(blocking=True)
                 except (p11x.FunctionNotSupported, p11x.NoEvent):
@@ -697,9 +707,21 @@ class ModuleWatcher:
                         self.config.poll_interval,
                     )
                     return
+                except TypeError:
+                    # python-pkcs11 0.10 answers a successful wait by building its Slot
+                    # with a constructor that raises TypeError: the event did happen.
+                    pass
                 except Exception:
                     return  # C_Finalize ends the wait
                 self.wake()
+                # A module that "waits" without blocking would spin here: stop after many
+                # instant answers in a row and leave presence to the poll.
+                fast = fast + 1 if time.monotonic() - started < 0.001 else 0
+                if fast > 100:
+                    log.info(
+                        "module %s: C_WaitForSlotEvent does not block; polling", self.config.label
+                    )
+                    return
 
         self._event_thread = threading.Thread(
             target=wait_events, name=f"module-{self.config.label}-events", daemon=True
