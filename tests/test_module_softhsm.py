@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -448,56 +449,85 @@ def test_tokenctl_lists_piv_and_module_tokens_side_by_side(mixed_daemon) -> None
     ), out
 
 
-def _mail_token(daemon: RunningDaemon, kind: str) -> tuple[str, str, object, str]:
-    """(token selector for tokenctl, PIN, the encryption certificate, signing key)."""
+@dataclass(frozen=True)
+class MailToken:
+    """What the mail tests need of one token: how tokenctl selects it, its PIN, the
+    certificates mail is encrypted to, the CA, and how many PINs a signature takes."""
+
+    selector: str
+    pin: str
+    rsa_cert: object
+    ec_cert: object
+    ca_cert: object
+    sign_pins: int
+
+
+def _mail_token(daemon: RunningDaemon, kind: str) -> MailToken:
     if kind == "piv":
         demo = daemon.extras["demo"]
-        return demo.guid.hex(), "123456", demo.encryption_cert, "9c"
+        # 9C is PIN-always: the PIN once for the login, once with the signature
+        return MailToken(
+            demo.guid.hex(), "123456", demo.encryption_cert, demo.authentication_cert,
+            demo.ca_cert, 2,
+        )  # fmt: skip
     material: SoftHsmMaterial = daemon.extras["material"]
-    return material.serial, material.pin, material.encryption_cert, "signature"
+    return MailToken(
+        material.serial, material.pin, material.encryption_cert, material.key_agreement_cert,
+        material.ca_cert, 1,
+    )  # fmt: skip
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 @pytest.mark.parametrize("kind", ["piv", "softhsm"])
 def test_mail_decrypt_and_sign_on_each_token(mixed_daemon, kind: str, tmp_path: Path) -> None:
-    token, pin, cert, sign_key = _mail_token(mixed_daemon, kind)
-    signing_cert = (
-        mixed_daemon.extras["demo"].signing_cert
-        if kind == "piv"
-        else mixed_daemon.extras["material"].signing_cert
-    )
-    (tmp_path / "enc.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
-    (tmp_path / "sign.pem").write_bytes(
-        signing_cert.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    (tmp_path / "mail.txt").write_bytes(b"secret mail for the token\r\n")
-    # PKCS#1 v1.5 (what Debian 12's NSS sends) and RSA-OAEP (SHA-1: SoftHSM2 2.6.1's only).
-    for extra in ([], ["-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha1"]):
+    """The same mail tests on the PIV token and on the module token: `tokenctl smime
+    decrypt` opens what `openssl cms -encrypt` made for the token's certificates (RSA
+    PKCS#1 v1.5, RSA-OAEP, ECDH P-256), and what `tokenctl smime sign` signs verifies with
+    `openssl cms -verify` against the CA."""
+    token = _mail_token(mixed_daemon, kind)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "rsa.pem").write_bytes(token.rsa_cert.public_bytes(pem))  # type: ignore[attr-defined]
+    (tmp_path / "ec.pem").write_bytes(token.ec_cert.public_bytes(pem))  # type: ignore[attr-defined]
+    (tmp_path / "ca.pem").write_bytes(token.ca_cert.public_bytes(pem))  # type: ignore[attr-defined]
+    text = b"Content-Type: text/plain\r\n\r\nsecret mail for the token\r\n"
+    (tmp_path / "mail.txt").write_bytes(text)
+    # PKCS#1 v1.5 (what Debian 12's NSS sends), RSA-OAEP (SHA-1: SoftHSM2 2.6.1's only), and
+    # ECDH to the P-256 key-agreement certificate (openssl's defaults).
+    for recipient, extra in (
+        ("rsa.pem", []),
+        ("rsa.pem", ["-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha1"]),
+        ("ec.pem", []),
+    ):
         openssl(
             "cms", "-encrypt", "-binary", "-aes256", "-in", "mail.txt", "-out", "mail.p7m",
-            "-recip", "enc.pem", *extra, cwd=tmp_path,
+            "-recip", recipient, *extra, cwd=tmp_path,
         )  # fmt: skip
         ran = ok(
             ctl(
-                mixed_daemon, "smime-decrypt", str(tmp_path / "mail.p7m"), "--token", token,
-                "--pin-fd", "{fd}", secrets=(pin,),
+                mixed_daemon, "smime", "decrypt", str(tmp_path / "mail.p7m"), "--token",
+                token.selector, "--pin-fd", "{fd}", secrets=(token.pin,),
             )
         )  # fmt: skip
-        assert ran.out == b"secret mail for the token\r\n"
-    ok(
+        assert b"secret mail for the token" in ran.out, (recipient, extra)
+    (tmp_path / "out.eml").write_bytes(
+        b"From: demo@example.org\nTo: friend@example.org\nSubject: signed\n"
+        b"Content-Type: text/plain; charset=us-ascii\n\nSee you at noon.\n"
+    )
+    ran = ok(
         ctl(
-            mixed_daemon, "sign", "--token", token, "--key", sign_key, "--mechanism",
-            "ecdsa-sha256", "--der", "--in", str(tmp_path / "mail.txt"), "--out",
-            str(tmp_path / "mail.sig"), "--pin-fd", "{fd}", secrets=(pin, pin),
+            mixed_daemon, "smime", "sign", str(tmp_path / "out.eml"), "--token", token.selector,
+            "--out", str(tmp_path / "signed.eml"), "--pin-fd", "{fd}",
+            secrets=(token.pin,) * token.sign_pins,
         )
     )  # fmt: skip
-    verified = openssl(
-        "dgst", "-sha256", "-verify", "sign.pem", "-signature", "mail.sig", "mail.txt",
-        cwd=tmp_path,
+    done = subprocess.run(
+        ["openssl", "cms", "-verify", "-in", "signed.eml", "-CAfile", "ca.pem", "-purpose",
+         "smimesign"],
+        cwd=tmp_path, capture_output=True, check=False,
     )  # fmt: skip
-    assert "Verified OK" in verified
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Verification successful" in done.stderr
+    assert b"See you at noon." in done.stdout
 
 
 # --- modules that cannot be used ---------------------------------------------------------------
