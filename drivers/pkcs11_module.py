@@ -346,6 +346,7 @@ class ModuleLibrary:
         self.threaded = False
         self._functions: _FunctionList | None = None
         self._initialized = False
+        self._instances: dict[int, int] = {}
         self._users = 0
         self._lock = threading.Lock()
         #: Held around every call when the module refused OS locking.
@@ -443,6 +444,16 @@ class ModuleLibrary:
             if _LOADED.get(key) is self:
                 del _LOADED[key]
             _LOADED_LOCK.notify_all()
+
+    def new_instance(self, slot_id: int) -> int:
+        """Number a new token instance on ``slot_id`` (see `ModuleToken.close`)."""
+        with self._lock:
+            self._instances[slot_id] = self._instances.get(slot_id, 0) + 1
+            return self._instances[slot_id]
+
+    def latest_instance(self, slot_id: int) -> int:
+        with self._lock:
+            return self._instances.get(slot_id, 0)
 
     def login(self, session_handle: int, pin: bytearray) -> None:
         """C_Login(CKU_USER) with the PIN read straight out of the caller's buffer."""
@@ -943,6 +954,7 @@ class ModuleToken:
         self._epoch = 0
         self._objects: tuple[TokenObject, ...] = ()
         self._closed = False
+        self._generation = 0
         self._identity: TokenIdentity
         self._info: TokenInfo
         self._mechanisms: tuple[MechanismInfo, ...] = ()
@@ -969,6 +981,7 @@ class ModuleToken:
             self._control = p11token.open()
             # A token instance starts logged out, whatever an earlier instance left behind.
             lib.logout(self._control.handle)
+            self._generation = lib.new_instance(self._slot.slot_id)
             for _ in range(self.workers):
                 worker = _Worker(p11token.open(), {})
                 self._all_workers.append(worker)
@@ -1252,7 +1265,11 @@ class ModuleToken:
             return
         self._closed = True
         lib = self._library
-        if self._control is not None:
+        # The module's login is per process: an instance that closes late (it was stuck in
+        # a hung module) must not log out the instance that has replaced it.
+        if self._control is not None and lib.latest_instance(self._slot.slot_id) == (
+            self._generation
+        ):
             with contextlib.suppress(Exception):
                 lib.logout(self._control.handle)
         for session in [w.session for w in self._all_workers] + [self._control]:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +50,28 @@ STOP_CLOSE_TIMEOUT = 5.0
 
 #: Opens the applet on a fresh transport: a Token, or None if this applet is not there.
 AppletOpener = Callable[[Transport], Token | None]
+
+
+async def _open_bounded(
+    opener: AppletOpener, transport: Transport, timeout: float | None
+) -> Token | None:
+    """Run an applet opener off the loop, at most ``timeout`` seconds. An opener that
+    answers after its time is up gets its token closed, so nothing it opened leaks."""
+    future = asyncio.get_running_loop().run_in_executor(None, opener, transport)
+    if timeout is None:
+        return await future
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), timeout)
+    except TimeoutError:
+
+        def close_late(done: asyncio.Future[Token | None]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result() is not None:
+                token = done.result()
+                assert token is not None
+                threading.Thread(target=token.close, name="late-token-close", daemon=True).start()
+
+        future.add_done_callback(close_late)
+        raise
 
 
 class SlotEventKind(Enum):
@@ -311,7 +334,7 @@ class SlotRegistry:
             try:
                 transport = await slot.watcher.connect(slot.reader)
                 for opener in applets:
-                    token = await asyncio.wait_for(asyncio.to_thread(opener, transport), timeout)
+                    token = await _open_bounded(opener, transport, timeout)
                     if token is not None:
                         break
                 break
