@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import main
 
 
@@ -38,3 +40,22 @@ def test_quick_ble_section_runs(tmp_path: Path, bluetoothctl_shim) -> None:  # t
     section = json.loads(out.read_text())["sections"]["ble"]
     assert section["decrypt_ble"]["n"] > 0 and section["decrypt_memory"]["n"] > 0
     assert section["framing_us_4096"] > 0
+
+
+@pytest.mark.slow
+def test_quick_modules_section_has_every_row(tmp_path: Path) -> None:
+    """Section 8 runs the SoftHSM2 token behind (i) nothing, (ii) p11-kit server, (iii)
+    tokend, and reports (iv) until the p11-kit front end exists; no timing is asserted."""
+    from bench.modules import unavailable_reason
+
+    if unavailable_reason() is not None:
+        pytest.skip(str(unavailable_reason()))
+    out = tmp_path / "results.json"
+    assert main(["--quick", "--only", "modules", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())["sections"]["modules"]["table"]
+    for op in ("decrypt", "sign"):
+        for clients in (1, 8):
+            for mode in ("i", "ii", "iii"):
+                assert table[f"{op}/{clients}/{mode}"]["n"] > 0
+            assert table[f"{op}/{clients}/iv"]["available"] is False
+        assert table[f"{op}/8/iii-1w"]["n"] > 0
