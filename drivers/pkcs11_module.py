@@ -76,12 +76,15 @@ from tokend.errors import (
     TokendError,
     TransportError,
 )
+from tokend.mechanisms.tables import ECDSA_HASHED
 from tokend.model import (
     AttributeValue,
     Ecdh1DeriveParams,
     Mechanism,
     MechanismInfo,
     OaepParams,
+    ObjectKey,
+    ObjectKind,
     PinStatus,
     PssParams,
     TokenIdentity,
@@ -849,7 +852,7 @@ class _Worker:
     """One module session and the private-key objects as seen from it."""
 
     session: Any
-    keys: dict[str, Any]
+    keys: dict[ObjectKey, Any]
     epoch: int = -1
 
 
@@ -907,14 +910,12 @@ _ATTRIBUTES: dict[int, tuple[CKA, ...]] = {
     ),
 }
 _EC_FIELD_BYTES = {"secp256r1": 32, "secp384r1": 48, "secp521r1": 66}
-#: Hash-then-ECDSA mechanisms a module may lack (SoftHSM2 2.6 has only CKM_ECDSA): tokend
-#: hashes the (public) data and has the module sign the digest with CKM_ECDSA, as the PIV
-#: driver does for the card.
-_ECDSA_HASHES = {
-    CKM.CKM_ECDSA_SHA1: "sha1",
-    CKM.CKM_ECDSA_SHA256: "sha256",
-    CKM.CKM_ECDSA_SHA384: "sha384",
-    CKM.CKM_ECDSA_SHA512: "sha512",
+#: The kinds of object a module token shows (what mail needs); data objects and secret
+#: keys on the token are not passed through.
+_KINDS = {
+    pkcs11.ObjectClass.CERTIFICATE: ObjectKind.CERTIFICATE,
+    pkcs11.ObjectClass.PUBLIC_KEY: ObjectKind.PUBLIC_KEY,
+    pkcs11.ObjectClass.PRIVATE_KEY: ObjectKind.PRIVATE_KEY,
 }
 
 
@@ -959,6 +960,9 @@ class ModuleToken:
         self._info: TokenInfo
         self._mechanisms: tuple[MechanismInfo, ...] = ()
         self._emulated: set[CKM] = set()
+        #: stable object name -> ObjectKey reference, for this token instance
+        self._refs: dict[str, int] = {}
+        self._refs_lock = threading.Lock()
         self._pkcs11_token: Any = None
 
     @classmethod
@@ -1056,7 +1060,9 @@ class ModuleToken:
         ecdsa = next((m for m in out if m.mechanism == CKM.CKM_ECDSA), None)
         if ecdsa is not None:
             have = {m.mechanism for m in out}
-            for ckm in _ECDSA_HASHES:
+            # Hash-then-ECDSA a module may lack (SoftHSM2 2.6 has only CKM_ECDSA): tokend
+            # hashes the (public) data and the module signs the digest, as for a PIV card.
+            for ckm in ECDSA_HASHED:
                 if ckm not in have:
                     flags = ecdsa.flags & ~CKF_MECH.CKF_HW  # done partly on the host
                     out.append(MechanismInfo(ckm, ecdsa.min_key_size, ecdsa.max_key_size, flags))
@@ -1072,7 +1078,26 @@ class ModuleToken:
             attrs = self._attributes(obj, wanted)
             if attrs:
                 out.append(attrs)
-        return tuple(TokenObject(key, attrs) for key, attrs in _stable_keys(out))
+        return tuple(
+            TokenObject(key, attrs)
+            for key, attrs in zip(self._object_keys(out), out, strict=True)
+            if key is not None
+        )
+
+    def _object_keys(self, objects: Sequence[dict[CKA, AttributeValue]]) -> list[ObjectKey | None]:
+        """Each object's `ObjectKey`: its kind, and a reference number this token instance
+        gives the object's stable name (`_stable_keys`) the first time it sees it."""
+        keys: list[ObjectKey | None] = []
+        with self._refs_lock:
+            for name, attrs in _stable_keys(objects):
+                cls = attrs.get(CKA.CKA_CLASS)
+                kind = _KINDS.get(int(cls)) if isinstance(cls, int) else None
+                if kind is None:
+                    keys.append(None)
+                    continue
+                ref = self._refs.setdefault(name, len(self._refs) + 1)
+                keys.append(ObjectKey(kind, ref))
+        return keys
 
     @staticmethod
     def _attributes(obj: Any, wanted: Sequence[CKA]) -> dict[CKA, AttributeValue]:
@@ -1138,7 +1163,12 @@ class ModuleToken:
     # --- Token: private-key operations ---------------------------------------------------
 
     def decrypt(
-        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+        self,
+        key: ObjectKey,
+        mechanism: Mechanism,
+        data: bytes,
+        *,
+        context_pin: bytearray | None = None,
     ) -> bytes:
         self._no_context_login(context_pin)
         mech, param = _mechanism(mechanism)
@@ -1147,16 +1177,21 @@ class ModuleToken:
         )
 
     def sign(
-        self, key: str, mechanism: Mechanism, data: bytes, *, context_pin: bytearray | None = None
+        self,
+        key: ObjectKey,
+        mechanism: Mechanism,
+        data: bytes,
+        *,
+        context_pin: bytearray | None = None,
     ) -> bytes:
         self._no_context_login(context_pin)
         if mechanism.mechanism in self._emulated:
-            data = hashlib.new(_ECDSA_HASHES[mechanism.mechanism], data).digest()
+            data = hashlib.new(ECDSA_HASHED[mechanism.mechanism], data).digest()
             mechanism = Mechanism(CKM.CKM_ECDSA)
         mech, param = _mechanism(mechanism)
         return self._operate(key, lambda obj: obj.sign(data, mechanism=mech, mechanism_param=param))
 
-    def derive(self, key: str, mechanism: Mechanism) -> bytes:
+    def derive(self, key: ObjectKey, mechanism: Mechanism) -> bytes:
         params = mechanism.params
         if not isinstance(params, Ecdh1DeriveParams):
             raise MechanismParamInvalidError("CKM_ECDH1_DERIVE needs ECDH1 parameters")
@@ -1187,7 +1222,7 @@ class ModuleToken:
 
         return self._operate(key, derive)
 
-    def _field_bytes(self, key: str) -> int:
+    def _field_bytes(self, key: ObjectKey) -> int:
         for obj in self._objects:
             if obj.key == key:
                 params = obj.attributes.get(CKA.CKA_EC_PARAMS)
@@ -1206,7 +1241,7 @@ class ModuleToken:
                 "always-authenticate keys of PKCS#11 modules are not supported"
             )
 
-    def _operate(self, key: str, fn: Callable[[Any], T]) -> T:
+    def _operate(self, key: ObjectKey, fn: Callable[[Any], T]) -> T:
         with self._rw.shared():
             if not self._logged_in:
                 # The engine only calls this for a logged-in application, so the module has
@@ -1225,15 +1260,17 @@ class ModuleToken:
             finally:
                 self._pool.put(worker)
 
-    def _key_object(self, worker: _Worker, key: str) -> Any:
+    def _key_object(self, worker: _Worker, key: ObjectKey) -> Any:
         if worker.epoch != self._epoch or key not in worker.keys:
             found = []
             for obj in worker.session.get_objects(
                 {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
             ):
                 found.append((obj, self._attributes(obj, _COMMON)))
-            keys = _stable_keys([attrs for _obj, attrs in found])
-            worker.keys = {k: obj for (k, _attrs), (obj, _a) in zip(keys, found, strict=True)}
+            keys = self._object_keys([attrs for _obj, attrs in found])
+            worker.keys = {
+                k: obj for k, (obj, _a) in zip(keys, found, strict=True) if k is not None
+            }
             worker.epoch = self._epoch
         try:
             return worker.keys[key]
