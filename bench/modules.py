@@ -1,4 +1,4 @@
-"""Item 6: a vendor PKCS#11 module behind tokend, against the C program that does the same
+"""Item 8: a vendor PKCS#11 module behind tokend, against the C program that does the same
 bridging job, on the **same SoftHSM2 token**, side by side in one run:
 
   (i)   in-process python-pkcs11 on libsofthsm2.so (the floor: no bridge at all)
@@ -369,7 +369,7 @@ def _measure(setup: Setup, mode: str, op: str, clients: int, count: int) -> dict
 
 
 def run(quick: bool = False) -> SectionResult:
-    res = SectionResult("7 modules")
+    res = SectionResult("8 modules")
     reason = unavailable_reason()
     if reason is not None:
         res.row("SoftHSM2 behind tokend vs p11-kit server", f"skipped: {reason}", "", "skipped")
