@@ -696,7 +696,7 @@ async def _generate_rsa_signing_key(daemon: RunningDaemon, pin: str) -> None:
 
     await asyncio.to_thread(generate)
     registry = daemon.daemon.engine.registry
-    for _ in range(200):  # the watcher's next poll sees other objects: a new instance
+    for _ in range(750):  # the watcher's next poll sees other objects: a new instance (15 s)
         slot = registry.slot(instance.slot_id)
         if slot.instance is not None and slot.instance is not instance and slot.token_present:
             return
