@@ -17,8 +17,6 @@ from tests.helpers import ID_9D, private_key
 from tokend.client import Client
 from tokend.errors import DeviceRemovedError
 
-pytestmark = pytest.mark.pcsc
-
 
 # --- the worked example (docs/testing.md) ----------------------------------------------------
 @pytest.fixture
@@ -54,6 +52,7 @@ def control(proc: subprocess.Popen[str], command: str) -> str:
 # --- the tests -----------------------------------------------------------------------------------
 
 
+@pytest.mark.pcsc
 def test_mail_client_suite_against_the_stack(vpcd, tokend_stack) -> None:
     proc, env = tokend_stack
     cert_pem = Path(env["TOKEND_DEMO_DIR"], "piv", "encryption.pem").read_bytes()
@@ -82,6 +81,7 @@ def test_mail_client_suite_against_the_stack(vpcd, tokend_stack) -> None:
     assert control(proc, "fly away").startswith("error: unknown command")
 
 
+@pytest.mark.pcsc
 def test_eof_stops_everything_it_started(vpcd) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "--piv"],
@@ -99,3 +99,35 @@ def test_eof_stops_everything_it_started(vpcd) -> None:
     proc.stdin.close()  # type: ignore[union-attr]
     assert proc.wait(30) == 0
     assert not os.path.exists(sock)  # the daemon it started is gone, its directory too
+
+
+@pytest.mark.usefixtures("bluetoothctl_shim")
+def test_usb_and_ble_tokens_side_by_side_and_pulled_one_at_a_time() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "--usb", "--ble"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        env: dict[str, str] = {}
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("export "):
+                name, _, value = line[len("export ") :].strip().partition("=")
+                env[name] = value
+            if line.strip() == "READY":
+                break
+        assert "DBUS_SYSTEM_BUS_ADDRESS" in env
+        with Client(env["TOKEND_SOCKET"]) as client:
+            assert len(client.slot_list(token_present=True)) == 2
+            client.subscribe()
+            assert control(proc, "unplug ble0") == "ok unplug ble0"
+            assert client.next_event(timeout=5)["event"] == "left"
+            assert len(client.slot_list(token_present=True)) == 1  # the USB token stays
+            assert control(proc, "plug ble0") == "ok plug ble0"
+            assert client.next_event(timeout=10)["event"] == "arrived"
+            assert control(proc, "unplug usb0") == "ok unplug usb0"
+            assert client.next_event(timeout=5)["event"] == "left"
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        assert proc.wait(30) == 0

@@ -43,7 +43,11 @@ class Kind(Protocol):
 
     def start(self, stack: contextlib.ExitStack, ctx: StackContext) -> None: ...
 
-    def serve_args(self) -> list[str]: ...
+    #: what the daemon must run for this kind: transports to watch, in-process simulated
+    #: tokens, configuration lines (TOML)
+    transports: tuple[str, ...]
+    simulated: tuple[str, ...]
+    config: str
 
     def env(self) -> dict[str, str]: ...
 
@@ -59,7 +63,8 @@ class StackContext:
     workdir: Path
     export_dir: Path
     pcscd: object | None = None
-    control_socket: Path | None = None  # the daemon's --simulate-control, when a kind needs it
+    #: the daemon's --simulate-control socket (in-process simulated tokens are driven there)
+    daemon_control_socket: Path = Path()
     daemon_control: Callable[[str], str] | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -94,10 +99,9 @@ class PivKind:
         self._reader = pcscd.reader_names[0]  # type: ignore[attr-defined]
         wait_present(self._reader, timeout=10)
 
-    uses_pcsc = True
-
-    def serve_args(self) -> list[str]:
-        return ["--allow-virtual-readers"]
+    transports = ("pcsc",)
+    simulated = ()
+    config = "allow_virtual_readers = true\n"  # vpcd's readers (tests and demos only)
 
     def env(self) -> dict[str, str]:
         return {"TOKEND_DEMO_PIV_PIN": "123456", "TOKEND_DEMO_PIV_PUK": "12345678"}
@@ -118,24 +122,16 @@ class UsbKind:
     usb`: pyusb and the real CCID driver over a simulated bus), plugged and unplugged
     through the daemon's ``--simulate-control`` socket."""
 
-    uses_pcsc = False
+    transports = ()
+    simulated = ("usb",)
+    config = ""
 
     def __init__(self) -> None:
         self.names = ["usb0"]
         self._control: Path | None = None
-        self._export: Path | None = None
 
     def start(self, stack: contextlib.ExitStack, ctx: StackContext) -> None:
-        if ctx.control_socket is None:
-            ctx.control_socket = ctx.workdir / "simulate-control.sock"
-        self._control = ctx.control_socket
-        self._export = ctx.export_dir / "usb"
-
-    def serve_args(self) -> list[str]:
-        return [
-            "--simulate", "usb", "--simulate-control", str(self._control),
-            "--export-dir", str(self._export),
-        ]  # fmt: skip
+        self._control = ctx.daemon_control_socket
 
     def env(self) -> dict[str, str]:
         return {"TOKEND_DEMO_USB_PIN": "123456", "TOKEND_DEMO_USB_PUK": "12345678"}
@@ -164,8 +160,126 @@ class UsbKind:
         return f"{name} usb {states.get(name, 'unknown')}"
 
 
-#: Every kind `tokend simulate` knows, by flag. Kinds from other branches register here.
-KINDS: dict[str, Callable[[], Kind]] = {"piv": PivKind, "usb": UsbKind}
+class BleKind:
+    """A demo-provisioned virtual BLE key (the PIV applet behind GATT) on a fake BlueZ on a
+    private dbus-daemon; bonded in the fake and trusted by the daemon's configuration
+    (`[[ble_trusted]]`), reached through real bleak (`--transport ble`). Unplug = out of
+    range (BlueZ drops the link)."""
+
+    transports = ("ble",)
+    simulated = ()
+
+    def __init__(self) -> None:
+        self.names = ["ble0"]
+        self._fake: object | None = None
+        self._address = ""
+        self._bus = ""
+        self.config = ""
+
+    def start(self, stack: contextlib.ExitStack, ctx: StackContext) -> None:
+        from tokend.simulators.ble import DEMO_ADDRESS, FakeBlueZThread, PrivateBus, VirtualBleKey
+        from tokend.simulators.demo import provision_demo
+        from tokend.simulators.piv import VirtualPivCard
+
+        card = VirtualPivCard()
+        provision_demo(card, ctx.export_dir / "ble", key_agreement=True)
+        bus = PrivateBus()
+        self._bus = bus.start()
+        stack.callback(bus.stop)
+        fake = FakeBlueZThread(self._bus).start()
+        stack.callback(fake.stop)
+        self._address = DEMO_ADDRESS
+        fake.add_key(VirtualBleKey(card, self._address), paired=True)
+        self._fake = fake
+        self.config = f'[[ble_trusted]]\naddress = "{self._address}"\n'
+        # bleak (in the daemon this starts) finds the fake BlueZ on this bus; the daemon keeps
+        # what it learns about BLE keys in the stack's own state directory, never the
+        # user's (the demo key is new every run).
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self._bus
+        os.environ["TOKEND_STATE_DIR"] = str(ctx.workdir / "state")
+
+    def env(self) -> dict[str, str]:
+        return {
+            "TOKEND_DEMO_BLE_PIN": "123456",
+            "TOKEND_DEMO_BLE_PUK": "12345678",
+            "DBUS_SYSTEM_BUS_ADDRESS": self._bus,
+            "TOKEND_STATE_DIR": os.environ["TOKEND_STATE_DIR"],
+        }
+
+    def plug(self, name: str) -> None:
+        self._fake.in_range(self._address)  # type: ignore[union-attr]
+
+    def unplug(self, name: str) -> None:
+        self._fake.out_of_range(self._address)  # type: ignore[union-attr]
+
+    def state(self, name: str) -> str:
+        device = self._fake.device(self._address)  # type: ignore[union-attr]
+        where = "in-range" if device.in_range else "out-of-range"
+        return f"{name} ble {where} address={self._address}"
+
+
+class SofthsmKind:
+    """A SoftHSM2 token (the vendor-module path: python-pkcs11 in the daemon) with the mail
+    keys put on it through the module; its own token directory. Unplug = the token deleted
+    by the module's own tool; plug = a new token (new keys, a new token instance)."""
+
+    transports = ()
+    simulated = ()
+    LABEL = "tokend-demo"
+
+    def __init__(self) -> None:
+        self.names = ["softhsm0"]
+        self._hsm: object | None = None
+        self._export = Path()
+        self.config = ""
+        self._present = False
+
+    def start(self, stack: contextlib.ExitStack, ctx: StackContext) -> None:
+        from tokend.simulators.softhsm import SOFTHSM_MODULE, SoftHsm
+
+        hsm = SoftHsm.create(ctx.workdir / "softhsm")
+        hsm.use()  # the daemon this process starts inherits SOFTHSM2_CONF
+        self._hsm = hsm
+        self._export = ctx.export_dir / "softhsm"
+        self._export.mkdir(parents=True, exist_ok=True)
+        self.config = f'[[modules]]\npath = "{SOFTHSM_MODULE}"\nlabel = "softhsm"\n'
+        self.plug(self.names[0])
+
+    def env(self) -> dict[str, str]:
+        from tokend.simulators.softhsm import TEST_PIN
+
+        return {"TOKEND_DEMO_SOFTHSM_PIN": TEST_PIN, "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]}
+
+    def plug(self, name: str) -> None:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from tokend.simulators.softhsm import provision_mail
+
+        if self._present:
+            raise RuntimeError(f"{name} is plugged in already")
+        self._hsm.init_token(self.LABEL)  # type: ignore[union-attr]
+        material = provision_mail(self.LABEL)
+        pem = material.encryption_cert.public_bytes(Encoding.PEM)
+        (self._export / "encryption.pem").write_bytes(pem)
+        self._present = True
+
+    def unplug(self, name: str) -> None:
+        if not self._present:
+            raise RuntimeError(f"{name} is not plugged in")
+        self._hsm.delete_token(self.LABEL)  # type: ignore[union-attr]
+        self._present = False
+
+    def state(self, name: str) -> str:
+        return f"{name} softhsm {'present' if self._present else 'deleted'} label={self.LABEL}"
+
+
+#: Every kind `tokend simulate` knows, by flag.
+KINDS: dict[str, Callable[[], Kind]] = {
+    "piv": PivKind,
+    "usb": UsbKind,
+    "ble": BleKind,
+    "softhsm": SofthsmKind,
+}
 
 
 class Stack:
@@ -248,15 +362,14 @@ def _banner(kinds: dict[str, Kind], socket_path: Path, env: dict[str, str]) -> l
             lines.append(f"  {kind.state(token)}  (PIN {pin})")
     lines += ["", "Try, in another shell:", f"  export TOKEND_SOCKET={socket_path}"]
     lines.append(f"  {bin_dir}/tokenctl list")
-    for name in kinds:
-        cert = demo / name / "encryption.pem"
-        pin = env.get(f"TOKEND_DEMO_{name.upper()}_PIN", "")
-        if cert.exists():
-            # smime decrypt finds the token holding the recipient key by itself.
-            lines.append(
-                f"  echo 'Subject: hi' | openssl cms -encrypt -aes-256-gcm -recip {cert} | "
-                f"{bin_dir}/tokenctl smime decrypt --pin-fd 3 - 3<<<{pin}"
-            )
+    for cert in sorted(demo.rglob("encryption.pem")):
+        kind = cert.parent.name.rstrip("0123456789").upper()  # demo/<kind>/ or …/<kind>0/
+        pin = env.get(f"TOKEND_DEMO_{kind}_PIN", "123456")
+        # smime decrypt finds the token holding the recipient key by itself.
+        lines.append(
+            f"  echo 'Subject: hi' | openssl cms -encrypt -aes-256-gcm -recip {cert} | "
+            f"{bin_dir}/tokenctl smime decrypt --pin-fd 3 - 3<<<{pin}"
+        )
     names = ", ".join(n for k in kinds.values() for n in k.names)
     lines += [
         "",
@@ -265,6 +378,15 @@ def _banner(kinds: dict[str, Kind], socket_path: Path, env: dict[str, str]) -> l
         "",
     ]
     return lines
+
+
+def _daemon_config(kinds: dict[str, Kind], workdir: Path) -> Path:
+    """The daemon's configuration: what each kind needs (virtual readers, trusted keys)."""
+    path = workdir / "tokend.toml"
+    top = [k.config for k in kinds.values() if k.config and not k.config.startswith("[")]
+    tables = [k.config for k in kinds.values() if k.config.startswith("[")]
+    path.write_text("".join(top + tables))
+    return path
 
 
 def run_stack(args: argparse.Namespace) -> int:
@@ -287,7 +409,7 @@ def run_stack(args: argparse.Namespace) -> int:
     # in another shell finds it without any environment.
     default = default_socket_path() if banner else workdir / "tokend" / "tokend.sock"
     socket_path = args.socket or default
-    ctx = StackContext(workdir, export_dir)
+    ctx = StackContext(workdir, export_dir, daemon_control_socket=workdir / "control.sock")
     daemon: subprocess.Popen[bytes] | None = None
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
@@ -295,11 +417,16 @@ def run_stack(args: argparse.Namespace) -> int:
         for kind in kinds.values():
             kind.start(stack, ctx)
         serve = [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--socket"]
-        serve += [str(socket_path)]
-        for kind in kinds.values():
-            serve += [arg for arg in kind.serve_args() if arg not in serve]
-        if not any(getattr(kind, "uses_pcsc", False) for kind in kinds.values()):
-            serve.append("--no-pcsc")
+        serve += [str(socket_path), "--config", str(_daemon_config(kinds, workdir))]
+        transports = [t for kind in kinds.values() for t in kind.transports]
+        serve += [arg for t in transports for arg in ("--transport", t)] or ["--no-pcsc"]
+        simulated = [k for kind in kinds.values() for k in kind.simulated]
+        if simulated:
+            serve += [arg for k in simulated for arg in ("--simulate", k)]
+            serve += ["--simulate-control", str(ctx.daemon_control_socket)]
+            # one in-process token writes its certificates into the directory itself
+            inprocess = export_dir / (simulated[0] if len(simulated) == 1 else "inprocess")
+            serve += ["--export-dir", str(inprocess)]
         log = (workdir / "tokend.log").open("wb")
         daemon = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
 
@@ -314,7 +441,15 @@ def run_stack(args: argparse.Namespace) -> int:
             log.close()
 
         stack.callback(stop_daemon)
-        _wait_for_tokens(daemon, socket_path, sum(len(k.names) for k in kinds.values()), 30)
+        try:
+            _wait_for_tokens(daemon, socket_path, sum(len(k.names) for k in kinds.values()), 30)
+        except (RuntimeError, TimeoutError):
+            log.flush()
+            tail = (workdir / "tokend.log").read_text(errors="replace").splitlines()[-15:]
+            print(
+                "\n".join(["tokend simulate: the daemon's last log lines:", *tail]), file=sys.stderr
+            )
+            raise
         env = {"TOKEND_SOCKET": str(socket_path), "TOKEND_DEMO_DIR": str(export_dir)}
         for kind in kinds.values():
             env.update(kind.env())
