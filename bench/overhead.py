@@ -1,8 +1,10 @@
 """Item 1: overhead per operation. RSA-2048 decrypt and P-256 sign on a demo PIV card,
 (a) in-process through the driver, (b) through tokend's native socket (the daemon in its
-own process: ``tokend serve --no-pcsc --simulate piv``), (c) through p11-kit-client.so and
-tokend's p11-kit front end (not there yet). (a) and (b) alternate in rounds, so the noise
-of a shared machine hits both; the overhead is the difference of the medians.
+own process: ``tokend serve --no-pcsc --simulate piv``), (c) through Debian's p11-kit-client.so
+(python-pkcs11) and tokend's p11-kit front end on the same daemon. (a) and (b) alternate in
+rounds, so the noise of a shared machine hits both; the overhead is the difference of the
+medians. (c) runs in a child process (`bench.p11kit_client`) that alternates its own (a)
+with (c) the same way.
 
 Two floors measured in the same run explain the overhead: one socket round trip that never
 touches the card (C_GetSessionInfo), and one hop of a no-op onto a worker thread and back
@@ -11,10 +13,21 @@ touches the card (C_GetSessionInfo), and one hop of a no-op onto a worker thread
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench.common import SectionResult, Summary, interleave, tokend_daemon, verdict
+from bench.common import (
+    REPO,
+    SectionResult,
+    Summary,
+    child_env,
+    interleave,
+    tokend_daemon,
+    verdict,
+)
 from bench.ops import in_process_card, pipelined_decrypt, rpc_floor, socket_session
 
 #: (b) - (a), median, per operation.
@@ -23,6 +36,10 @@ TARGET_OVERHEAD_MS = 0.15
 # The client pipelines Init + operation (+ context login) in one round trip.
 ROUND_TRIPS = {"decrypt": 1, "sign_once": 1, "sign": 1}
 CARD_CALLS = {"decrypt": 1, "sign_once": 1, "sign": 2}
+#: Through python-pkcs11 + p11-kit-client.so: Init, a size query (answered without the
+#: card), the operation.
+P11KIT_ROUND_TRIPS = 3
+P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 LABELS = {
     "decrypt": "RSA-2048 decrypt",
     "sign_once": "P-256 sign (9A, PIN-once)",
@@ -47,6 +64,40 @@ def executor_hop(n: int) -> list[float]:
     return asyncio.run(main())
 
 
+def p11kit_series(daemon, rounds: int, per_round: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """(a), (b) and (c) from `bench.p11kit_client`, or {"unavailable": reason}."""
+    from pathlib import Path
+
+    if not Path(P11KIT_CLIENT).exists():
+        return {"unavailable": "p11-kit-client.so missing (Debian package p11-kit-modules)"}
+    address = f"unix:path={daemon.socket.parent / 'pkcs11.sock'}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.p11kit_client",
+            "--socket",
+            str(daemon.socket),
+            "--address",
+            address,
+            "--cert-dir",
+            str(daemon.workdir / "card0"),
+            "--rounds",
+            str(rounds),
+            "--per-round",
+            str(per_round),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.p11kit_client failed: {proc.stderr.strip()[-400:]}")
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
 def run(quick: bool = False) -> SectionResult:
     res = SectionResult("1 overhead")
     rounds, per_round = (4, 5) if quick else (40, 10)
@@ -67,6 +118,7 @@ def run(quick: bool = False) -> SectionResult:
         finally:
             remote.close()
             local.close()
+        via_p11kit = p11kit_series(daemon, rounds, per_round)
     hop = executor_hop(rounds * per_round)
     floor_s, hop_s = Summary.of(floor), Summary.of(hop)
     res.data["rpc_round_trip_no_card"] = floor_s.as_dict()
@@ -79,7 +131,6 @@ def run(quick: bool = False) -> SectionResult:
         res.data[op] = {
             "a_in_process": sa.as_dict(),
             "b_native_socket": sb.as_dict(),
-            "c_p11kit_client": "not available yet",
             "overhead_ms_median": overhead,
             "overhead_ms_p99": overhead_p99,
             "round_trips": ROUND_TRIPS[op],
@@ -110,9 +161,7 @@ def run(quick: bool = False) -> SectionResult:
                 "",
                 "info",
             )
-        res.row(
-            f"{label} (c) p11-kit-client → tokend", "not available yet", "", "not available yet"
-        )
+        _row_c(res, op, label, via_p11kit)
     res.row(
         "one socket round trip, no card (C_GetSessionInfo)",
         f"median {floor_s.median_ms:.3f} ms, p99 {floor_s.p99_ms:.3f} ms",
@@ -127,3 +176,35 @@ def run(quick: bool = False) -> SectionResult:
     )
     res.data["rounds"], res.data["per_round"] = rounds, per_round
     return res
+
+
+def _row_c(res: SectionResult, op: str, label: str, via: dict[str, object]) -> None:
+    what = f"{label} (c) p11-kit-client → tokend"
+    if "unavailable" in via:
+        res.data[op]["c_p11kit_client"] = f"skipped: {via['unavailable']}"
+        res.row(what, f"skipped: {via['unavailable']}", "", "skipped")
+        return
+    if op not in via:
+        # 9C is PIN-always: python-pkcs11 has no CKU_CONTEXT_SPECIFIC login.
+        res.data[op]["c_p11kit_client"] = "n/a: python-pkcs11 cannot log in context-specific"
+        res.row(what, "n/a (python-pkcs11 has no context-specific login)", "", "n/a")
+        return
+    series = via[op]
+    sa, sb, sc = (Summary.of(series[k]) for k in "abc")  # type: ignore[index]
+    overhead = round(sc.median_ms - sa.median_ms, 4)
+    over_native = round(sc.median_ms - sb.median_ms, 4)
+    res.data[op]["c_p11kit_client"] = {
+        "a_in_process_same_child": sa.as_dict(),
+        "b_native_socket_same_child": sb.as_dict(),
+        "c_p11kit_client": sc.as_dict(),
+        "overhead_ms_median": overhead,
+        "c_minus_b_ms_median": over_native,
+        "round_trips": P11KIT_ROUND_TRIPS,
+    }
+    res.row(
+        what,
+        f"median {sc.median_ms:.3f} ms, p99 {sc.p99_ms:.3f} ms; (c)-(a) {overhead:.3f} ms, "
+        f"(c)-(b) {over_native:+.3f} ms ({P11KIT_ROUND_TRIPS} RT vs 1; own child run)",
+        "",
+        "info",
+    )

@@ -40,7 +40,8 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.sim_control", 4),
     ("tokend.client", 5),
     ("tokend.smime", 6),
-    ("tokend.p11kit", 6),
+    ("tokend.p11kit", 0),  # the package and its pure codec
+    ("tokend.p11kit.server", 4),
     ("tokend.cli", 7),
     ("tokend.testing", 7),
 ]

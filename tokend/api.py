@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokend import __version__
-from tokend.pkcs11 import CKF, CKF_MECH, CKF_SESSION, CKF_TOKEN, CKF_WAIT, CKU
+from tokend.errors import MechanismInvalidError
+from tokend.pkcs11 import CKF_MECH, CKF_SESSION, CKF_WAIT, CKM, CKU
 from tokend.protocol import (
     PROTOCOL_VERSION,
     Params,
@@ -62,9 +63,7 @@ async def _initialize(api: Api, app: Application, p: Params) -> dict:
 
 @method("C_Finalize")
 async def _finalize(api: Api, app: Application, p: Params) -> dict:
-    for slot in api.engine.registry.slots():
-        await api.engine.close_all_sessions(app, slot.slot_id)
-    app.cancel_waits()
+    await api.engine.finalize(app)
     return {}
 
 
@@ -91,15 +90,12 @@ async def _get_slot_list(api: Api, app: Application, p: Params) -> dict:
 
 @method("C_GetSlotInfo")
 async def _get_slot_info(api: Api, app: Application, p: Params) -> dict:
-    slot = api.engine.registry.slot(p.int("slot_id", "slot"))
-    flags = CKF.CKF_REMOVABLE_DEVICE | CKF.CKF_HW_SLOT
-    if slot.token_present:
-        flags |= CKF.CKF_TOKEN_PRESENT
+    info = api.engine.slot_info(p.int("slot_id", "slot"))
     return {
         "info": {
-            "slot_description": slot.description,
-            "manufacturer_id": slot.watcher.name,
-            "flags": flag_names(flags),
+            "slot_description": info.description,
+            "manufacturer_id": info.manufacturer_id,
+            "flags": flag_names(info.flags),
             "hardware_version": _version((1, 0)),
             "firmware_version": _version((1, 0)),
         }
@@ -108,60 +104,52 @@ async def _get_slot_info(api: Api, app: Application, p: Params) -> dict:
 
 @method("C_GetTokenInfo")
 async def _get_token_info(api: Api, app: Application, p: Params) -> dict:
-    instance = api.engine.registry.instance(p.int("slot_id", "slot"))
-    info = instance.token.info
-    sessions = [s for s in api.engine._sessions.values() if s.instance is instance]
-    flags = CKF_TOKEN(info.flags) | CKF_TOKEN.CKF_TOKEN_INITIALIZED
-    if api.engine.protected_authentication_path:
-        flags |= CKF_TOKEN.CKF_PROTECTED_AUTHENTICATION_PATH
+    state = api.engine.token_state(p.int("slot_id", "slot"))
+    info = state.info
     return {
         "info": {
             "label": info.label,
             "manufacturer_id": info.manufacturer_id,
             "model": info.model,
             "serial_number": info.serial_number,
-            "flags": flag_names(flags),
+            "flags": flag_names(state.flags),
             # Per application (PKCS#11's meaning): the daemon's per-connection limit.
-            "max_session_count": api.engine.limits.max_sessions_per_application,
-            "session_count": len(sessions),
-            "max_rw_session_count": api.engine.limits.max_sessions_per_application,
-            "rw_session_count": sum(1 for s in sessions if s.rw),
+            "max_session_count": state.max_session_count,
+            "session_count": state.session_count,
+            "max_rw_session_count": state.max_session_count,
+            "rw_session_count": state.rw_session_count,
             "max_pin_len": info.max_pin_len,
             "min_pin_len": info.min_pin_len,
             "hardware_version": _version(info.hardware_version),
             "firmware_version": _version(info.firmware_version),
-            "generation": instance.generation,
-            "token_serial": instance.token.identity.serial,
+            "generation": state.generation,
+            "token_serial": state.serial,
         }
     }
 
 
 @method("C_GetMechanismList")
 async def _get_mechanism_list(api: Api, app: Application, p: Params) -> dict:
-    instance = api.engine.registry.instance(p.int("slot_id", "slot"))
-    return {"mechanism_list": [m.mechanism.name for m in instance.token.mechanisms()]}
+    mechanisms = api.engine.mechanisms(p.int("slot_id", "slot"))
+    return {"mechanism_list": [m.mechanism.name for m in mechanisms]}
 
 
 @method("C_GetMechanismInfo")
 async def _get_mechanism_info(api: Api, app: Application, p: Params) -> dict:
-    from tokend.errors import MechanismInvalidError
-    from tokend.pkcs11 import CKM
-
-    instance = api.engine.registry.instance(p.int("slot_id", "slot"))
+    slot_id = p.int("slot_id", "slot")
+    api.engine.registry.instance(slot_id)  # CKR_TOKEN_NOT_PRESENT before a bad name
     try:
         mech = p.enum(CKM, "type", "mechanism")
     except Exception:
         raise MechanismInvalidError(f"unknown mechanism {p.get('type', 'mechanism')!r}") from None
-    for info in instance.token.mechanisms():
-        if info.mechanism == mech:
-            return {
-                "info": {
-                    "min_key_size": info.min_key_size,
-                    "max_key_size": info.max_key_size,
-                    "flags": flag_names(CKF_MECH(info.flags)),
-                }
-            }
-    raise MechanismInvalidError(f"{mech.name} is not supported by this token")
+    info = api.engine.mechanism_info(slot_id, mech)
+    return {
+        "info": {
+            "min_key_size": info.min_key_size,
+            "max_key_size": info.max_key_size,
+            "flags": flag_names(CKF_MECH(info.flags)),
+        }
+    }
 
 
 # --- sessions -----------------------------------------------------------------------------

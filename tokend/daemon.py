@@ -20,6 +20,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Protocol
 
 from tokend.api import Api
 from tokend.consent import ClientInfo
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 
 #: Calls that may block for long; they run beside the connection's other requests.
 _BLOCKING = {"C_WaitForSlotEvent"}
+
+
+class FrontEnd(Protocol):
+    async def stop(self) -> None: ...
 
 
 def client_info(pid: int, uid: int) -> ClientInfo:
@@ -289,6 +294,8 @@ class Daemon:
         self._per_uid: dict[int, int] = {}
         self._stopped = asyncio.Event()
         self._log_limited = _RateLimitedLog()
+        #: Other listeners on the same engine (the p11-kit front end); stopped first.
+        self.front_ends: list[FrontEnd] = []
 
     async def start(self) -> None:
         if self.listen_socket is not None:
@@ -408,6 +415,8 @@ class Daemon:
         await self.stop()
 
     async def stop(self) -> None:
+        for front_end in self.front_ends:
+            await front_end.stop()
         if self._accept_task is not None:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -166,6 +166,9 @@ UserNotLoggedInError = _define("UserNotLoggedInError", CKR.CKR_USER_NOT_LOGGED_I
 UserTypeInvalidError = _define("UserTypeInvalidError", CKR.CKR_USER_TYPE_INVALID, "Bad user type.")
 BufferTooSmallError = _define("BufferTooSmallError", CKR.CKR_BUFFER_TOO_SMALL, "Buffer too small.")
 FunctionRejectedError = _define("FunctionRejectedError", CKR.CKR_FUNCTION_REJECTED, "Rejected.")
+CryptokiNotInitializedError = _define(
+    "CryptokiNotInitializedError", CKR.CKR_CRYPTOKI_NOT_INITIALIZED, "Not initialized."
+)
 ActionProhibitedError = _define(
     "ActionProhibitedError", CKR.CKR_ACTION_PROHIBITED, "Action prohibited by policy."
 )

@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from asn1crypto.keys import ECDomainParameters
+
 from tokend.consent import (
     Authorizer,
     ClientInfo,
@@ -68,8 +70,15 @@ from tokend.errors import (
 )
 from tokend.limits import DEFAULT_LIMITS, Limits
 from tokend.mechanisms.tables import DECRYPT_MECHANISMS, DERIVE_MECHANISMS
-from tokend.model import AttributeValue, Mechanism, ObjectKey, TokenObject
-from tokend.pkcs11 import CKA, CKF_SESSION, CKK, CKO, CKS, CKU
+from tokend.model import (
+    AttributeValue,
+    Mechanism,
+    MechanismInfo,
+    ObjectKey,
+    TokenInfo,
+    TokenObject,
+)
+from tokend.pkcs11 import CKA, CKF, CKF_MECH, CKF_SESSION, CKF_TOKEN, CKK, CKM, CKO, CKS, CKU
 from tokend.registry import SlotEvent, SlotRegistry, TokenInstance
 from tokend.wipe import wipe
 
@@ -96,6 +105,27 @@ class _PinFailures:
     until: float
     #: applications that lost their login to these wrong PINs: never held back
     victims: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    description: str
+    manufacturer_id: str
+    flags: CKF
+
+
+@dataclass(frozen=True, slots=True)
+class TokenState:
+    """C_GetTokenInfo as every front end answers it."""
+
+    info: TokenInfo
+    flags: CKF_TOKEN
+    session_count: int
+    rw_session_count: int
+    generation: int
+    serial: str
+    #: per application, PKCS#11's meaning: the daemon's per-connection session limit
+    max_session_count: int
 
 
 class OpKind(Enum):
@@ -256,6 +286,8 @@ class Engine:
         self._login_locks: dict[tuple[int, int], asyncio.Lock] = {}
         #: Wrong-PIN back-off per token instance (docs/threat-model.md).
         self._pin_failures: dict[tuple[int, int], _PinFailures] = {}
+        #: per token instance: each mechanism's CKF_MECH flags (what it may be used for)
+        self._mechanism_flags: dict[tuple[int, int], dict[CKM, CKF_MECH]] = {}
         registry.on_retire(self._on_retire)
         registry.subscribe(self._on_slot_event)
 
@@ -297,6 +329,7 @@ class Engine:
             app.logins.discard(key)
         self._login_locks.pop(key, None)
         self._pin_failures.pop(key, None)
+        self._mechanism_flags.pop(key, None)
         for handle, (inst_key, obj_key) in list(self._token_objects.items()):
             if inst_key == key:
                 del self._token_objects[handle]
@@ -427,6 +460,49 @@ class Engine:
 
     def slot_list(self, token_present: bool) -> list[int]:
         return [s.slot_id for s in self.registry.slots() if s.token_present or not token_present]
+
+    def slot_info(self, slot_id: int) -> SlotInfo:
+        slot = self.registry.slot(slot_id)
+        flags = CKF.CKF_REMOVABLE_DEVICE | CKF.CKF_HW_SLOT
+        if slot.token_present:
+            flags |= CKF.CKF_TOKEN_PRESENT
+        return SlotInfo(slot.description, slot.watcher.name, flags)
+
+    def token_state(self, slot_id: int) -> TokenState:
+        """Never touches the card: the info was read when the token arrived."""
+        instance = self.registry.instance(slot_id)
+        info = instance.token.info
+        sessions = [s for s in self._sessions.values() if s.instance is instance]
+        return TokenState(
+            info,
+            CKF_TOKEN(info.flags)
+            | CKF_TOKEN.CKF_TOKEN_INITIALIZED
+            | (
+                CKF_TOKEN.CKF_PROTECTED_AUTHENTICATION_PATH
+                if self.protected_authentication_path
+                else CKF_TOKEN(0)
+            ),
+            len(sessions),
+            sum(1 for s in sessions if s.rw),
+            instance.generation,
+            instance.token.identity.serial,
+            self.limits.max_sessions_per_application,
+        )
+
+    def mechanisms(self, slot_id: int) -> list[MechanismInfo]:
+        return list(self.registry.instance(slot_id).token.mechanisms())
+
+    def mechanism_info(self, slot_id: int, mechanism: CKM) -> MechanismInfo:
+        for info in self.mechanisms(slot_id):
+            if info.mechanism == mechanism:
+                return info
+        raise MechanismInvalidError(f"{mechanism.name} is not supported by this token")
+
+    async def finalize(self, app: Application) -> None:
+        """C_Finalize: the application's sessions (hence logins) end; its waits are cancelled."""
+        for slot in self.registry.slots():
+            await self.close_all_sessions(app, slot.slot_id)
+        app.cancel_waits()
 
     # --- sessions ----------------------------------------------------------------------
 
@@ -717,9 +793,19 @@ class Engine:
             raise UserNotLoggedInError("log in to the token first")
         return obj
 
-    def _check_mechanism(self, session: Session, mechanism: Mechanism) -> None:
+    def _check_mechanism(self, session: Session, mechanism: Mechanism, usage: CKF_MECH) -> None:
+        """The token has the mechanism *for this use* (RSA_X_509 may decrypt but not sign):
+        refused at Init, where PKCS#11 consumers expect it, not later at the card."""
         if mechanism.mechanism in session.instance.mechanism_set():
-            return
+            flags = self._mechanism_flags.get(session.instance.key)
+            if flags is None:  # once per token instance: Init is on the hot path
+                flags = {m.mechanism: m.flags for m in session.instance.token.mechanisms()}
+                self._mechanism_flags[session.instance.key] = flags
+            if flags.get(mechanism.mechanism, 0) & usage:
+                return
+            raise MechanismInvalidError(
+                f"{mechanism.mechanism.name} cannot be used for {usage.name} on this token"
+            )
         raise MechanismInvalidError(f"{mechanism.mechanism.name} is not supported by the token")
 
     def _start(self, session: Session, op: Operation) -> None:
@@ -731,7 +817,7 @@ class Engine:
         session = self._session(app, handle)
         if mechanism.mechanism not in DECRYPT_MECHANISMS:
             raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot decrypt")
-        self._check_mechanism(session, mechanism)
+        self._check_mechanism(session, mechanism, CKF_MECH.CKF_DECRYPT)
         obj = self._private_key(session, key, CKA.CKA_DECRYPT)
         if obj.attributes.get(CKA.CKA_KEY_TYPE) != CKK.CKK_RSA:
             raise KeyTypeInconsistentError("decryption needs an RSA key; use ECDH for EC keys")
@@ -767,7 +853,7 @@ class Engine:
 
     def sign_init(self, app: Application, handle: int, mechanism: Mechanism, key: int) -> None:
         session = self._session(app, handle)
-        self._check_mechanism(session, mechanism)
+        self._check_mechanism(session, mechanism, CKF_MECH.CKF_SIGN)
         obj = self._private_key(session, key, CKA.CKA_SIGN)
         self._start(
             session,
@@ -835,6 +921,30 @@ class Engine:
         finally:
             op.wipe()
 
+    def cancel_operation(self, app: Application, handle: int) -> None:
+        """C_*Init with a NULL mechanism (p11-kit 0.25.3+ clients): end the active
+        operation, wiping what it holds."""
+        session = self._session(app, handle)
+        if session.operation is not None:
+            session.operation.wipe()
+            session.operation = None
+
+    def output_size(self, app: Application, handle: int) -> int | None:
+        """An upper bound of the active sign/decrypt operation's output, known without the
+        card (the key's size), so a caller's size query costs no card operation."""
+        op = self._session(app, handle).operation
+        if op is None:
+            raise OperationNotInitializedError("no operation is active")
+        attrs = op.key.attributes
+        bits = attrs.get(CKA.CKA_MODULUS_BITS)
+        if isinstance(bits, int) and bits > 0:
+            return (bits + 7) // 8
+        params = attrs.get(CKA.CKA_EC_PARAMS)
+        if op.kind is OpKind.SIGN and isinstance(params, bytes):
+            curve = _EC_FIELD_BYTES.get(_named_curve(params))
+            return None if curve is None else 2 * curve
+        return None
+
     def _take(self, session: Session, kind: OpKind) -> Operation:
         op = session.operation
         if op is None or op.kind is not kind:
@@ -861,7 +971,7 @@ class Engine:
         session = self._session(app, handle)
         if mechanism.mechanism not in DERIVE_MECHANISMS:
             raise MechanismInvalidError(f"{mechanism.mechanism.name} cannot derive")
-        self._check_mechanism(session, mechanism)
+        self._check_mechanism(session, mechanism, CKF_MECH.CKF_DERIVE)
         if session.operation is not None:
             raise OperationActiveError("another operation is active in this session")
         obj = self._private_key(session, base_key, CKA.CKA_DERIVE)
@@ -911,3 +1021,12 @@ class Engine:
 
 
 _MISSING = object()
+_EC_FIELD_BYTES = {"secp256r1": 32, "secp384r1": 48, "secp521r1": 66}
+
+
+def _named_curve(ec_params: bytes) -> str | None:
+    try:
+        params = ECDomainParameters.load(ec_params)
+        return str(params.chosen.native) if params.name == "named" else None
+    except ValueError:
+        return None

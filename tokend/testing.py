@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 from tokend.daemon import Daemon
 from tokend.drivers.base import Watcher
 from tokend.limits import DEFAULT_LIMITS, Limits
+from tokend.p11kit import socket_path as p11kit_socket_path
+from tokend.p11kit.server import P11KitServer
 from tokend.session import Engine
 from tokend.wiring import build_registry
 
@@ -35,6 +37,11 @@ class ThreadDaemon:
     thread: threading.Thread
     #: Free for the caller (tests keep the card, the demo material, the plug here).
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def p11kit_socket(self) -> Path:
+        """Where the p11-kit front end listens (with ``p11kit=True``)."""
+        return p11kit_socket_path(self.socket)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         """Run a coroutine on the daemon's loop (white-box checks)."""
@@ -52,11 +59,16 @@ class ThreadDaemon:
 
 
 def start_thread_daemon(
-    socket: Path, watchers: Sequence[Watcher], limits: Limits = DEFAULT_LIMITS
+    socket: Path,
+    watchers: Sequence[Watcher],
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    p11kit: bool = False,
 ) -> ThreadDaemon:
     """Start a daemon serving ``socket`` with these watchers (and resource ``limits``);
     returns once it listens and the tokens present at start have been probed. Start-up
-    errors are raised here."""
+    errors are raised here. ``p11kit``: also serve the p11-kit RPC front end on
+    ``pkcs11.sock`` beside ``socket`` (`ThreadDaemon.p11kit_socket`)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder: dict[str, Any] = {}
@@ -68,6 +80,10 @@ def start_thread_daemon(
             registry = build_registry(watchers=watchers)
             daemon = Daemon(Engine(registry, limits=limits), socket)
             await daemon.start()
+            if p11kit:
+                front_end = P11KitServer(daemon.engine, p11kit_socket_path(socket))
+                await front_end.start()
+                daemon.front_ends.append(front_end)
             await asyncio.sleep(0)
             await registry.wait_settled()
             holder["daemon"] = daemon

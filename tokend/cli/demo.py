@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tokend.cli.tokend_main import ServeConfig, serve
+from tokend.p11kit import socket_path as p11kit_socket_path
 from tokend.paths import default_socket_path, runtime_dir
 from tokend.simulators.demo import provision_demo
 from tokend.simulators.pcscd import PcscdService, wait_present
@@ -47,6 +48,10 @@ def main() -> int:
                     f"  echo 'Subject: hi' | openssl cms -encrypt -aes-256-gcm -recip "
                     f"{export_dir}/encryption.pem | {bin_dir}/tokenctl smime decrypt "
                     "--pin-fd 3 - 3<<<123456",
+                    "PKCS#11 programs through Debian's p11-kit-client.so (docs/mail-clients.md):",
+                    f"  P11_KIT_SERVER_ADDRESS=unix:path={p11kit_socket_path(socket_path)} "
+                    "pkcs11-tool --module "
+                    "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so -O",
                     "Ctrl-C stops the daemon, the card and (if we started it) pcscd.",
                     "",
                 ]

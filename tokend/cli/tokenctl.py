@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 
 from tokend import __version__
 from tokend.cli import ble as ble_cli
+from tokend.cli import p11kit_module
 from tokend.cli import uri as p11uri
 from tokend.cli.common import (
     EXIT_FAILED,
@@ -1126,6 +1127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="do not ask")
     _token_opt(p)
     p.set_defaults(func=cmd_reset)
+
+    p11kit_module.add_parser(sub)
     return parser
 
 

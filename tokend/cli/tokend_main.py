@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from tokend import __version__
 from tokend.config import ConfigError, ServeConfig, default_config_path
 from tokend.daemon import Daemon, DaemonAlreadyRunning
+from tokend.p11kit import socket_path as p11kit_socket_path
+from tokend.p11kit.server import P11KitServer
 from tokend.wiring import SIMULATORS, TRANSPORTS
 
 if TYPE_CHECKING:
@@ -68,6 +70,23 @@ async def serve(cfg: ServeConfig, banner: str | None = None, *, await_token: flo
     except DaemonAlreadyRunning as exc:
         print(f"tokend: {exc}", file=sys.stderr)
         return 1
+    pkcs11 = passed.pop("pkcs11", None)
+    if cfg.p11kit:
+        front_end = P11KitServer(
+            engine, p11kit_socket_path(daemon.socket_path), listen_socket=pkcs11
+        )
+        try:
+            await front_end.start()
+        except (DaemonAlreadyRunning, OSError) as exc:
+            await daemon.stop()
+            if control is not None:
+                await control.stop()
+            print(f"tokend: p11-kit front end: {exc}", file=sys.stderr)
+            return 1
+        daemon.front_ends.append(front_end)
+    elif pkcs11 is not None:
+        log.warning("p11kit = false: closing the pkcs11 socket systemd passed")
+        pkcs11.close()
     await engine.registry.wait_settled()
     deadline = asyncio.get_running_loop().time() + await_token
     while not any(s.token_present for s in engine.registry.slots()):
@@ -126,6 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.allow_virtual_readers = True
     if args.transport:
         cfg.transports = args.transport
+    if args.no_p11kit:
+        cfg.p11kit = False
     if args.no_pcsc:
         cfg.transports = [t for t in cfg.transports if t != "pcsc"]
     if args.module:
@@ -231,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="load this vendor PKCS#11 module (.so) and serve its tokens; repeatable; "
         "labelled after the file name (use [[modules]] in the configuration to choose labels)",
+    )
+    p.add_argument(
+        "--no-p11kit",
+        action="store_true",
+        help="do not serve the p11-kit RPC front end (pkcs11.sock beside the socket, for "
+        "p11-kit-client.so; config key p11kit = false)",
     )
     p.set_defaults(func=cmd_serve)
 
