@@ -5,7 +5,7 @@ _tokenctl_complete() {
     local cur path="" candidate word i
     cur="${COMP_WORDS[COMP_CWORD]}"
     # The command path so far: the longest run of words that names a known command.
-    local -a known=('ble forget' 'ble list' 'ble pair' 'ble' 'cert import' 'cert' 'certs export' 'certs' 'csr' 'decrypt' 'import-p12' 'keys delete' 'keys generate' 'keys' 'list' 'mgmt-key set' 'mgmt-key' 'pin change' 'pin unblock' 'pin' 'policy' 'puk change' 'puk' 'renew-encryption' 'reset' 'retired list' 'retired prune' 'retired' 'sign' 'smime decrypt' 'smime sign' 'smime verify' 'smime' 'smime-decrypt' 'status')
+    local -a known=('ble forget' 'ble list' 'ble pair' 'ble' 'cert import' 'cert' 'certs export' 'certs' 'csr' 'decrypt' 'import-p12' 'keys delete' 'keys generate' 'keys' 'list' 'mgmt-key set' 'mgmt-key' 'p11kit-module' 'pin change' 'pin unblock' 'pin' 'policy' 'puk change' 'puk' 'renew-encryption' 'reset' 'retired list' 'retired prune' 'retired' 'sign' 'smime decrypt' 'smime sign' 'smime verify' 'smime' 'smime-decrypt' 'status')
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         [[ $word == -* ]] && continue
@@ -16,7 +16,7 @@ _tokenctl_complete() {
     done
     local words=""
     case "$path" in
-        "") words="--help --socket --version ble cert certs csr decrypt import-p12 keys list mgmt-key pin policy puk renew-encryption reset retired sign smime smime-decrypt status" ;;
+        "") words="--help --socket --version ble cert certs csr decrypt import-p12 keys list mgmt-key p11kit-module pin policy puk renew-encryption reset retired sign smime smime-decrypt status" ;;
         "policy") words="--help --json" ;;
         "list") words="--help --json" ;;
         "ble") words="--help forget list pair" ;;
@@ -52,6 +52,7 @@ _tokenctl_complete() {
         "retired list") words="--help --token" ;;
         "retired prune") words="--before --help --mgmt-key-fd --mgmt-key-file --pin-fd --token --yes" ;;
         "reset") words="--help --token --yes" ;;
+        "p11kit-module") words="--help --install" ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))
     # Options that take a file: complete file names.

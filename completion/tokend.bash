@@ -17,7 +17,7 @@ _tokend_complete() {
     local words=""
     case "$path" in
         "") words="--help --verbose --version -v check-config serve simulate" ;;
-        "serve") words="--allow-virtual-readers --config --export-dir --help --module --no-pcsc --simulate --simulate-control --socket --transport" ;;
+        "serve") words="--allow-virtual-readers --config --export-dir --help --module --no-p11kit --no-pcsc --simulate --simulate-control --socket --transport" ;;
         "check-config") words="--help" ;;
         "simulate") words="--address --all --banner --ble --bus --control --export-dir --help --piv --provision --reader --socket --softhsm --state --usb" ;;
     esac
