@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -981,3 +982,68 @@ def test_a_p11kit_client_never_rides_another_applications_login(p11: ThreadDaemo
             assert error_of(ans) == CKR.CKR_OPERATION_NOT_INITIALIZED
         finally:
             raw.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="no systemd tools")
+def test_socket_activation_on_the_first_p11kit_connection(sockdir: Path) -> None:
+    """With tokend.socket's two sockets (fd names tokend, pkcs11), the first PKCS#11 program
+    starts the daemon, and is answered: no "no connection" module for a late daemon."""
+    run_dir = sockdir / "tokend"
+    run_dir.mkdir(mode=0o700)
+    native, pkcs11_sock = run_dir / "tokend.sock", run_dir / "pkcs11.sock"
+    tokend = [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc"]
+    proc = subprocess.Popen(
+        [
+            "systemd-socket-activate",
+            "-l",
+            str(native),
+            "-l",
+            str(pkcs11_sock),
+            "--fdname=tokend:pkcs11",
+            "-E",
+            "PYTHONPATH",
+            "--",
+            *tokend,
+            "--simulate",
+            "piv",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        assert "Listening on" in proc.stdout.readline()
+        assert "Listening on" in proc.stdout.readline()
+        env = dict(os.environ, P11_KIT_SERVER_ADDRESS=f"unix:path={pkcs11_sock}")
+        res = run(["pkcs11-tool", "--module", str(CLIENT), "--list-slots"], env)
+        assert res.returncode == 0, res.stderr
+        assert "Simulated PIV 0" in res.stdout  # the daemon started and answered
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert "p11-kit RPC listening on" in out and "(socket activation)" in out
+
+
+def test_login_without_a_pin_is_the_protected_path_only(p11: ThreadDaemon) -> None:
+    """A NULL PIN (as 0.24.1 and as 0.25+ encode it) reaches the engine as "no PIN": with no
+    protected authentication path configured that is CKR_ARGUMENTS_BAD, and no retry
+    counter is touched."""
+    for offered, null_pin in ((0, b"\x00" + bytes(4)), (1, b"\x01" + b"\xff" * 4)):
+        raw = Raw(p11.p11kit_socket, version=offered)
+        try:
+            initialize(raw)
+            slot = p11.extras["slot"]
+            ans = raw.call(req(Call.C_OpenSession, "uu").ulong(slot).ulong(4).done())
+            session = int(struct.unpack(">Q", ans[-8:])[0])
+            login = req(Call.C_Login, "uuay").ulong(session).ulong(1).raw(null_pin)
+            assert error_of(raw.call(login.done())) == CKR.CKR_ARGUMENTS_BAD
+            info = raw.call(req(Call.C_GetTokenInfo, "u").ulong(slot).done())
+            # ... flags, 10 counters, 2 versions, utcTime (length + 16): flags from the end
+            flags = struct.unpack(">Q", info[-(8 + 8 * 10 + 4 + 4 + 16) :][:8])[0]
+            assert flags & 0x4  # CKF_LOGIN_REQUIRED: the right field
+            assert not flags & 0x100  # no CKF_PROTECTED_AUTHENTICATION_PATH advertised
+        finally:
+            raw.close()
+    assert _login_raw(Raw(p11.p11kit_socket), p11.extras["slot"])  # the PIN still works
