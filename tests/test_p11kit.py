@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import MemoryPlug, VpcdPlug, wait_for_token
+from tests.test_simulate_stack import tokend_stack  # noqa: F401  (fixture)
 from tokend.p11kit.codec import (
     HANDSHAKE,
     Call,
@@ -1047,3 +1048,16 @@ def test_login_without_a_pin_is_the_protected_path_only(p11: ThreadDaemon) -> No
         finally:
             raw.close()
     assert _login_raw(Raw(p11.p11kit_socket), p11.extras["slot"])  # the PIN still works
+
+
+@pytest.mark.pcsc
+def test_simulate_stack_exports_what_pkcs11_programs_need(vpcd, tokend_stack) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """`tokend simulate --piv` prints the p11-kit module and server address: with just those
+    two, an unmodified PKCS#11 program sees the virtual token."""
+    _proc, env = tokend_stack
+    res = run(
+        ["pkcs11-tool", "--module", env["TOKEND_PKCS11_MODULE"], "--list-token-slots"],
+        dict(os.environ, P11_KIT_SERVER_ADDRESS=env["P11_KIT_SERVER_ADDRESS"]),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "token label        : PIV #" in res.stdout

@@ -451,6 +451,11 @@ def run_stack(args: argparse.Namespace) -> int:
             )
             raise
         env = {"TOKEND_SOCKET": str(socket_path), "TOKEND_DEMO_DIR": str(export_dir)}
+        # Unmodified PKCS#11 programs: Debian's p11-kit-client.so and tokend's p11-kit socket.
+        from tokend import p11kit
+
+        env["TOKEND_PKCS11_MODULE"] = p11kit.CLIENT_MODULE
+        env["P11_KIT_SERVER_ADDRESS"] = f"unix:path={p11kit.socket_path(socket_path)}"
         for kind in kinds.values():
             env.update(kind.env())
         for key, value in env.items():

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SOCKET_NAME = "pkcs11.sock"
+#: Debian's p11-kit client module (package p11-kit-modules), what PKCS#11 programs load.
+CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 
 
 def socket_path(native_socket: Path) -> Path:
