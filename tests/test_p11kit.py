@@ -1061,3 +1061,39 @@ def test_simulate_stack_exports_what_pkcs11_programs_need(vpcd, tokend_stack) ->
     )
     assert res.returncode == 0, res.stderr
     assert "token label        : PIV #" in res.stdout
+
+
+def test_a_direct_usb_token_through_p11kit_client(sockdir: Path) -> None:
+    """The front end is transport-agnostic: the virtual USB CCID token (pyusb, no pcscd)
+    passes pkcs11-tool's self-test through p11-kit-client.so as the PC/SC one does."""
+    pytest.importorskip("usb")
+    sock = sockdir / "usb" / "tokend.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tokend.cli.tokend_main",
+            "serve",
+            "--no-pcsc",
+            "--simulate",
+            "usb",
+            "--socket",
+            str(sock),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "listening" in proc.stdout.readline()
+        env = dict(os.environ, P11_KIT_SERVER_ADDRESS=f"unix:path={sock.parent / 'pkcs11.sock'}")
+        base = ["pkcs11-tool", "--module", str(CLIENT)]
+        res = run([*base, "--list-slots"], env)
+        assert "Virtual CCID token" in res.stdout, res.stdout + res.stderr
+        res = run([*base, "--login", "--pin", PIN, "--test"], env)
+        assert res.returncode == 0 and "No errors" in res.stdout, res.stdout + res.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
