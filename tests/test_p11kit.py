@@ -35,10 +35,11 @@ from tokend.p11kit.codec import (
     RequestWriter,
     Writer,
 )
+from tokend.piv.codes import DEFAULT_MANAGEMENT_KEY, PivSlot
 from tokend.pkcs11 import CKA, CKO, CKR
 from tokend.simulators.demo import DEMO_NAME, _Provisioner, provision_demo
 from tokend.simulators.memory import MemoryReader, MemoryWatcher
-from tokend.simulators.piv import DEFAULT_MANAGEMENT_KEY, KeyRef, VirtualPivCard
+from tokend.simulators.piv import VirtualPivCard
 from tokend.testing import ThreadDaemon, start_thread_daemon
 
 CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
@@ -76,8 +77,8 @@ def _rsa_signer_card(export: Path) -> tuple[VirtualPivCard, x509.Certificate]:
     apdu = _Provisioner(card)
     apdu.select()
     apdu.authenticate(DEFAULT_MANAGEMENT_KEY)
-    apdu.import_rsa(KeyRef.CARD_AUTHENTICATION, key)
-    apdu.put_certificate(KeyRef.CARD_AUTHENTICATION, cert)
+    apdu.import_rsa(PivSlot.CARD_AUTH, key)
+    apdu.put_certificate(PivSlot.CARD_AUTH, cert)
     return card, cert
 
 
