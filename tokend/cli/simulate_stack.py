@@ -370,6 +370,12 @@ def _banner(kinds: dict[str, Kind], socket_path: Path, env: dict[str, str]) -> l
             f"  echo 'Subject: hi' | openssl cms -encrypt -aes-256-gcm -recip {cert} | "
             f"{bin_dir}/tokenctl smime decrypt --pin-fd 3 - 3<<<{pin}"
         )
+    if "P11_KIT_SERVER_ADDRESS" in env:
+        # Unmodified PKCS#11 programs (docs/mail-clients.md) through Debian's client module.
+        lines.append(
+            f"  P11_KIT_SERVER_ADDRESS={env['P11_KIT_SERVER_ADDRESS']} pkcs11-tool "
+            f"--module {env['TOKEND_PKCS11_MODULE']} --list-objects"
+        )
     names = ", ".join(n for k in kinds.values() for n in k.names)
     lines += [
         "",
