@@ -868,8 +868,9 @@ def test_module_file_puts_tokend_in_p11kits_module_list() -> None:
 
 
 def test_blocking_waits_are_capped_per_connection(p11: ThreadDaemon) -> None:
-    from tokend.p11kit.server import MAX_PENDING_WAITS
+    from tokend.limits import DEFAULT_LIMITS
 
+    MAX_PENDING_WAITS = DEFAULT_LIMITS.max_pending_waits
     raw = Raw(p11.p11kit_socket)
     try:
         initialize(raw)

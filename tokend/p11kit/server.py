@@ -37,7 +37,6 @@ from tokend.errors import (
     AttributeTypeInvalidError,
     CryptokiNotInitializedError,
     DataLenRangeError,
-    FunctionFailedError,
     FunctionNotSupportedError,
     GeneralError,
     MechanismInvalidError,
@@ -83,9 +82,6 @@ log = logging.getLogger(__name__)
 
 #: Requests of one connection handled at once; further frames wait to be read.
 MAX_IN_FLIGHT = 32
-#: Blocking C_WaitForSlotEvent calls of one connection at once (PKCS#11 expects one
-#: waiting thread): CKR_FUNCTION_FAILED beyond, so waits never fill MAX_IN_FLIGHT.
-MAX_PENDING_WAITS = 8
 #: How long C_Finalize waits for the application's other calls before answering.
 FINALIZE_DRAIN_SECONDS = 30.0
 #: After answering pending calls, before answering C_Finalize: the client's waiting
@@ -141,7 +137,6 @@ class P11KitConnection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._kept: dict[int, _Kept] = {}
-        self.pending_waits = 0
 
     # --- transport --------------------------------------------------------------------
 
@@ -609,10 +604,9 @@ async def _generate_random(c: P11KitConnection, r: Reader, w: Writer) -> None:
 async def _wait_for_slot_event(c: P11KitConnection, r: Reader, w: Writer) -> None:
     flags = r.ulong()
     r.finish()
+    # The engine caps blocked waits per application (limits.max_pending_waits, below
+    # MAX_IN_FLIGHT): CKR_FUNCTION_FAILED beyond, as on the native socket.
     dont_block = bool(flags & 1)
-    if not dont_block and c.pending_waits >= MAX_PENDING_WAITS:
-        raise FunctionFailedError(f"more than {MAX_PENDING_WAITS} threads wait for slot events")
-    c.pending_waits += 0 if dont_block else 1
     try:
         slot = await c.engine.wait_for_slot_event(c.app, dont_block)
     except asyncio.CancelledError:
@@ -621,8 +615,6 @@ async def _wait_for_slot_event(c: P11KitConnection, r: Reader, w: Writer) -> Non
             raise  # the connection is closing
         # C_Finalize from another thread of the client: "finalized, no event".
         raise CryptokiNotInitializedError("C_Finalize was called") from None
-    finally:
-        c.pending_waits -= 0 if dont_block else 1
     w.ulong(slot)
 
 
