@@ -4,7 +4,7 @@ bridging job, on the **same SoftHSM2 token**, side by side in one run:
   (i)   in-process python-pkcs11 on libsofthsm2.so (the floor: no bridge at all)
   (ii)  `p11-kit server` serving the module, reached through p11-kit-client.so
   (iii) tokend (`tokend serve --module libsofthsm2.so`) through its native socket
-  (iv)  p11-kit-client.so → tokend's p11-kit front end (when `tokend.p11kit` has landed)
+  (iv)  p11-kit-client.so → tokend's p11-kit front end (the (iii) daemon's pkcs11.sock)
 
 RSA-2048 decrypt (CKM_RSA_PKCS) and P-256 sign (CKM_ECDSA over a SHA-256 digest: p11-kit
 0.24.1's client does not carry CKM_ECDSA_SHA256), with 1 and 8 clients. Every client is a
@@ -236,12 +236,18 @@ def _servers(quick: bool) -> Iterator[Setup]:
         (workdir / "one-worker.toml").write_text(
             f'modules = [{{path = "{module}", label = "softhsm", workers = 1}}]\n'
         )
+        # Only (iii) serves the p11-kit front end (pkcs11.sock beside its socket): that
+        # daemon is (iv)'s server; the others share the directory, so theirs is off.
         daemons = [
             ("iii", "tokend.cli.tokend_main", ["--module", str(module)]),
-            ("iii-1w", "tokend.cli.tokend_main", ["--config", str(workdir / "one-worker.toml")]),
+            (
+                "iii-1w",
+                "tokend.cli.tokend_main",
+                ["--config", str(workdir / "one-worker.toml"), "--no-p11kit"],
+            ),
         ]
         if uvloop_available():
-            daemons.append(("iii-uv", "bench.modules", ["--module", str(module)]))
+            daemons.append(("iii-uv", "bench.modules", ["--module", str(module), "--no-p11kit"]))
             available["iii-uv"] = ""
         else:
             available["iii-uv"] = "uvloop not installed"
@@ -265,7 +271,7 @@ def _servers(quick: bool) -> Iterator[Setup]:
             "" if frontend_available() else "not available yet (p11-kit front end: issue 14)"
         )
         if not available["iv"]:
-            available["iv"] = _start_frontend(workdir, env, procs)
+            available["iv"] = _start_frontend(workdir, env)
         yield Setup(workdir, env, available, pids)
     finally:
         for proc in procs:
@@ -284,11 +290,16 @@ def _servers(quick: bool) -> Iterator[Setup]:
         del quick
 
 
-def _start_frontend(workdir: Path, env: dict[str, str], procs: list) -> str:  # type: ignore[type-arg]
-    """When the p11-kit front end exists: `tokend serve` with its listener, and the address
-    p11-kit-client.so is given for (iv). Its command-line flag is not known here until
-    issue 14 lands; the section reports (iv) as not available until then."""
-    return "not available yet (p11-kit front end landed, but its bench wiring is not here yet)"
+def _start_frontend(workdir: Path, env: dict[str, str]) -> str:
+    """(iv): the (iii) daemon's own p11-kit front end, `pkcs11.sock` beside its socket
+    (`tokend serve` starts it by default); p11-kit-client.so is pointed at it."""
+    from tokend.p11kit import socket_path
+
+    front = socket_path(workdir / "tokend-iii.sock")
+    if not front.exists():
+        return f"the (iii) daemon serves no {front.name}"
+    env["TOKEND_P11KIT_ADDRESS"] = f"unix:path={front}"
+    return ""
 
 
 # --- one measurement -----------------------------------------------------------------------
