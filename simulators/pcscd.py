@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,39 @@ def pcscd_unavailable_reason() -> str | None:
     return None
 
 
+def private_pcscd_unavailable_reason() -> str | None:
+    """Why `PrivatePcscdService` cannot run here (None when it can)."""
+    if not PCSCD_BINARY.exists():
+        return f"{PCSCD_BINARY} missing (Debian package pcscd)"
+    if not VPCD_DRIVER.exists():
+        return f"{VPCD_DRIVER} missing (Debian package vsmartcard-vpcd)"
+    if os.geteuid() != 0:
+        return "a private pcscd needs root (a mount namespace over /run/pcscd)"
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return "unshare/mount missing (Debian package util-linux / mount)"
+    return None
+
+
+def _free_port_pair() -> int:
+    """A base port p with p and p + 1 free now (vpcd listens on both, on every interface)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("", 0))
+            base = probe.getsockname()[1]
+        if base >= 65535:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a, socket.socket(
+                socket.AF_INET, socket.SOCK_STREAM
+            ) as b:
+                a.bind(("", base))
+                b.bind(("", base + 1))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no two consecutive free TCP ports for vpcd")
+
+
 def _can_write_run_dir() -> bool:
     run_dir = PCSCD_SOCKET.parent
     return os.access(run_dir if run_dir.exists() else run_dir.parent, os.W_OK)
@@ -76,8 +110,14 @@ def list_readers() -> list[str] | None:
         scard.SCardReleaseContext(ctx)
 
 
+def client_socket_path() -> Path:
+    """The pcscd socket this process's PC/SC client uses: ``$PCSCLITE_CSOCK_NAME`` (which
+    libpcsclite honours, read once at its first call), else the compiled-in path."""
+    return Path(os.environ.get("PCSCLITE_CSOCK_NAME") or PCSCD_SOCKET)
+
+
 def _service_answers() -> bool:
-    return PCSCD_SOCKET.exists() and list_readers() is not None
+    return client_socket_path().exists() and list_readers() is not None
 
 
 def _card_present(event_state: int) -> bool:
@@ -230,7 +270,7 @@ class PcscdService:
         if self._proc is not None and self._proc.poll() is None:
             return
         for attempt in range(2):
-            if PCSCD_SOCKET.exists() and self._readers_listed():
+            if client_socket_path().exists() and self._readers_listed():
                 log.info("using the running pcscd")
                 self.started = False  # not ours: never stopped by us
                 return
@@ -330,6 +370,7 @@ class PcscdService:
         args = [str(PCSCD_BINARY), "--foreground", "-c", str(conf)]
         if self.debug:
             args.append("--debug")  # never --apdu by default: it logs PINs
+        args = self._command(args)
         assert self.log_path is not None
         with open(self.log_path, "ab") as logfile:
             self._proc = subprocess.Popen(
@@ -351,6 +392,10 @@ class PcscdService:
             time.sleep(0.01)
         log.info("started pcscd pid %d", self._proc.pid)
 
+    def _command(self, pcscd_args: list[str]) -> list[str]:
+        """The command line that runs pcscd (a subclass may wrap it)."""
+        return pcscd_args
+
     def stop(self) -> None:
         """Stop the pcscd this object started (SIGTERM, then SIGKILL after 5 s)."""
         proc = self._proc
@@ -367,3 +412,66 @@ class PcscdService:
                 proc.kill()
                 proc.wait()
         log.info("stopped pcscd pid %d (exit %s)", proc.pid, proc.returncode)
+
+
+class PrivatePcscdService(PcscdService):
+    """A pcscd of this process's own, beside the machine's (which it never touches).
+
+    pcsc-lite fixes pcscd's socket (``/run/pcscd/pcscd.comm``) and PID file at build time;
+    the client library honours ``$PCSCLITE_CSOCK_NAME``, pcscd itself does not. So the child
+    runs in a mount namespace of its own (``unshare --mount``, root only) with a private
+    directory bind-mounted over ``/run/pcscd``: its socket and PID file land in that
+    directory, and `activate` points this process's PC/SC client there. The library reads
+    the variable once, at its first call, so `activate` must run before any PC/SC use in
+    the process (the test suite does it when pytest starts). Its vpcd entry takes two free
+    ports, so the machine's pcscd keeps vpcd's default ports. The process started is
+    pcscd itself (``unshare`` and ``sh`` exec it), so ``stop()`` signals pcscd by its PID.
+    """
+
+    def __init__(self, run_dir: Path | None = None, **kwargs: object) -> None:
+        base_port = kwargs.pop("base_port", None) or _free_port_pair()
+        super().__init__(base_port=base_port, **kwargs)  # type: ignore[arg-type]
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tokend-pcscd-run-"))
+        self.started = True  # always ours: tests may stop and start it
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / "pcscd.comm"
+
+    def activate(self) -> None:
+        """Point this process's PC/SC client (and its children's) at this pcscd."""
+        os.environ["PCSCLITE_CSOCK_NAME"] = str(self.socket_path)
+
+    def ensure_running(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        if client_socket_path() != self.socket_path:
+            raise RuntimeError(
+                f"PCSCLITE_CSOCK_NAME is not {self.socket_path}; call activate() before any "
+                "PC/SC use in this process"
+            )
+        self.start()
+
+    def _clear_stale_pid_file(self) -> None:
+        # Only our own directory: a pcscd of ours that was killed leaves its files behind.
+        for leftover in (self.run_dir / "pcscd.pid", self.socket_path):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def _command(self, pcscd_args: list[str]) -> list[str]:
+        script = 'mkdir -p /run/pcscd && mount --bind "$0" /run/pcscd && exec "$@"'
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            str(self.run_dir),
+            *pcscd_args,
+        ]
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -1,14 +1,20 @@
 """Fixtures for the PC/SC tier (pcscd + vpcd). conftest.py imports them, so every test
 module gets the same session-wide pcscd by naming the fixture.
 
-The session-wide pcscd is reused if one is running with the vpcd readers, else started (and
-stopped at the end) by `PcscdService`. Every test starts and ends with empty slots.
+The session-wide pcscd is, as root, a private one of this test process
+(`PrivatePcscdService`: its own mount namespace, socket and vpcd ports), so tests that stop
+and restart pcscd always run and parallel test runs never wait for each other. Without
+root it is the machine's pcscd, reused if one is running with the vpcd readers, else started
+(and stopped at the end) by `PcscdService`. Every test starts and ends with empty slots.
+
+Under CI (``CI=true``) nothing may skip: a missing service fails the tier (see conftest).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -18,8 +24,10 @@ from tokend.drivers.base import ReaderEvent, ReaderEventKind, Watcher
 from tokend.simulators.base import VirtualCard
 from tokend.simulators.pcscd import (
     PcscdService,
+    PrivatePcscdService,
     VpcdEntry,
     pcscd_unavailable_reason,
+    private_pcscd_unavailable_reason,
     wait_absent,
     wait_present,
 )
@@ -93,13 +101,44 @@ class Vpcd:
         self.connections.clear()
 
 
+def in_ci() -> bool:
+    """CI runners set CI=true; there every test must run (no skip hides a missing service)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+#: Set by `prepare_private_pcscd` when pytest starts (before any PC/SC call in the process).
+_private: dict[str, PrivatePcscdService] = {}
+
+
+def prepare_private_pcscd() -> None:
+    """Point this process's PC/SC client at a pcscd of its own, if one can run here. Called
+    from ``pytest_configure``: libpcsclite reads the socket path once, at its first call."""
+    if private_pcscd_unavailable_reason() is None and "PCSCLITE_CSOCK_NAME" not in os.environ:
+        service = PrivatePcscdService()
+        service.activate()
+        _private["service"] = service
+
+
+def discard_private_pcscd() -> None:
+    service = _private.pop("service", None)
+    if service is not None:
+        service.close()
+
+
 @pytest.fixture(scope="session")
 def pcscd_service() -> Iterator[PcscdService]:
     reason = pcscd_unavailable_reason()
     if reason is not None:
+        if in_ci():
+            pytest.fail(f"PC/SC tier cannot run under CI: {reason}")
         pytest.skip(reason)
-    with PcscdService() as service:
-        yield service
+    service = _private.get("service")
+    if service is not None:
+        with service:
+            yield service
+        return
+    with PcscdService() as shared:
+        yield shared
 
 
 @pytest.fixture

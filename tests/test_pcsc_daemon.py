@@ -34,7 +34,10 @@ def test_unplug_event_within_500_ms_and_no_decrypt_after(pcsc_piv) -> None:
         assert event["event"] == "left"
         # pcscd polls vpcd every 400 ms: ≤ 500 ms end to end, plus slack for a busy CI box.
         assert latency < 0.8, f"slot event after {latency * 1000:.0f} ms"
-        with pytest.raises((DeviceRemovedError, SessionHandleInvalidError)):
+        # The rule: the first call on the session says DEVICE_REMOVED, later ones INVALID.
+        with pytest.raises(DeviceRemovedError):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        with pytest.raises(SessionHandleInvalidError):
             client.decrypt(session, key, "CKM_RSA_PKCS", blob)
 
 
@@ -110,7 +113,7 @@ def test_opensc_piv_driver_lists_the_demo_certificates(vpcd) -> None:
 
 
 def test_pcscd_going_away_and_coming_back(pcsc_piv, pcscd_service) -> None:
-    if not pcscd_service.started:
+    if not pcscd_service.started:  # only without root (no private pcscd); fails under CI
         pytest.skip("pcscd was not started by this test run; not stopping someone else's")
     plug, slot = pcsc_piv.extras["plug"], pcsc_piv.extras["slot"]
     with Client(pcsc_piv.socket) as client:
