@@ -1,0 +1,92 @@
+"""Hand-written breaks, one per promise (issue 16): applied one at a time to a scratch copy
+by `tools/mutate.py break-it`; the tests named for each must fail on it. The ``old`` text
+must occur exactly once in ``path``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Break:
+    ident: str
+    promise: str
+    how: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+D = "tests/test_promises_disconnect.py::"
+L = "tests/test_promises_login.py::"
+S = "tests/test_promises_secrets.py::"
+U = "tests/test_promises_unpadding.py::"
+T = "tests/test_daemon_socket.py::"
+
+BREAKS: list[Break] = [
+    Break(
+        "B1",
+        "a client that disconnects leaves the card unverified",
+        "`close_application` forgets the logins without `_release_login`",
+        "tokend/session.py",
+        """        for key in list(app.logins):
+            await self._release_login(app, key)
+        self.apps.pop(app.id, None)""",
+        """        app.logins.clear()
+        self.apps.pop(app.id, None)""",
+        (D + "test_a_client_that_disconnects_leaves_the_card_unverified",),
+    ),
+    Break(
+        "B2",
+        "closing the last session logs out and resets the card",
+        "`close_session` drops the session only",
+        "tokend/session.py",
+        """            # PKCS#11: closing the last session of a token logs the application out.
+            await self._release_login(app, session.instance.key)""",
+        """            pass""",
+        (D + "test_closing_the_last_session_leaves_the_card_unverified",),
+    ),
+    Break(
+        "B3",
+        "C_CloseAllSessions logs out and resets the card",
+        "`close_all_sessions` forgets the logins without `_release_login`",
+        "tokend/session.py",
+        """        for key in [k for k in app.logins if k[0] == slot_id]:
+            await self._release_login(app, key)""",
+        """        for key in [k for k in app.logins if k[0] == slot_id]:
+            app.logins.discard(key)""",
+        (D + "test_closing_all_sessions_leaves_the_card_unverified",),
+    ),
+    Break(
+        "B4",
+        "the card reset happens only when no other application is logged in",
+        "`_release_login` resets the card even when another application is logged in",
+        "tokend/session.py",
+        """            if instance.retired or any(key in other.logins for other in self.apps.values()):
+                return""",
+        """            if instance.retired:
+                return""",
+        (D + "test_a_client_leaving_keeps_the_card_verified_for_another_logged_in_client",),
+    ),
+    Break(
+        "B5",
+        "a result arriving after retirement is dropped",
+        "`TokenInstance.run` no longer checks `retired` after the call",
+        "tokend/registry.py",
+        """        if self.retired:
+            raise DeviceRemovedError(f"token in slot {self.slot_id} was removed during the call")""",
+        """        pass""",
+        (D + "test_an_answer_that_arrives_after_the_token_left_is_dropped",),
+    ),
+    Break(
+        "B6",
+        "ARRIVED on an occupied slot retires the old instance",
+        "`handle_event` replaces the instance without retiring it",
+        "tokend/registry.py",
+        """        if slot.instance is not None and not slot.instance.retired:
+            self.retire(slot.instance, "token replaced")""",
+        """        pass""",
+        (D + "test_arrived_for_an_occupied_slot_retires_the_old_instance",),
+    ),
+]
