@@ -129,11 +129,16 @@ def test_wrong_pin_reports_retries_and_is_not_retried(piv) -> None:
             client.login(session, "000000")
         assert first.value.retries == 2
         assert second.value.retries == 1  # exactly one try used per call
-        client.login(session, PIN)  # a right PIN resets the counter
+        client.login(session, PIN)  # a right PIN resets the counter...
         session2 = client.open_session(piv.extras["slot"])
         assert client.call("C_GetSessionInfo", {"h_session": session2})["info"]["state"] == (
             "CKS_RO_USER_FUNCTIONS"
         )
+        client.logout(session)
+        with pytest.raises(PinIncorrectError) as after_reset:
+            client.login(session, "000000")
+        assert after_reset.value.retries == 2  # ...so a wrong one leaves 2 of 3 again
+        client.login(session, PIN)
 
 
 def test_client_b_cannot_use_the_login_of_client_a(piv) -> None:

@@ -89,4 +89,60 @@ BREAKS: list[Break] = [
         """        pass""",
         (D + "test_arrived_for_an_occupied_slot_retires_the_old_instance",),
     ),
+    Break(
+        "B7",
+        "a PIN-always decryption sends VERIFY right before the operation",
+        "the driver's `decrypt` skips the VERIFY of the context PIN",
+        "drivers/piv.py",
+        """            if context_pin is not None:
+                self._verify(context_pin)
+            em = self._rsa_raw(state, bytes(data), EncryptedDataInvalidError)""",
+        """            em = self._rsa_raw(state, bytes(data), EncryptedDataInvalidError)""",
+        (L + "test_pin_always_decryption_sends_verify_then_the_operation",),
+    ),
+    Break(
+        "B8",
+        "VERIFY and the operation share one exclusive section (real PC/SC transaction)",
+        "the driver's `_session` enters a `nullcontext` instead of the transaction",
+        "drivers/piv.py",
+        """                stack.enter_context(self._transport.transaction())""",
+        """                stack.enter_context(__import__("contextlib").nullcontext())""",
+        (L + "test_verify_and_operation_share_one_pcsc_transaction",),
+    ),
+    Break(
+        "B9",
+        "a wrong context-specific PIN is refused at C_Login and counts one try",
+        "`Engine.login` keeps the context PIN without verifying it",
+        "tokend/session.py",
+        """                async with self._login_lock(instance):
+                    await self._card(session, instance.token.login, pin)
+                # Kept only""",
+        """                # Kept only""",
+        (L + "test_wrong_context_pin_is_refused_at_the_login_and_counts_one_try",),
+    ),
+    Break(
+        "B10",
+        "the card's own 6982 loses every login on the token",
+        "`Engine._card` re-raises the card's 6982 without forgetting the logins",
+        "tokend/session.py",
+        """            # driver's own "not logged in" refusals leave every login as it is.
+            self._lost_card_login(instance)""",
+        """            # driver's own "not logged in" refusals leave every login as it is.
+            pass""",
+        (L + "test_the_cards_own_6982_loses_every_login_on_the_token",),
+    ),
+    Break(
+        "B11",
+        "a right PIN resets the card's retry counter (the virtual card, as PIV says)",
+        "the virtual card leaves the counter where it was after a right PIN",
+        "simulators/piv.py",
+        """            if counter.left != counter.max_tries:
+                counter.left = counter.max_tries""",
+        """            if counter.left != counter.max_tries:
+                pass""",
+        (
+            L + "test_wrong_context_pin_is_refused_at_the_login_and_counts_one_try",
+            "tests/test_e2e_memory.py::test_wrong_pin_reports_retries_and_is_not_retried",
+        ),
+    ),
 ]

@@ -214,7 +214,9 @@ def break_it(idents: list[str]) -> int:
     print("|---|---|---|---|---|")
     for brk, outcome, _ in rows:
         tests = ", ".join(f"`{t.split('::')[-1]}`" for t in brk.tests)
-        result = {"timeout": "hangs", "passed": "PASSES"}.get(outcome, outcome.replace("failed", "fails"))
+        result = {"timeout": "hangs", "passed": "PASSES"}.get(
+            outcome, outcome.replace("failed", "fails")
+        )
         print(f"| {brk.ident} | {brk.promise} | {brk.how} | {tests} | {result} |")
     return 0 if all(outcome != "passed" for _, outcome, _ in rows) else 1
 
