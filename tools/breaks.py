@@ -145,4 +145,46 @@ BREAKS: list[Break] = [
             "tests/test_e2e_memory.py::test_wrong_pin_reports_retries_and_is_not_retried",
         ),
     ),
+    Break(
+        "B12",
+        "OAEP with a non-zero first byte is refused with the one error",
+        "`oaep_unpad` no longer checks the first byte",
+        "drivers/piv.py",
+        """    good = _ct_eq(em[0], 0) & int(hmac.compare_digest(db[:h_len], l_hash))""",
+        """    good = int(hmac.compare_digest(db[:h_len], l_hash))""",
+        (U + "test_malformed_oaep_is_refused_with_the_one_error",),
+    ),
+    Break(
+        "B13",
+        "OAEP with a non-zero byte before the 01 separator is refused with the one error",
+        "`oaep_unpad` takes the first 01 as the separator without checking the bytes before it",
+        "drivers/piv.py",
+        """        invalid |= looking & (1 ^ is_zero) & (1 ^ is_one)""",
+        """        invalid |= 0""",
+        (U + "test_malformed_oaep_is_refused_with_the_one_error",),
+    ),
+    Break(
+        "B14",
+        "PKCS#1 v1.5 needs at least 8 padding bytes",
+        "`pkcs1v15_unpad` accepts a short padding string",
+        "drivers/piv.py",
+        """    good &= _ct_ge(sep, 10)  # at least 8 padding bytes""",
+        """    good &= 1""",
+        (U + "test_malformed_pkcs1_is_refused_with_the_one_error",),
+    ),
+    Break(
+        "B15",
+        "an unpadding failure is one uniform error",
+        "`oaep_unpad` reports a wrong label hash with its own message",
+        "drivers/piv.py",
+        """    if not good:
+        raise EncryptedDataInvalidError()
+    return db[sep + 1 :]""",
+        """    if not hmac.compare_digest(db[:h_len], l_hash):
+        raise EncryptedDataInvalidError("label hash mismatch")
+    if not good:
+        raise EncryptedDataInvalidError()
+    return db[sep + 1 :]""",
+        (U + "test_malformed_oaep_is_refused_with_the_one_error",),
+    ),
 ]
