@@ -187,4 +187,69 @@ BREAKS: list[Break] = [
     return db[sep + 1 :]""",
         (U + "test_malformed_oaep_is_refused_with_the_one_error",),
     ),
+    Break(
+        "B16",
+        "the PIN buffer of C_Login is zeroed after use",
+        "`Engine.login` no longer zeroes the PIN in its `finally`",
+        "tokend/session.py",
+        """        finally:
+            pin[:] = bytes(len(pin))""",
+        """        finally:
+            pass""",
+        (S + "test_pin_buffers_are_zero_after_login_right_or_wrong",),
+    ),
+    Break(
+        "B17",
+        "the VERIFY block is zeroed after use",
+        "the driver's `_verify` no longer wipes the padded PIN block",
+        "drivers/piv.py",
+        """            _check(self._send(CommandApdu(0, Ins.VERIFY, 0, PIN_REF, bytes(block))))
+        finally:
+            _wipe(block)""",
+        """            _check(self._send(CommandApdu(0, Ins.VERIFY, 0, PIN_REF, bytes(block))))
+        finally:
+            pass""",
+        (S + "test_verify_blocks_are_zero_after_use",),
+    ),
+    Break(
+        "B18",
+        "a kept context PIN is zeroed when its operation ends",
+        "`Operation.forget_context_pin` drops the reference without zeroing",
+        "tokend/session.py",
+        """            self.context_pin[:] = bytes(len(self.context_pin))""",
+        """            pass""",
+        (S + "test_a_kept_context_pin_is_zeroed_when_its_operation_ends",),
+    ),
+    Break(
+        "B19",
+        "a derived ECDH secret is zeroed when its token is retired",
+        "`_on_retire` forgets session objects without wiping them",
+        "tokend/session.py",
+        """                for obj in session.objects.values():
+                    obj.wipe()""",
+        """                for obj in session.objects.values():
+                    pass""",
+        (S + "test_a_derived_ecdh_secret_is_zeroed_when_it_ends",),
+    ),
+    Break(
+        "B20",
+        "no PIN in the logs at DEBUG (arguments of a refused request)",
+        "the daemon logs the params of a refused request at DEBUG",
+        "tokend/daemon.py",
+        """            log.debug("client %s: %s -> %s", self.app.peer, request.method, exc.ckr_name)""",
+        """            log.debug("client %s: %s -> %s", self.app.peer, request, exc.ckr_name)""",
+        (S + "test_no_pin_and_no_plaintext_in_any_log_text",),
+    ),
+    Break(
+        "B21",
+        "no PIN in the logs at the default level (repr of a nested object)",
+        "the engine logs the operation (its dataclass repr holds the context PIN) at INFO",
+        "tokend/session.py",
+        """    async def _finish_sign(self, session: Session, data: bytes) -> bytes:
+        op = self._take(session, OpKind.SIGN)""",
+        """    async def _finish_sign(self, session: Session, data: bytes) -> bytes:
+        op = self._take(session, OpKind.SIGN)
+        log.info("signing: %r", op)""",
+        (S + "test_no_pin_and_no_plaintext_in_any_log_text",),
+    ),
 ]
