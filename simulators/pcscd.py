@@ -78,9 +78,10 @@ def _free_port_pair() -> int:
         if base >= 65535:
             continue
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a, socket.socket(
-                socket.AF_INET, socket.SOCK_STREAM
-            ) as b:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a,
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b,
+            ):
                 a.bind(("", base))
                 b.bind(("", base + 1))
         except OSError:

@@ -1,4 +1,4 @@
-"""Per-application login promises (docs/disconnect.md §3–§5, design §7) that an audit
+"""Per-application login promises (docs/disconnect.md §3-§5, design §7) that an audit
 (issue 16) could break unnoticed: the context-specific login of a PIN-always key, VERIFY
 and the operation inside one real exclusive section, and the card's own 6982.
 
@@ -128,7 +128,7 @@ def test_verify_and_operation_share_one_pcsc_transaction(pcsc_piv, vpcd) -> None
             failures.append(scard.SCardGetErrorMessage(rv))
             return
         try:
-            rv, handle, protocol = scard.SCardConnect(
+            rv, handle, _protocol = scard.SCardConnect(
                 ctx, vpcd.reader(0), scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
             )
             if rv != scard.SCARD_S_SUCCESS:

@@ -132,7 +132,7 @@ def test_a_kept_context_pin_is_zeroed_when_its_operation_ends(memory_piv, ending
         assert _zeroed(kept), f"the context PIN survived the {ending}"
 
 
-# --- derived ECDH secrets --------------------------------------------------------------------------
+# --- derived ECDH secrets ---------------------------------------------------------------
 
 
 def _derive(client: Client, session: int, key: int) -> int:
@@ -173,7 +173,7 @@ def test_a_derived_ecdh_secret_is_zeroed_when_it_ends(memory_piv, ending: str) -
         assert _zeroed(secret), f"the ECDH secret survived the {ending}"
 
 
-# --- logs -------------------------------------------------------------------------------------------
+# --- logs ------------------------------------------------------------------------------
 
 
 class FullText(logging.Handler):

@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - breaks quote source lines verbatim
 """Hand-written breaks, one per promise (issue 16): applied one at a time to a scratch copy
 by `tools/mutate.py break-it`; the tests named for each must fail on it. The ``old`` text
 must occur exactly once in ``path``."""

@@ -255,14 +255,16 @@ def _function_lines(source: str, names: tuple[str, ...]) -> list[tuple[int, int]
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.ClassDef):
                 visit(child, f"{prefix}{child.name}.")
-            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                if f"{prefix}{child.name}" in names:
-                    first = child.body[0]
-                    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-                        first_line = first.end_lineno + 1  # skip the docstring
-                    else:
-                        first_line = first.lineno
-                    spans.append((first_line, child.end_lineno or first_line))
+            elif (
+                isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+                and f"{prefix}{child.name}" in names
+            ):
+                first = child.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                    first_line = (first.end_lineno or first.lineno) + 1  # skip the docstring
+                else:
+                    first_line = first.lineno
+                spans.append((first_line, child.end_lineno or first_line))
 
     visit(tree, "")
     return spans
@@ -331,7 +333,7 @@ def score(limit: int, seed: int, out: Path | None) -> int:
             lines[mutant.line - 1] = mutant.new
             target.write_text("".join(lines))
             try:
-                outcome, took = run_tests(copy, SCORE_TESTS, timeout=max(120.0, 3 * baseline))
+                outcome, _ = run_tests(copy, SCORE_TESTS, timeout=max(120.0, 3 * baseline))
             finally:
                 target.write_text(original)
             killed = outcome != "passed"
