@@ -3,7 +3,6 @@ gets a clear error while every other client keeps being served."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ import pytest
 from tests.conftest import start_daemon, stop_daemon
 from tokend.client import Client
 from tokend.daemon import DaemonAlreadyRunning, prepare_socket_path
+from tokend.protocol import MAX_REQUEST_BYTES
 
 
 def raw(sock_path: Path) -> socket.socket:
@@ -60,32 +60,67 @@ def test_stale_socket_is_replaced(sock_path: Path) -> None:
     assert not sock_path.exists()
 
 
-def test_other_users_are_refused(memory_piv) -> None:
+def _dir_others_can_reach() -> Path:
+    """A fresh directory whose every ancestor lets another uid through (search bit for
+    others): the temp dir of some machines is 0700, and then nobody else could even reach
+    the socket, so the peer check would never be what refused them."""
+    import tempfile
+
+    for base in (tempfile.gettempdir(), "/dev/shm", "/var/tmp"):
+        path = Path(base).resolve()
+        if path.is_dir() and all(p.stat().st_mode & 0o001 for p in (path, *path.parents)):
+            made = Path(tempfile.mkdtemp(prefix="tokend-peer-", dir=path))
+            made.chmod(0o755)
+            return made
+    raise AssertionError("no directory another uid can reach; cannot test the peer check")
+
+
+def test_other_users_are_refused() -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to act as another uid")
-    os.chmod(memory_piv.socket.parent, 0o755)  # let uid 65534 reach the socket file
-    os.chmod(memory_piv.socket, 0o666)
+    reachable = _dir_others_can_reach()
+    sock_path = reachable / "tokend" / "tokend.sock"
+    running = start_daemon(sock_path, [])
+    try:
+        _assert_refuses_nobody(sock_path)
+    finally:
+        stop_daemon(running)
+        reachable.joinpath("tokend").rmdir()
+        reachable.rmdir()
+
+
+def _assert_refuses_nobody(sock_path: Path) -> None:
+    os.chmod(sock_path.parent, 0o755)  # let uid 65534 reach the socket file
+    os.chmod(sock_path, 0o666)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: become nobody and try to talk
         os.close(read_fd)
+        outcome = b"?"
         try:
             os.setgid(65534)
             os.setuid(65534)
-            s = raw(memory_piv.socket)
+            s = raw(sock_path)
             s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"C_GetSlotList"}\n')
             answer = s.recv(100)
-            os.write(write_fd, b"answered" if answer else b"closed")
+            outcome = b"answered" if answer else b"closed"
+        except (ConnectionResetError, BrokenPipeError):
+            outcome = b"closed"  # refused before or while we wrote: also a close
+        except TimeoutError:
+            outcome = b"timeout"  # neither served nor refused: the daemon left us hanging
         except OSError as exc:
-            os.write(write_fd, f"error {exc}".encode())
-        os._exit(0)
+            outcome = f"error {exc}".encode()
+        finally:
+            os.write(write_fd, outcome)
+            os._exit(0)
     os.close(write_fd)
     os.waitpid(pid, 0)
     outcome = os.read(read_fd, 200)
-    assert outcome in (b"closed",) or outcome.startswith(b"error"), outcome
+    # Refused means closed at once: not answered, and not a 5 s silence either.
+    assert outcome == b"closed", outcome
     # ...while the owner is still served.
-    with Client(memory_piv.socket) as client:
-        assert client.slot_list() == [0]
+    with Client(sock_path) as client:
+        assert client.slot_list() == []
 
 
 @pytest.mark.parametrize(
@@ -136,20 +171,27 @@ def test_unknown_names_are_reported_by_kind(memory_piv) -> None:
         assert obj.value.ckr == 0x82  # CKR_OBJECT_HANDLE_INVALID
 
 
-def test_oversized_request_closes_only_that_connection(memory_piv) -> None:
+def _answer_then_eof(s: socket.socket) -> list[bytes]:
+    data = b""
+    while chunk := s.recv(65536):  # a 5 s timeout here fails the test
+        data += chunk
+    return data.splitlines()
+
+
+@pytest.mark.parametrize("newline", [False, True], ids=["no newline", "newline at the end"])
+def test_oversized_request_closes_only_that_connection(memory_piv, newline: bool) -> None:
+    """A request line over the limit gets one -32600 error and the close; without a newline
+    the daemon must not wait for one (its buffer would grow with whatever the client sends).
+    The client sends just over the limit and then stops, so the daemon has read everything
+    it was sent when it closes (a clean close: the error line cannot be lost to a reset)."""
     with Client(memory_piv.socket) as bystander, raw(memory_piv.socket) as s:
-        huge = b'{"jsonrpc":"2.0","id":1,"method":"C_GetInfo","params":{"x":"' + b"A" * (2 << 20)
-        # The daemon may stop reading and close: fine, that is the clean close.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            s.sendall(huge + b'"}}\n')
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-        if data:  # the error line may arrive before the close
-            assert json.loads(data.splitlines()[0])["error"]["code"] == -32600
+        line = b'{"jsonrpc":"2.0","id":1,"method":"C_GetInfo","params":{"x":"'
+        line += b"A" * (MAX_REQUEST_BYTES + 1 - len(line))
+        s.sendall(line + (b"\n" if newline else b""))
+        lines = _answer_then_eof(s)
+        assert len(lines) == 1, lines
+        error = json.loads(lines[0])["error"]
+        assert error["code"] == -32600 and str(MAX_REQUEST_BYTES) in error["message"]
         assert bystander.slot_list() == [0]
 
 

@@ -70,8 +70,11 @@ def test_mutated_and_random_requests_get_errors_and_service_continues(memory_piv
                 data = b""
                 while chunk := s.recv(65536):
                     data += chunk
-            for answer in data.splitlines():
-                msg = json.loads(answer)  # always valid JSON back
-                assert "result" in msg or isinstance(msg["error"]["code"], int)
-                assert "error" not in msg or msg["error"]["code"] != -32603, (line, msg)
+            answers = data.splitlines()
+            # Every request line is a request (an "id" is always there, or the line is not
+            # JSON at all): exactly one answer each, never silence.
+            assert len(answers) == 1, (line[:80], answers)
+            msg = json.loads(answers[0])  # always valid JSON back
+            assert "result" in msg or isinstance(msg["error"]["code"], int)
+            assert "error" not in msg or msg["error"]["code"] != -32603, (line, msg)
             assert bystander.slot_list() == [0], f"daemon hurt by {line[:80]!r}"

@@ -253,4 +253,51 @@ BREAKS: list[Break] = [
         log.info("signing: %r", op)""",
         (S + "test_no_pin_and_no_plaintext_in_any_log_text",),
     ),
+    Break(
+        "B22",
+        "other uids are refused (SO_PEERCRED)",
+        "`_accept` serves every uid",
+        "tokend/daemon.py",
+        """        if uid not in self.allowed_uids:""",
+        """        if False:""",
+        (T + "test_other_users_are_refused",),
+    ),
+    Break(
+        "B23",
+        "a refused peer is closed at once (not left to time out)",
+        "`_accept` leaves a refused peer's connection open and silent",
+        "tokend/daemon.py",
+        """            log.warning("refused client pid %d uid %d", pid, uid)
+            writer.close()
+            return""",
+        """            log.warning("refused client pid %d uid %d", pid, uid)
+            await asyncio.sleep(8)
+            writer.close()
+            return""",
+        (T + "test_other_users_are_refused",),
+    ),
+    Break(
+        "B24",
+        "a request line with no newline cannot grow the buffer past the limit",
+        "`Connection.serve` checks the limit only when a newline arrives",
+        "tokend/daemon.py",
+        r"""                if b"\n" not in chunk:
+                    if len(pending) > MAX_REQUEST_BYTES:""",
+        r"""                if b"\n" not in chunk:
+                    if False:""",
+        (T + "test_oversized_request_closes_only_that_connection",),
+    ),
+    Break(
+        "B25",
+        "every malformed request gets an answer",
+        "the daemon answers nothing to a line it cannot parse",
+        "tokend/daemon.py",
+        """            log.info("client %s: %s", self.app.peer, exc)
+            return encode_error(exc.request_id, exc.code, str(exc))""",
+        """            log.info("client %s: %s", self.app.peer, exc)
+            return None""",
+        (
+            "tests/test_fuzz_protocol.py::test_mutated_and_random_requests_get_errors_and_service_continues",
+        ),
+    ),
 ]

@@ -41,6 +41,8 @@ from breaks import BREAKS, Break  # noqa: E402
 
 #: The in-process suite the score runs against (no pcscd: fast, and no shared resources).
 SCORE_TESTS = [
+    "-m",
+    "not pcsc",
     "tests/test_promises_disconnect.py",
     "tests/test_promises_login.py",
     "tests/test_promises_secrets.py",
@@ -365,7 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="sample this many mutants (0: all)")
     p.add_argument("--seed", type=int, default=16)
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument(
+        "--without",
+        nargs="*",
+        default=[],
+        help="leave these test modules out of the score suite (to compare suites)",
+    )
     args = parser.parse_args(argv)
+    for module in getattr(args, "without", []):
+        SCORE_TESTS.remove(module)
     if args.mode == "break-it":
         return break_it(args.ids)
     return score(args.limit, args.seed, args.json)
