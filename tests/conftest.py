@@ -127,20 +127,26 @@ class VpcdPlug:
 
 
 def wait_for_token(running: RunningDaemon, timeout: float = 10.0) -> int:
-    """The slot id of the first token present, once the daemon has it."""
+    """The slot id of the first token present, once the daemon has it: subscribe, look,
+    then wait for the arrival event (no polling)."""
     import time
 
     from tokend.client import Client
 
     deadline = time.monotonic() + timeout
     with Client(running.socket) as client:
+        client.subscribe()
         while True:
             slots = client.slot_list(token_present=True)
             if slots:
                 return slots[0]
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError("the daemon did not see the token")
-            time.sleep(0.02)  # nothing to wait on from outside the daemon
+            try:
+                client.next_event(timeout=remaining)
+            except TimeoutError:
+                raise TimeoutError("the daemon did not see the token") from None
 
 
 def _piv_daemon(kind: str, request, sock_path: Path) -> Iterator[RunningDaemon]:  # type: ignore[no-untyped-def]

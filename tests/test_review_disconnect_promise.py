@@ -4,6 +4,7 @@ Each test talks to the daemon through its socket; white-box peeks only synchroni
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -66,7 +67,9 @@ def test_login_during_which_the_token_leaves_is_not_recorded(memory_piv) -> None
         with pytest.raises(DeviceRemovedError):
             client.login(session, PIN)
         assert fired.is_set()
-        assert all(not app.logins for app in memory_piv.daemon.engine.apps.values())
+        # DEVICE_REMOVED was the login's answer; the session went with the token.
+        with pytest.raises(SessionHandleInvalidError):
+            client.call("C_GetSessionInfo", {"h_session": session})
         plug.on_transmit.clear()
         client.subscribe()
         plug.insert(card)
@@ -93,8 +96,10 @@ def test_last_logout_racing_another_login_does_not_undo_that_login(memory_piv) -
             if _is_pin_verify(apdu) and not fired.is_set():
                 fired.set()
                 logout_thread.start()
-                _wait_until(lambda: not app_a.logins)  # A's logout is being handled
-                time.sleep(0.05)
+                _wait_until(lambda: not app_a.logins)  # A's logout is being handled...
+                # ...and, once the loop has run one more callback, is parked at its await
+                # (the login lock, or the card's queue): everything before it is synchronous.
+                memory_piv.run(asyncio.sleep(0))
 
         plug.on_transmit.append(logout_a_while_b_verifies)
         b.login(sb, PIN)

@@ -310,4 +310,18 @@ BREAKS: list[Break] = [
             if user_type != CKU.CKU_USER:""",
         ("tests/test_serve_process.py::test_serve_simulated_token_and_graceful_sigterm",),
     ),
+    Break(
+        "B27",
+        "a last logout racing another application's VERIFY cannot undo that login",
+        "`_release_login` resets the card without taking the login lock",
+        "tokend/session.py",
+        """        # (and is recorded) first, so this reset cannot silently undo it.
+        async with self._login_lock(instance):""",
+        """        # (and is recorded) first, so this reset cannot silently undo it.
+        if True:""",
+        (
+            "tests/test_review_disconnect_promise.py::"
+            "test_last_logout_racing_another_login_does_not_undo_that_login",
+        ),
+    ),
 ]
