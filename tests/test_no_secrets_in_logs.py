@@ -28,7 +28,10 @@ def test_debug_logs_carry_no_pin_and_no_plaintext(memory_piv, caplog) -> None:
         client.sign(session, sig_key, "CKM_ECDSA", b"\x11" * 32, context_pin=PIN)
         with pytest.raises(ProtocolFailure):  # an unknown method with a PIN in its params
             client.call("C_Nonsense", {"p_pin": PIN})
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    # The whole record as a handler would write it (traceback and stack included), and the
+    # repr of its arguments: getMessage() alone misses both.
+    full = logging.Formatter("%(message)s")
+    text = "\n".join(full.format(r) + repr(r.args) for r in caplog.records)
     assert any(r.levelno == logging.DEBUG for r in caplog.records)  # DEBUG really was on
     for needle in (PIN, wrong_pin):
         assert needle not in text
