@@ -158,3 +158,39 @@ def test_arrived_for_an_occupied_slot_retires_the_old_instance(memory_piv) -> No
         assert client.decrypt(fresh, private_key(client, fresh, ID_9D), "CKM_RSA_PKCS", blob) == (
             secret
         )
+
+
+def test_a_transport_failure_during_an_operation_retires_the_token(memory_piv) -> None:
+    """A transport-level failure in the middle of an operation (what pyscard reports as
+    SCARD_E_NOT_TRANSACTED, a vpcd socket that closed) counts as a disconnect although no
+    watcher said LEFT: the session is gone, and the card, still there, comes back as a new
+    instance after the re-probe."""
+    from tokend.errors import TransportError
+
+    demo, plug, slot = (memory_piv.extras[k] for k in ("demo", "plug", "slot"))
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    with Client(memory_piv.socket) as client:
+        client.subscribe()
+        session = logged_in_session(client, slot)
+        key = private_key(client, session, ID_9D)
+        generation = client.token_info(slot)["generation"]
+        failed = threading.Event()
+
+        def fail_once_on_general_authenticate(apdu: bytes) -> None:
+            if apdu[1] == GENERAL_AUTHENTICATE and not failed.is_set():
+                failed.set()
+                raise TransportError("the reader stopped answering")
+
+        plug.on_transmit.append(fail_once_on_general_authenticate)
+        with pytest.raises(DeviceRemovedError):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        assert failed.is_set()
+        with pytest.raises(SessionHandleInvalidError):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        events = [client.next_event(timeout=5), client.next_event(timeout=5)]
+        assert [e["event"] for e in events] == ["left", "arrived"]
+        assert client.token_info(slot)["generation"] > generation
+        fresh = logged_in_session(client, slot)  # no login came back with it
+        assert client.decrypt(fresh, private_key(client, fresh, ID_9D), "CKM_RSA_PKCS", blob) == (
+            secret
+        )

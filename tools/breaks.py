@@ -324,4 +324,13 @@ BREAKS: list[Break] = [
             "test_last_logout_racing_another_login_does_not_undo_that_login",
         ),
     ),
+    Break(
+        "B28",
+        "a transport failure during an operation retires the token (no LEFT needed)",
+        "`TokenInstance.run` turns the failure into an error without retiring the instance",
+        "tokend/registry.py",
+        """            self.registry.retire(self, f"transport failure: {exc}")""",
+        """            pass""",
+        (D + "test_a_transport_failure_during_an_operation_retires_the_token",),
+    ),
 ]
