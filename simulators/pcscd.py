@@ -66,6 +66,16 @@ def private_pcscd_unavailable_reason() -> str | None:
         return "a private pcscd needs root (a mount namespace over /run/pcscd)"
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return "unshare/mount missing (Debian package util-linux / mount)"
+    # Root in a container may still lack CAP_SYS_ADMIN: try it.
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"no mount namespace here: {probe.stderr.strip() or probe.returncode}"
     return None
 
 
