@@ -202,12 +202,35 @@ from tests.pcsc_fixtures import (  # noqa: E402, F401
     in_ci,
     pcscd_service,
     prepare_private_pcscd,
+    private_pcscd_session,
     vpcd,
 )
 
 
 def pytest_configure(config) -> None:  # type: ignore[no-untyped-def]
     prepare_private_pcscd()
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # type: ignore[no-untyped-def]
+    """pcscd-restart tests run where they stop only a pcscd of their own: in the child pytest
+    of tests/test_pcscd_private.py when a private pcscd can run here (then that runner, not
+    they, belongs to this session), else in this session (on a pcscd it started)."""
+    from tokend.simulators.pcscd import private_pcscd_unavailable_reason
+
+    if private_pcscd_session():
+        drop = "pcscd_restart_runner"
+    elif any(item.get_closest_marker("pcscd_restart") for item in items):
+        drop = (
+            "pcscd_restart"
+            if private_pcscd_unavailable_reason() is None
+            else ("pcscd_restart_runner")
+        )
+    else:
+        return
+    deselected = [item for item in items if item.get_closest_marker(drop)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker(drop)]
 
 
 def pytest_unconfigure(config) -> None:  # type: ignore[no-untyped-def]

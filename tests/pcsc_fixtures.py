@@ -1,11 +1,12 @@
 """Fixtures for the PC/SC tier (pcscd + vpcd). conftest.py imports them, so every test
 module gets the same session-wide pcscd by naming the fixture.
 
-The session-wide pcscd is, as root, a private one of this test process
-(`PrivatePcscdService`: its own mount namespace, socket and vpcd ports), so tests that stop
-and restart pcscd always run and parallel test runs never wait for each other. Without
-root it is the machine's pcscd, reused if one is running with the vpcd readers, else started
-(and stopped at the end) by `PcscdService`. Every test starts and ends with empty slots.
+The session-wide pcscd is the machine's, reused if one is running with the vpcd readers,
+else started (and stopped at the end) by `PcscdService`. Every test starts and ends with
+empty slots. Tests that stop and restart pcscd (marker ``pcscd_restart``) must not stop
+someone else's: where a private pcscd can run (root with a mount namespace) they are
+deselected here and run by `tests/test_pcscd_private.py` in a child pytest whose whole
+PC/SC tier is a `PrivatePcscdService` of its own (own socket, own vpcd ports).
 
 Under CI (``CI=true``) nothing may skip: a missing service fails the tier (see conftest).
 """
@@ -110,13 +111,28 @@ def in_ci() -> bool:
 _private: dict[str, PrivatePcscdService] = {}
 
 
+#: Set in the environment of the child pytest that runs the pcscd-restart tests.
+PRIVATE_PCSCD_ENV = "TOKEND_TEST_PRIVATE_PCSCD"
+
+
+def private_pcscd_session() -> bool:
+    """True in the child pytest whose whole PC/SC tier runs on a private pcscd."""
+    return os.environ.get(PRIVATE_PCSCD_ENV) == "1"
+
+
 def prepare_private_pcscd() -> None:
-    """Point this process's PC/SC client at a pcscd of its own, if one can run here. Called
-    from ``pytest_configure``: libpcsclite reads the socket path once, at its first call."""
-    if private_pcscd_unavailable_reason() is None and "PCSCLITE_CSOCK_NAME" not in os.environ:
-        service = PrivatePcscdService()
-        service.activate()
-        _private["service"] = service
+    """In the private-pcscd child: point this process's PC/SC client at a pcscd of its own.
+    Called from ``pytest_configure``: libpcsclite reads the socket path once, at its first
+    call, so the whole process uses one pcscd. (The main test session keeps the machine's
+    pcscd: `tokend simulate` subprocesses plug cards into vpcd's default ports there.)"""
+    if not private_pcscd_session():
+        return
+    reason = private_pcscd_unavailable_reason()
+    if reason is not None:
+        raise pytest.UsageError(f"{PRIVATE_PCSCD_ENV}=1 but no private pcscd here: {reason}")
+    service = PrivatePcscdService()
+    service.activate()
+    _private["service"] = service
 
 
 def discard_private_pcscd() -> None:
