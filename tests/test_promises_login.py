@@ -12,7 +12,7 @@ import threading
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.helpers import ID_9C, ID_9D, PIN, logged_in_session, pkcs1_blob, private_key
+from tests.helpers import ID_9A, ID_9C, ID_9D, PIN, logged_in_session, pkcs1_blob, private_key
 from tests.test_promises_disconnect import STATUS_QUERY, pin_status
 from tokend.client import Client
 from tokend.errors import PinIncorrectError, TokendError, UserNotLoggedInError
@@ -233,3 +233,48 @@ def test_tokends_own_refusal_loses_no_login(memory_piv) -> None:
         assert _state(a, sa) == "CKS_RO_USER_FUNCTIONS"
         assert pin_status(card) == b"\x90\x00"
         assert a.decrypt(sa, key, "CKM_RSA_PKCS", blob) == secret
+
+
+def test_a_login_lost_between_init_and_operation_is_not_covered_by_the_card(memory_piv) -> None:
+    """A starts a decryption and a signature, then logs out; B keeps the card verified. The
+    card would answer A — tokend must not let it (CVE-2023-40660 class): its own login table
+    is checked when the operation runs, not only at its Init."""
+    card, demo, slot = (memory_piv.extras[k] for k in ("card", "demo", "slot"))
+    blob, _ = pkcs1_blob(demo.encryption_public_key)
+    with Client(memory_piv.socket) as a, Client(memory_piv.socket) as b:
+        sa, sa2 = logged_in_session(a, slot), a.open_session(slot)
+        logged_in_session(b, slot)
+        key = private_key(a, sa, ID_9D)
+        sign_key = private_key(a, sa, ID_9A)
+        a.call(
+            "C_DecryptInit",
+            {"h_session": sa, "p_mechanism": {"mechanism": "CKM_RSA_PKCS"}, "h_key": key},
+        )
+        a.call(
+            "C_SignInit",
+            {"h_session": sa2, "p_mechanism": {"mechanism": "CKM_ECDSA"}, "h_key": sign_key},
+        )
+        a.logout(sa)
+        assert pin_status(card) == b"\x90\x00"  # B's login keeps the card verified
+        with pytest.raises(UserNotLoggedInError):
+            a.call("C_Decrypt", {"h_session": sa, "p_encrypted_data": b64(blob)})
+        with pytest.raises(UserNotLoggedInError):
+            a.call("C_Sign", {"h_session": sa2, "p_data": b64(b"\x11" * 32)})
+
+
+def test_context_login_needs_an_operation_on_a_pin_always_key(memory_piv) -> None:
+    from tokend.errors import OperationNotInitializedError
+
+    slot = memory_piv.extras["slot"]
+    with Client(memory_piv.socket) as client:
+        session = logged_in_session(client, slot)
+        key = private_key(client, session, ID_9D)  # PIN once, not PIN-always
+        context = {"h_session": session, "user_type": "CKU_CONTEXT_SPECIFIC", "p_pin": PIN}
+        with pytest.raises(OperationNotInitializedError):
+            client.call("C_Login", context)  # no operation at all
+        client.call(
+            "C_DecryptInit",
+            {"h_session": session, "p_mechanism": {"mechanism": "CKM_RSA_PKCS"}, "h_key": key},
+        )
+        with pytest.raises(OperationNotInitializedError):
+            client.call("C_Login", context)  # an operation, but not on a PIN-always key

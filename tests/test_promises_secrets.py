@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.helpers import ID_9A, ID_9C, ID_9D, PIN, logged_in_session, pkcs1_blob, private_key
+from tests.test_promises_disconnect import reset_seen
 from tokend.client import Client, ProtocolFailure
-from tokend.errors import DeviceRemovedError, PinIncorrectError, TokendError
+from tokend.errors import DeviceRemovedError, PinIncorrectError, TokendError, UserNotLoggedInError
 from tokend.protocol import b64, unb64
 
 WRONG_PIN = "987654"
@@ -110,10 +111,14 @@ def _sign_init_with_context_pin(client: Client, session: int, key: int) -> None:
     )
 
 
-@pytest.mark.parametrize("ending", ["operation", "logout", "close", "removal"])
+@pytest.mark.parametrize(
+    "ending", ["operation", "logout", "close", "removal", "disconnect", "card reset"]
+)
 def test_a_kept_context_pin_is_zeroed_when_its_operation_ends(memory_piv, ending: str) -> None:
     plug = memory_piv.extras["plug"]
-    with Client(memory_piv.socket) as client:
+    reset = reset_seen(plug)
+    client = Client(memory_piv.socket)
+    with client:
         session = logged_in_session(client, memory_piv.extras["slot"])
         key = private_key(client, session, ID_9C)
         _sign_init_with_context_pin(client, session, key)
@@ -125,11 +130,47 @@ def test_a_kept_context_pin_is_zeroed_when_its_operation_ends(memory_piv, ending
             client.logout(session)
         elif ending == "close":
             client.close_session(session)
-        else:
+        elif ending == "removal":
             client.subscribe()
             plug.remove()
             assert client.next_event(timeout=5)["event"] == "left"
-        assert _zeroed(kept), f"the context PIN survived the {ending}"
+        elif ending == "card reset":
+            # Another program resets the card: the login the PIN was given under is lost
+            # (noticed by the next command, here from another session of the client).
+            blob, _ = pkcs1_blob(memory_piv.extras["demo"].encryption_public_key)
+            decrypt_key = private_key(client, session, ID_9D)
+            other = client.open_session(memory_piv.extras["slot"])
+            plug.reset_by_other_program()
+            with pytest.raises(UserNotLoggedInError):
+                client.decrypt(other, decrypt_key, "CKM_RSA_PKCS", blob)
+            # (the signature is still pending: only the lost login can have zeroed the PIN)
+    if ending == "disconnect":
+        # The client left with the operation pending; its last-logout card reset comes
+        # after its sessions are dropped, so once the card has seen it, the PIN is gone.
+        assert reset.wait(5)
+    assert _zeroed(kept), f"the context PIN survived the {ending}"
+
+
+def test_buffered_data_to_sign_is_zeroed_when_the_token_leaves(memory_piv) -> None:
+    plug = memory_piv.extras["plug"]
+    with Client(memory_piv.socket) as client:
+        session = logged_in_session(client, memory_piv.extras["slot"])
+        key = private_key(client, session, ID_9C)
+        mech = {"mechanism": "CKM_ECDSA_SHA256"}
+        client.call("C_SignInit", {"h_session": session, "p_mechanism": mech, "h_key": key})
+        client.call("C_SignUpdate", {"h_session": session, "p_part": b64(b"confidential")})
+
+        async def read() -> bytearray:
+            operation = memory_piv.daemon.engine._sessions[session].operation
+            assert operation is not None
+            return operation.buffer
+
+        buffered = memory_piv.run(read())
+        assert bytes(buffered) == b"confidential"
+        client.subscribe()
+        plug.remove()
+        assert client.next_event(timeout=5)["event"] == "left"
+        assert _zeroed(buffered)
 
 
 # --- derived ECDH secrets ---------------------------------------------------------------
@@ -151,9 +192,10 @@ def _derive(client: Client, session: int, key: int) -> int:
     return int(answer["h_key"])
 
 
-@pytest.mark.parametrize("ending", ["removal", "close", "destroy"])
+@pytest.mark.parametrize("ending", ["removal", "close", "destroy", "disconnect"])
 def test_a_derived_ecdh_secret_is_zeroed_when_it_ends(memory_piv, ending: str) -> None:
     plug = memory_piv.extras["plug"]
+    reset = reset_seen(plug)
     with Client(memory_piv.socket) as client:
         session = logged_in_session(client, memory_piv.extras["slot"])
         obj = _derive(client, session, private_key(client, session, ID_9A))
@@ -168,9 +210,12 @@ def test_a_derived_ecdh_secret_is_zeroed_when_it_ends(memory_piv, ending: str) -
                 client.get_attributes(session, obj, ["CKA_VALUE"])
         elif ending == "close":
             client.close_session(session)
-        else:
+        elif ending == "destroy":
             client.call("C_DestroyObject", {"h_session": session, "h_object": obj})
-        assert _zeroed(secret), f"the ECDH secret survived the {ending}"
+    if ending == "disconnect":
+        # The client left (EOF): its sessions close, then its last-logout card reset.
+        assert reset.wait(5)
+    assert _zeroed(secret), f"the ECDH secret survived the {ending}"
 
 
 # --- logs ------------------------------------------------------------------------------

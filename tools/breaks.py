@@ -333,4 +333,67 @@ BREAKS: list[Break] = [
         """            pass""",
         (D + "test_a_transport_failure_during_an_operation_retires_the_token",),
     ),
+    Break(
+        "B29",
+        "a client that leaves takes its sessions (and their ECDH secrets) with it",
+        "`close_application` releases the logins but keeps the client's sessions",
+        "tokend/session.py",
+        """        for handle in list(app.sessions):
+            self._drop_session(app.sessions[handle])""",
+        """        for handle in list(app.sessions):
+            pass""",
+        (S + "test_a_derived_ecdh_secret_is_zeroed_when_it_ends",),
+    ),
+    Break(
+        "B30",
+        "a lost card login (reset by another program) takes the kept context PINs with it",
+        "`_lost_card_login` forgets the logins only",
+        "tokend/session.py",
+        """            app.logins.discard(instance.key)
+            self._forget_context_pins(app, instance)""",
+        """            app.logins.discard(instance.key)""",
+        (S + "test_a_kept_context_pin_is_zeroed_when_its_operation_ends",),
+    ),
+    Break(
+        "B31",
+        "buffered input of an operation is zeroed when the operation is dropped",
+        "`Operation.wipe` leaves the buffer",
+        "tokend/session.py",
+        """        self.buffer[:] = bytes(len(self.buffer))""",
+        """        pass""",
+        (S + "test_buffered_data_to_sign_is_zeroed_when_the_token_leaves",),
+    ),
+    Break(
+        "B32",
+        "the login is checked when a decryption runs, not only at its Init",
+        "`Engine.decrypt` skips `_require_login`",
+        "tokend/session.py",
+        """        op = self._take(session, OpKind.DECRYPT)
+        try:
+            self._require_login(session, op)""",
+        """        op = self._take(session, OpKind.DECRYPT)
+        try:""",
+        (L + "test_a_login_lost_between_init_and_operation_is_not_covered_by_the_card",),
+    ),
+    Break(
+        "B33",
+        "the login is checked when a signature runs, not only at its Init",
+        "`Engine._finish_sign` skips `_require_login`",
+        "tokend/session.py",
+        """        op = self._take(session, OpKind.SIGN)
+        try:
+            self._require_login(session, op)""",
+        """        op = self._take(session, OpKind.SIGN)
+        try:""",
+        (L + "test_a_login_lost_between_init_and_operation_is_not_covered_by_the_card",),
+    ),
+    Break(
+        "B34",
+        "C_Login(CKU_CONTEXT_SPECIFIC) only for an operation on a PIN-always key",
+        "`Engine.login` accepts a context login for any operation",
+        "tokend/session.py",
+        """                if op is None or not op.always_authenticate:""",
+        """                if op is None:""",
+        (L + "test_context_login_needs_an_operation_on_a_pin_always_key",),
+    ),
 ]
