@@ -24,10 +24,16 @@ RESET_HEADER = bytes.fromhex("0020FF80")
 GENERAL_AUTHENTICATE = 0x87
 
 
-@pytest.fixture(params=["memory", pytest.param("pcsc", marks=pytest.mark.pcsc)])
+@pytest.fixture(params=["memory", "usb", pytest.param("pcsc", marks=pytest.mark.pcsc)])
 def piv(request):  # type: ignore[no-untyped-def]
-    """The demo card in the in-process reader, and behind real pcscd + vpcd."""
-    return request.getfixturevalue(f"{request.param}_piv")
+    """The demo card in the in-process reader, in a virtual USB CCID token, and behind real
+    pcscd + vpcd."""
+    if request.param == "usb":
+        from tests.usb_fixtures import usb_piv_daemon
+
+        yield from usb_piv_daemon(request.getfixturevalue("sock_path"))
+        return
+    yield request.getfixturevalue(f"{request.param}_piv")
 
 
 def pin_status(card) -> bytes:  # type: ignore[no-untyped-def]

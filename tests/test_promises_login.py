@@ -23,9 +23,14 @@ VERIFY, GENERAL_AUTHENTICATE, GET_RESPONSE = 0x20, 0x87, 0xC0
 RESET = bytes.fromhex("0020FF8000")
 
 
-@pytest.fixture(params=["memory", pytest.param("pcsc", marks=pytest.mark.pcsc)])
+@pytest.fixture(params=["memory", "usb", pytest.param("pcsc", marks=pytest.mark.pcsc)])
 def piv(request):  # type: ignore[no-untyped-def]
-    return request.getfixturevalue(f"{request.param}_piv")
+    if request.param == "usb":
+        from tests.usb_fixtures import usb_piv_daemon
+
+        yield from usb_piv_daemon(request.getfixturevalue("sock_path"))
+        return
+    yield request.getfixturevalue(f"{request.param}_piv")
 
 
 def _is_pin_verify(apdu: bytes) -> bool:

@@ -21,13 +21,16 @@ class UsbPlug:
         self.bus = bus
         self.profile = profile
         self.on_transmit: list = []
+        self.after_answer: list = []
         self.token = None
 
     def insert(self, card) -> None:  # type: ignore[no-untyped-def]
         from tokend.simulators.usb_ccid import VirtualCcidToken
 
         self.remove()
-        self.token = VirtualCcidToken(HookedCard(card, self.on_transmit), self.profile)
+        self.token = VirtualCcidToken(
+            HookedCard(card, self.on_transmit, self.after_answer), self.profile
+        )
         self.bus.plug(self.token, port=1)
 
     def remove(self) -> None:
