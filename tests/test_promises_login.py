@@ -7,6 +7,7 @@ in-process reader and over real pcscd + vpcd."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -283,3 +284,66 @@ def test_context_login_needs_an_operation_on_a_pin_always_key(memory_piv) -> Non
         )
         with pytest.raises(OperationNotInitializedError):
             client.call("C_Login", context)  # an operation, but not on a PIN-always key
+
+
+class TransactionLog:
+    """A transport to a card in memory whose exclusive section is recorded, so a driver
+    test sees which commands shared one section (not a `nullcontext`)."""
+
+    extended = True
+
+    def __init__(self, card) -> None:  # type: ignore[no-untyped-def]
+        self.card = card
+        self.events: list[str | bytes] = []
+        self._depth = 0
+
+    def atr(self) -> bytes:
+        return self.card.atr
+
+    def transmit(self, apdu: bytes) -> bytes:
+        self.events.append(bytes(apdu))
+        return self.card.process(bytes(apdu))
+
+    @contextlib.contextmanager
+    def transaction(self):  # type: ignore[no-untyped-def]
+        self._depth += 1
+        if self._depth == 1:
+            self.events.append("begin")
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.events.append("end")
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_driver_runs_verify_and_the_operation_in_one_exclusive_section() -> None:
+    """The driver itself, below the daemon: a PIN-always signature with its context PIN is
+    one exclusive section holding VERIFY and GENERAL AUTHENTICATE, and nothing else."""
+    from tokend.drivers.piv import PivToken
+    from tokend.model import Mechanism
+    from tokend.pkcs11 import CKM
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+
+    card = VirtualPivCard()
+    provision_demo(card)
+    transport = TransactionLog(card)
+    token = PivToken.open(transport)
+    assert token is not None
+    token.login(bytearray(PIN.encode()))
+    key = "priv:9c"  # the demo's PIN-always signing key
+    assert key in {o.key for o in token.objects()}
+    transport.events.clear()
+    token.sign(key, Mechanism(CKM.CKM_ECDSA), b"\x11" * 32, context_pin=bytearray(PIN.encode()))
+    events = transport.events
+    assert events[0] == "begin" and events[-1] == "end", events
+    inside = events[1:-1]
+    assert "begin" not in inside and "end" not in inside  # one section, not two
+    assert isinstance(inside[0], bytes) and _is_pin_verify(inside[0])
+    assert all(
+        isinstance(a, bytes) and a[1] in (GENERAL_AUTHENTICATE, GET_RESPONSE) for a in inside[1:]
+    )

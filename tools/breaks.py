@@ -108,7 +108,10 @@ BREAKS: list[Break] = [
         "drivers/piv.py",
         """                stack.enter_context(self._transport.transaction())""",
         """                stack.enter_context(__import__("contextlib").nullcontext())""",
-        (L + "test_verify_and_operation_share_one_pcsc_transaction",),
+        (
+            L + "test_verify_and_operation_share_one_pcsc_transaction",
+            L + "test_the_driver_runs_verify_and_the_operation_in_one_exclusive_section",
+        ),
     ),
     Break(
         "B9",
