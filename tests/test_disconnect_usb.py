@@ -152,3 +152,28 @@ def test_a_usb_error_mid_operation_is_a_disconnect(piv, code) -> None:
         fresh = logged_in_session(client, slot)  # a new login on the new instance
         key = private_key(client, fresh, ID_9D)
         assert client.decrypt(fresh, key, "CKM_RSA_PKCS", blob) == secret
+
+
+def test_card_reset_by_another_program_loses_the_login(piv) -> None:  # type: ignore[no-redef]
+    """Over PC/SC and in memory another program can reset the card (the scenario of
+    disconnect_scenarios); over direct USB it cannot: tokend holds the claimed CCID
+    interface, another program's claim fails with EBUSY, and the login stays."""
+    import errno
+
+    import usb.core
+    import usb.util
+
+    demo, bus, slot = (piv.extras[k] for k in ("demo", "bus", "slot"))
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    with Client(piv.socket) as client:
+        session = logged_in_session(client, slot)
+        key = private_key(client, session, ID_9D)
+        devices = list(usb.core.find(find_all=True, backend=bus))
+        assert devices, "the token is not on the bus"
+        device = devices[0]
+        ccid = next(i for cfg in device for i in cfg if i.bInterfaceClass == 0x0B)
+        with pytest.raises(usb.core.USBError) as refused:
+            usb.util.claim_interface(device, ccid.bInterfaceNumber)
+        assert refused.value.errno == errno.EBUSY
+        usb.util.dispose_resources(device)
+        assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
