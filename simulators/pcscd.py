@@ -441,6 +441,7 @@ class PrivatePcscdService(PcscdService):
 
     def __init__(self, run_dir: Path | None = None, **kwargs: object) -> None:
         base_port = kwargs.pop("base_port", None) or _free_port_pair()
+        kwargs.setdefault("startup_timeout", 30.0)  # a loaded CI machine: pcscd starts slowly
         super().__init__(base_port=base_port, **kwargs)  # type: ignore[arg-type]
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tokend-pcscd-run-"))
         self.started = True  # always ours: tests may stop and start it
