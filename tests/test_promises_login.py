@@ -324,7 +324,7 @@ def test_the_driver_runs_verify_and_the_operation_in_one_exclusive_section() -> 
     """The driver itself, below the daemon: a PIN-always signature with its context PIN is
     one exclusive section holding VERIFY and GENERAL AUTHENTICATE, and nothing else."""
     from tokend.drivers.piv import PivToken
-    from tokend.model import Mechanism
+    from tokend.model import Mechanism, ObjectKey
     from tokend.pkcs11 import CKM
     from tokend.simulators.demo import provision_demo
     from tokend.simulators.piv import VirtualPivCard
@@ -335,7 +335,7 @@ def test_the_driver_runs_verify_and_the_operation_in_one_exclusive_section() -> 
     token = PivToken.open(transport)
     assert token is not None
     token.login(bytearray(PIN.encode()))
-    key = "priv:9c"  # the demo's PIN-always signing key
+    key = ObjectKey.parse("priv:9c")  # the demo's PIN-always signing key
     assert key in {o.key for o in token.objects()}
     transport.events.clear()
     token.sign(key, Mechanism(CKM.CKM_ECDSA), b"\x11" * 32, context_pin=bytearray(PIN.encode()))

@@ -53,11 +53,12 @@ SCORE_TESTS = [
     "tests/test_registry.py",
     "tests/test_daemon_socket.py",
     "tests/test_driver_piv.py",
+    "tests/test_mechanisms.py",
     "tests/test_no_secrets_in_logs.py",
     "tests/test_async_client.py",
 ]
 
-#: What the score mutates: (file, qualified function names). Padding lives in the driver.
+#: What the score mutates: (file, qualified function names).
 SCORE_TARGETS: dict[str, tuple[str, ...]] = {
     "tokend/session.py": (
         "Operation.forget_context_pin",
@@ -93,7 +94,14 @@ SCORE_TARGETS: dict[str, tuple[str, ...]] = {
         "SlotRegistry.retire",
         "Slot.token_present",
     ),
-    "drivers/piv.py": ("_ct_eq", "_ct_ge", "pkcs1v15_unpad", "oaep_unpad", "pad_pin", "_wipe"),
+    "tokend/mechanisms/rsa_padding.py": (
+        "_ct_eq",
+        "_ct_ge",
+        "pkcs1v15_unpad",
+        "mgf1",
+        "oaep_unpad",
+    ),
+    "tokend/wipe.py": ("wipe",),
 }
 
 
