@@ -464,6 +464,11 @@ class PrivatePcscdService(PcscdService):
             )
         self.start()
 
+    @contextlib.contextmanager
+    def lease(self, timeout: float = 300.0) -> Iterator[VpcdEntry]:
+        """No lease: nobody else uses this pcscd's readers."""
+        yield self.entry
+
     def _clear_stale_pid_file(self) -> None:
         # Only our own directory: a pcscd of ours that was killed leaves its files behind.
         for leftover in (self.run_dir / "pcscd.pid", self.socket_path):

@@ -119,7 +119,7 @@ BREAKS: list[Break] = [
         "`Engine.login` keeps the context PIN without verifying it",
         "tokend/session.py",
         """                async with self._login_lock(instance):
-                    await self._card(session, instance.token.login, pin)
+                    await self._verify(app, session, pin)
                 # Kept only""",
         """                # Kept only""",
         (L + "test_wrong_context_pin_is_refused_at_the_login_and_counts_one_try",),
@@ -260,23 +260,24 @@ BREAKS: list[Break] = [
     Break(
         "B22",
         "other uids are refused (SO_PEERCRED)",
-        "`_accept` serves every uid",
+        "`Daemon._admit` serves every uid",
         "tokend/daemon.py",
-        """        if uid not in self.allowed_uids:""",
+        """        if not is_trusted_uid(creds.uid):""",
         """        if False:""",
         (T + "test_other_users_are_refused",),
     ),
     Break(
         "B23",
         "a refused peer is closed at once (not left to time out)",
-        "`_accept` leaves a refused peer's connection open and silent",
+        "`Daemon._admit` leaves a refused peer's connection open and silent",
         "tokend/daemon.py",
-        """            log.warning("refused client pid %d uid %d", pid, uid)
-            writer.close()
+        """                "refused", logging.WARNING, "refused client pid %d uid %d", creds.pid, creds.uid
+            )
+            conn.close()
             return""",
-        """            log.warning("refused client pid %d uid %d", pid, uid)
-            await asyncio.sleep(8)
-            writer.close()
+        """                "refused", logging.WARNING, "refused client pid %d uid %d", creds.pid, creds.uid
+            )
+            self.__dict__.setdefault("_left_open", []).append(conn)
             return""",
         (T + "test_other_users_are_refused",),
     ),
@@ -353,9 +354,9 @@ BREAKS: list[Break] = [
         "a lost card login (reset by another program) takes the kept context PINs with it",
         "`_lost_card_login` forgets the logins only",
         "tokend/session.py",
-        """            app.logins.discard(instance.key)
+        """                app.post(lost)
             self._forget_context_pins(app, instance)""",
-        """            app.logins.discard(instance.key)""",
+        """                app.post(lost)""",
         (S + "test_a_kept_context_pin_is_zeroed_when_its_operation_ends",),
     ),
     Break(
