@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import random
@@ -142,6 +143,15 @@ def make_copy() -> Path:
     return dest
 
 
+@functools.cache
+def _private_pcscd_possible() -> bool:
+    try:
+        from tokend.simulators.pcscd import private_pcscd_unavailable_reason
+    except ImportError:  # no pyscard
+        return False
+    return private_pcscd_unavailable_reason() is None
+
+
 def run_tests(
     copy: Path, tests: list[str], timeout: float, *, exitfirst: bool = True
 ) -> tuple[str, float]:
@@ -149,6 +159,10 @@ def run_tests(
     the seconds it took."""
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
     env.pop("CI", None)  # a skip is not what we measure here
+    if _private_pcscd_possible():
+        # A pcscd of the run's own: the machine's is shared with other test runs, which
+        # stop and start it (the break-it runs name no test that needs the machine's).
+        env["TOKEND_TEST_PRIVATE_PCSCD"] = "1"
     started = time.monotonic()
     try:
         proc = subprocess.run(
@@ -172,6 +186,8 @@ def run_tests(
         return "timeout", time.monotonic() - started
     if proc.returncode == 0:
         return "passed", time.monotonic() - started
+    if os.environ.get("MUTATE_VERBOSE"):
+        print(proc.stdout[-3000:], proc.stderr[-2000:], file=sys.stderr)
     if proc.returncode == 1:
         if exitfirst:
             return "failed", time.monotonic() - started
