@@ -311,3 +311,23 @@ def _raw(sock_path, line: str) -> None:  # type: ignore[no-untyped-def]
         answer = json.loads(s.makefile("rb").readline())
     assert "error" in answer, answer
     raise ProtocolFailure(answer["error"]["code"], answer["error"]["message"])
+
+
+def test_a_context_pin_kept_for_a_decryption_is_zeroed_after_it(memory_piv) -> None:
+    from tests.test_promises_login import _pin_always_decryption_key
+
+    with Client(memory_piv.socket) as client:
+        session = client.open_session(memory_piv.extras["slot"], rw=True)
+        client.login(session, PIN)
+        key, public = _pin_always_decryption_key(client, session)
+        blob, secret = pkcs1_blob(public)
+        mech = {"mechanism": "CKM_RSA_PKCS"}
+        client.call("C_DecryptInit", {"h_session": session, "p_mechanism": mech, "h_key": key})
+        client.call(
+            "C_Login", {"h_session": session, "user_type": "CKU_CONTEXT_SPECIFIC", "p_pin": PIN}
+        )
+        kept = _operation_pin(memory_piv, session)
+        assert bytes(kept) == PIN.encode()
+        answer = client.call("C_Decrypt", {"h_session": session, "p_encrypted_data": b64(blob)})
+        assert unb64(answer["data"]) == secret
+        assert _zeroed(kept), "the context PIN survived the decryption"
