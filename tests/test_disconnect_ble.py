@@ -14,11 +14,10 @@ from tests.helpers import ID_9D, PIN, logged_in_session, pkcs1_blob, private_key
 from tokend.client import Client
 from tokend.errors import DeviceRemovedError, SessionHandleInvalidError
 
-
 # A BLE link has one central (tokend): no other program can reach the card to reset it, so
 # that shared scenario does not apply here. Not collected rather than skipped: under CI
 # nothing may skip (tests/conftest.py).
-del test_card_reset_by_another_program_loses_the_login  # noqa: F405, F821
+del test_card_reset_by_another_program_loses_the_login  # noqa: F821
 
 
 @pytest.fixture
