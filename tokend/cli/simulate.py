@@ -1,5 +1,5 @@
-"""`tokend simulate piv`: a virtual PIV card plugged into pcscd through vpcd, in the
-foreground until interrupted. The same building blocks as the test harness."""
+"""`tokend simulate piv|sim`: a virtual PIV card or a virtual SIM plugged into pcscd through
+vpcd, in the foreground until interrupted. The same building blocks as the test harness."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import sys
 import threading
 from pathlib import Path
 
-from tokend.simulators.demo import provision_demo
-from tokend.simulators.piv import VirtualPivCard
+from tokend.simulators.base import VirtualCard
 from tokend.simulators.vpcd import VpcdCardConnection, vpcd_port, vpcd_reader_name
 
 
 def make_card(
     state: Path | None, provision: str | None, export_dir: Path | None
-) -> tuple[VirtualPivCard, bool]:
-    """A card from ``state`` (created if missing), demo-provisioned when new or asked."""
+) -> tuple[VirtualCard, bool]:
+    """A PIV card from ``state`` (created if missing), demo-provisioned when new or asked."""
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+
     fresh = state is None or not state.exists()
     card = VirtualPivCard(state_file=state) if state is not None else VirtualPivCard()
     if provision == "demo" or (provision is None and fresh):
@@ -27,8 +29,28 @@ def make_card(
     return card, False
 
 
+def make_sim(
+    state: Path | None, provision: str | None, export_dir: Path | None
+) -> tuple[VirtualCard, bool]:
+    """A virtual SIM from ``state`` (created if missing), demo-provisioned when new or asked;
+    ``--provision none`` leaves a blank applet for pkcs15-init or tokenctl."""
+    from tokend.simulators.sim import VirtualSim
+    from tokend.simulators.sim_demo import provision_sim_demo
+
+    fresh = state is None or not state.exists()
+    if provision == "demo" and not fresh:
+        raise ValueError(f"{state} already holds a SIM: remove it to provision anew")
+    card = VirtualSim(state_file=state)
+    if provision == "demo" or (provision is None and fresh):
+        provision_sim_demo(card, export_dir)
+        return card, True
+    return card, False
+
+
 def run_simulator(args: argparse.Namespace) -> int:
-    card, provisioned = make_card(args.state, args.provision, args.export_dir)
+    kind = getattr(args, "kind", "piv")
+    maker = make_sim if kind == "sim" else make_card
+    card, provisioned = maker(args.state, args.provision, args.export_dir)
     connection = VpcdCardConnection(card, reader=args.reader)
     try:
         connection.plug()
@@ -44,7 +66,10 @@ def run_simulator(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     what = "demo-provisioned " if provisioned else ""
-    print(f"virtual {what}PIV card plugged into {vpcd_reader_name(args.reader)!r}", flush=True)
+    name = "SIM" if kind == "sim" else "PIV card"
+    print(f"virtual {what}{name} plugged into {vpcd_reader_name(args.reader)!r}", flush=True)
+    if kind == "sim":
+        print(f"ICCID={card.iccid}", flush=True)  # type: ignore[attr-defined]
     if args.state:
         print(f"state file: {args.state} (unprotected test keys)", flush=True)
     if args.export_dir and provisioned:

@@ -287,7 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
         "out-of-range, in-range, kill-bluez, start-bluez, status, quit on stdin (EOF = quit), "
         "one line of answer each.",
     )
-    p.add_argument("kind", nargs="?", choices=["piv", "ble"], help="one token, for your own daemon")
+    p.add_argument(
+        "kind",
+        nargs="?",
+        choices=["piv", "ble", "sim"],
+        help="one token, for your own daemon: piv (a PIV card on a vpcd reader), ble, or sim "
+        "(a SIM with the IsoApplet PKI applet, T=0, that OpenSC drives too, on a vpcd reader)",
+    )
     for name in KINDS:
         p.add_argument(f"--{name}", action="store_true", help=f"a virtual {name} token")
     p.add_argument("--all", action="store_true", help="every kind of virtual token there is")
@@ -306,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--provision",
         choices=["demo", "none"],
         default=None,
-        help="provision a fresh card (default: demo unless --state exists)",
+        help="provision a fresh card (default: demo unless --state exists); 'none' leaves a "
+        "SIM blank for pkcs15-init or tokenctl",
     )
     p.add_argument("--export-dir", type=Path, help="write the demo certificates and CA here")
     p.add_argument(
