@@ -986,6 +986,8 @@ class VirtualSim:
             return SW.SW_CLA_NOT_SUPPORTED.to_bytes(2, "big")
         if cmd.cla & 0x03 or cmd.cla & 0x40:
             return SW_LOGICAL_CHANNEL_NOT_SUPPORTED.to_bytes(2, "big")
+        if cmd.cla & 0x0C:
+            return SW_SECURE_MESSAGING_NOT_SUPPORTED.to_bytes(2, "big")
         # GET RESPONSE for an answer the T=0 layer held back (ISO 7816-3 case 4).
         if cmd.ins == Ins.GET_RESPONSE and self._os_pending is not None and not cmd.cla & 0x10:
             data, sw = self._os_pending

@@ -45,6 +45,8 @@ ACL_OBJECT = sim.acl(_P, _N, _N, _N, _N, _P, _A)
 
 PRKDF, PUKDF, CDF, AODF = 0x4402, 0x4403, 0x4404, 0x4401
 DIRECTORY_SIZE = 512
+IMPORTED_FLAGS = frozenset({"sensitive"})
+ON_CARD_FLAGS = frozenset({"sensitive", "alwaysSensitive", "neverExtractable", "local"})
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ def provision_sim_demo(
             auth_id=b"\xff",
             path=pkcs15.PKCS15_DF,
             modulus_bits=2048,
+            access_flags=ON_CARD_FLAGS if ref == SIGNING_REF else IMPORTED_FLAGS,
         )
         public_usage = frozenset({"encrypt", "wrap"} if "decrypt" in usage else {"verify"})
         pukdf += pkcs15.build_public_rsa_key(

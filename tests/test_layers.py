@@ -25,6 +25,8 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.socket_security", 0),
     ("tokend.limits", 0),
     ("tokend.ble_framing", 0),
+    ("tokend.sim", 0),
+    ("tokend.pkcs15", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),
@@ -70,6 +72,8 @@ SIMULATOR_MAY_IMPORT = (
     "tokend.mechanisms",
     "tokend.wipe",
     "tokend.ble_framing",
+    "tokend.sim",
+    "tokend.pkcs15",
 )
 
 

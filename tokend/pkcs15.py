@@ -688,7 +688,10 @@ def build_private_rsa_key(
     auth_id: bytes,
     path: bytes,
     modulus_bits: int,
+    access_flags: frozenset[str] = frozenset({"sensitive"}),
 ) -> bytes:
+    """A PrKDF entry. ``access_flags``: add alwaysSensitive, neverExtractable and local for
+    a key generated on the card, as pkcs15-init does."""
     obj = PrivateRsaKeyObject(
         {
             "common": _common(label, auth_id, True),
@@ -696,6 +699,7 @@ def build_private_rsa_key(
                 "id": key_id,
                 "usage": set(usage),
                 "native": True,
+                "access_flags": set(access_flags),
                 "key_reference": key_reference,
             },
             "type_attributes": {
