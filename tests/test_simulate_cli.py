@@ -51,3 +51,56 @@ def test_simulate_plugs_a_card_and_keeps_its_state(vpcd, tmp_path) -> None:
         second = _stop(proc)
     assert "demo-provisioned" not in second
     assert json.loads(state.read_text())["guid"] == json.loads(saved)["guid"]
+
+
+def _simulate_sim(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "sim", "--reader", "1", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_simulate_sim_blank_then_demo(vpcd, tmp_path) -> None:
+    from tokend.simulators.pcscd import list_readers
+
+    blank = tmp_path / "blank.json"
+    proc = _simulate_sim("--state", str(blank), "--provision", "none")
+    try:
+        wait_present(vpcd.reader(1), timeout=15)
+        index = str((list_readers() or []).index(vpcd.reader(1)))
+        name = subprocess.run(
+            ["opensc-tool", "--reader", index, "--name"], capture_output=True, text=True
+        )
+    finally:
+        out = _stop(proc)
+    wait_absent(vpcd.reader(1), timeout=5)
+    assert "IsoApplet" in name.stdout  # OpenSC's isoApplet driver claims the virtual SIM
+    assert "virtual SIM plugged" in out and "demo-provisioned" not in out
+    iccid = next(line.split("=", 1)[1] for line in out.splitlines() if line.startswith("ICCID="))
+    assert json.loads(blank.read_text())["iccid"] == iccid
+    assert stat.S_IMODE(os.stat(blank).st_mode) == 0o600
+
+    state, out_dir = tmp_path / "demo.json", tmp_path / "demo"
+    proc = _simulate_sim("--state", str(state), "--export-dir", str(out_dir))
+    try:
+        wait_present(vpcd.reader(1), timeout=15)
+        listing = subprocess.run(
+            ["pkcs15-tool", "--reader", index, "--list-keys", "--list-certificates"],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        out = _stop(proc)
+    assert "demo-provisioned SIM" in out
+    assert (out_dir / "sim-encryption.pem").exists() and (out_dir / "ca.pem").exists()
+    for label in ("Encryption key", "Signing key", "Retired encryption key 1"):
+        assert f"Private RSA Key [{label}]" in listing.stdout
+    # An existing SIM is never provisioned over.
+    refused = subprocess.run(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "sim", "--reader", "1",
+         "--state", str(state), "--provision", "demo"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "already holds a SIM" in refused.stderr
