@@ -40,7 +40,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tokend.iso7816 import SW, CommandApdu, encode_tlv, parse_tlvs
-from tokend.sim_codes import (
+from tokend.iso7816.status import sw_with_retries
+from tokend.sim.codes import (
     APPLET_MF,
     APPLET_VERSION,
     EF_ICCID,
@@ -77,13 +78,6 @@ MAX_CHILDREN = 30
 
 _STATE_FORMAT = "tokend-virtual-sim"
 _STATE_VERSION = 1
-
-SW_LOGICAL_CHANNEL_NOT_SUPPORTED = 0x6881
-SW_SECURE_MESSAGING_NOT_SUPPORTED = 0x6882
-SW_COMMAND_NOT_ALLOWED = 0x6900
-SW_COMMAND_INCOMPATIBLE = 0x6981
-SW_NO_CURRENT_EF = 0x6986  # ISO: "command not allowed (no current EF)"
-
 
 class _CardError(Exception):
     """Ends a command with a status word (control flow inside the card)."""
@@ -347,10 +341,10 @@ class _IsoApplet:
         """(data, SW) for one command; answers over 256 bytes are paged with 61xx."""
         try:
             if cmd.cla & 0x0C:
-                raise _CardError(SW_SECURE_MESSAGING_NOT_SUPPORTED)
+                raise _CardError(SW.SW_SECURE_MESSAGING_NOT_SUPPORTED)
             if self.pending:
                 if cmd.ins != Ins.GET_RESPONSE or cmd.cla & 0x10:
-                    raise _CardError(SW_COMMAND_NOT_ALLOWED)
+                    raise _CardError(SW.SW_COMMAND_NOT_ALLOWED)
                 return self._get_response(cmd)
             data = self._assemble(cmd)
             if data is None:
@@ -375,7 +369,7 @@ class _IsoApplet:
                 raise _CardError(SW.SW_COMMAND_CHAINING_NOT_SUPPORTED)
             if self.chain is not None and self.chain != header:
                 self.chain, self.chain_data = None, bytearray()
-                raise _CardError(SW_COMMAND_NOT_ALLOWED)
+                raise _CardError(SW.SW_COMMAND_NOT_ALLOWED)
             if len(self.chain_data) + len(cmd.data) > MAX_CHAIN:
                 self.chain, self.chain_data = None, bytearray()
                 raise _CardError(SW.SW_WRONG_LENGTH)
@@ -385,7 +379,7 @@ class _IsoApplet:
         if self.chain is not None:
             if self.chain != header:
                 self.chain, self.chain_data = None, bytearray()
-                raise _CardError(SW_COMMAND_NOT_ALLOWED)
+                raise _CardError(SW.SW_COMMAND_NOT_ALLOWED)
             data = bytes(self.chain_data) + cmd.data
             self.chain, self.chain_data = None, bytearray()
             if len(data) > MAX_CHAIN:
@@ -525,7 +519,7 @@ class _IsoApplet:
             self.current = node
             return node, p2
         if self.current.is_df:
-            raise _CardError(SW_NO_CURRENT_EF)
+            raise _CardError(SW.SW_COMMAND_NOT_ALLOWED_NO_EF)
         return self.current, (p1 << 8) | p2
 
     def _read_binary(self, cmd: CommandApdu, data: bytes) -> bytes:
@@ -570,7 +564,7 @@ class _IsoApplet:
             raise _CardError(SW.SW_WRONG_LENGTH)
         fid = int.from_bytes(data, "big")
         if fid == APPLET_MF:
-            raise _CardError(SW_NO_CURRENT_EF)
+            raise _CardError(SW.SW_COMMAND_NOT_ALLOWED_NO_EF)
         node = self._find(fid)
         self._check_acl(node, Acl.DELETE_SELF)
         assert node.parent is not None
@@ -585,7 +579,7 @@ class _IsoApplet:
     def _fail(self, counter: _Counter) -> _CardError:
         counter.tries_left = max(0, counter.tries_left - 1)
         self._changed()
-        return _CardError(0x63C0 | min(counter.tries_left, 0x0F))
+        return _CardError(sw_with_retries(counter.tries_left))
 
     def _verify(self, cmd: CommandApdu, data: bytes) -> bytes:
         if cmd.p1 != 0x00 or cmd.p2 != PinRef.PIN:
@@ -597,12 +591,12 @@ class _IsoApplet:
         if not data:
             if self.pin_verified:
                 return b""
-            raise _CardError(0x63C0 | min(self.pin.tries_left, 0x0F))
+            raise _CardError(sw_with_retries(self.pin.tries_left))
         if len(data) < PIN_MIN or len(data) > PIN_MAX:
             raise _CardError(SW.SW_WRONG_LENGTH)
         self.pin_verified = self.files_authenticated = False
         if self.pin.tries_left == 0:
-            raise _CardError(0x63C0)
+            raise _CardError(sw_with_retries(0))
         if not hmac.compare_digest(data.ljust(PIN_MAX, b"\x00"), self.pin.value):
             raise self._fail(self.pin)
         if self.pin.tries_left != self.pin.max_tries:
@@ -643,7 +637,7 @@ class _IsoApplet:
         assert self.pin is not None
         self.pin_verified = False
         if self.pin.tries_left == 0:
-            raise _CardError(0x63C0)
+            raise _CardError(sw_with_retries(0))
         if not hmac.compare_digest(data[:PIN_MAX], self.pin.value):
             self.files_authenticated = False
             raise self._fail(self.pin)
@@ -653,13 +647,13 @@ class _IsoApplet:
 
     def _reset_retry_counter(self, cmd: CommandApdu, data: bytes) -> bytes:
         if self.lifecycle != Lifecycle.OPERATIONAL:
-            raise _CardError(SW_NO_CURRENT_EF)
+            raise _CardError(SW.SW_COMMAND_NOT_ALLOWED_NO_EF)
         if cmd.p1 != 0x00 or cmd.p2 != PinRef.PIN:
             raise _CardError(SW.SW_INCORRECT_P1P2)
         if not PUK_LENGTH + PIN_MIN <= len(data) <= PUK_LENGTH + PIN_MAX:
             raise _CardError(SW.SW_WRONG_LENGTH)
         if self.puk is None or self.puk.tries_left == 0:
-            raise _CardError(0x63C0)
+            raise _CardError(sw_with_retries(0))
         if not hmac.compare_digest(data[:PUK_LENGTH], self.puk.value):
             raise self._fail(self.puk)
         new_pin = self._new_pin(data[PUK_LENGTH:])
@@ -753,7 +747,7 @@ class _IsoApplet:
 
     def _put_data(self, cmd: CommandApdu, data: bytes) -> bytes:
         if not self.import_allowed:
-            raise _CardError(SW_COMMAND_NOT_ALLOWED)
+            raise _CardError(SW.SW_COMMAND_NOT_ALLOWED)
         if (cmd.p1, cmd.p2) != (0x3F, 0xFF):
             raise _CardError(SW.SW_INCORRECT_P1P2)
         self._require_pin()
@@ -802,7 +796,7 @@ class _IsoApplet:
             key = self.keys.get(ref)
             if alg == Alg.RSA_PKCS1 and isinstance(key, rsa.RSAPrivateKey):
                 if cmd.le is not None and cmd.le < 256:
-                    raise _CardError(0x6C00)
+                    raise _CardError(SW.SW_CORRECT_LENGTH)
                 if not data or len(data) > MAX_DIGEST_INFO:
                     raise _CardError(SW.SW_WRONG_LENGTH)
                 return _rsa_private(key, _pad_type1(data, 256))
@@ -985,9 +979,9 @@ class VirtualSim:
         if cmd.cla & 0x80 or cmd.cla == 0xFF:
             return SW.SW_CLA_NOT_SUPPORTED.to_bytes(2, "big")
         if cmd.cla & 0x03 or cmd.cla & 0x40:
-            return SW_LOGICAL_CHANNEL_NOT_SUPPORTED.to_bytes(2, "big")
+            return SW.SW_LOGICAL_CHANNEL_NOT_SUPPORTED.to_bytes(2, "big")
         if cmd.cla & 0x0C:
-            return SW_SECURE_MESSAGING_NOT_SUPPORTED.to_bytes(2, "big")
+            return SW.SW_SECURE_MESSAGING_NOT_SUPPORTED.to_bytes(2, "big")
         # GET RESPONSE for an answer the T=0 layer held back (ISO 7816-3 case 4).
         if cmd.ins == Ins.GET_RESPONSE and self._os_pending is not None and not cmd.cla & 0x10:
             data, sw = self._os_pending
@@ -1055,7 +1049,7 @@ class VirtualSim:
             return _uicc_fcp(EF_ICCID, df=False, size=10), SW.SW_OK
         if cmd.ins == Ins.READ_BINARY:
             if self._uicc_current != EF_ICCID:
-                return b"", SW_NO_CURRENT_EF
+                return b"", SW.SW_COMMAND_NOT_ALLOWED_NO_EF
             offset = ((cmd.p1 & 0x7F) << 8) | cmd.p2
             content = encode_iccid(self._iccid)
             if cmd.p1 & 0x80 or offset >= len(content):

@@ -24,11 +24,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tokend import pkcs15
-from tokend import sim_codes as sim
 from tokend.iso7816 import ApduChannel, CommandApdu
-from tokend.sim_codes import AclValue, Fdb
+from tokend.sim import codes
+from tokend.sim import commands as sim
+from tokend.sim.codes import PIN_FORMAT, AclValue, Fdb
 from tokend.simulators.demo import _add_months, _host_material, _user_cert
 from tokend.simulators.sim import VirtualSim
+from tokend.wipe import wipe
 
 DEMO_PIN = b"1234"
 DEMO_PUK = b"1234567812345678"
@@ -139,7 +141,11 @@ class Personaliser:
         self.send(sim.select_aid())
         self.send(sim.set_initial_puk(puk))
         self.send(sim.set_initial_pin(pin))
-        self.send(sim.verify(pin))
+        block = PIN_FORMAT.block(pin)
+        try:
+            self.send(sim.verify(block))
+        finally:
+            wipe(block)
         df = pkcs15.PKCS15_DF
         self.create_ef(
             b"\x3f\x00", pkcs15.EF_DIR, pkcs15.build_dir_record(label), size=128, acl=ACL_OPEN
@@ -159,10 +165,10 @@ class Personaliser:
         aodf = pkcs15.build_pin(
             label="User PIN",
             auth_id=b"\xff",
-            reference=sim.PinRef.PIN,
-            min_length=sim.PIN_MIN,
-            stored_length=sim.PIN_MAX,
-            max_length=sim.PIN_MAX,
+            reference=codes.PinRef.PIN,
+            min_length=codes.PIN_MIN,
+            stored_length=codes.PIN_MAX,
+            max_length=codes.PIN_MAX,
             pad_char=b"\x00",
         )
         self.create_ef(df, AODF, aodf, size=256, acl=ACL_DIRECTORY)
@@ -172,11 +178,11 @@ class Personaliser:
 
     def import_rsa(self, ref: int, key: rsa.RSAPrivateKey) -> None:
         n = key.private_numbers()
-        self.send(sim.mse_set(sim.SeTemplate.GENERATE, sim.Alg.GEN_RSA_2048, ref))
+        self.send(sim.mse_set(codes.SeTemplate.GENERATE, codes.Alg.GEN_RSA_2048, ref))
         self.send(sim.put_rsa_key(n.p, n.q, n.iqmp, n.dmp1, n.dmq1))
 
     def generate_rsa(self, ref: int) -> rsa.RSAPublicKey:
-        self.send(sim.mse_set(sim.SeTemplate.GENERATE, sim.Alg.GEN_RSA_2048, ref))
+        self.send(sim.mse_set(codes.SeTemplate.GENERATE, codes.Alg.GEN_RSA_2048, ref))
         n, e = sim.parse_rsa_public(self.send(sim.generate_rsa()))
         return rsa.RSAPublicNumbers(e, n).public_key()
 

@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from tokend import pkcs15
-from tokend import sim_codes as sc
-from tokend.iso7816 import ApduChannel, CommandApdu, ResponseApdu
+from tokend.iso7816 import ApduChannel, CommandApdu, ResponseApdu, encode_tlv, find_tlv
+from tokend.sim import codes as sc
+from tokend.sim import commands as cmd
 from tokend.simulators.sim import _CURVES, DEFAULT_ATR, VirtualSim
 from tokend.simulators.sim_demo import (
     DEMO_PIN,
@@ -28,6 +29,12 @@ from tokend.simulators.sim_demo import (
 )
 
 PIN = b"123456"
+
+
+def blk(pin: bytes) -> bytes:
+    return bytes(sc.PIN_FORMAT.block(pin))
+
+
 PUK = b"0123456789abcdef"
 
 
@@ -106,157 +113,157 @@ def test_foreign_aids_get_6a82_and_the_applet_answers_its_version() -> None:
 
 def test_lifecycle_puk_exactly_16_then_pin() -> None:
     card = VirtualSim()
-    ok(card, sc.select_aid())
+    ok(card, cmd.select_aid())
     assert send(card, CommandApdu(0, 0x24, 0x01, 0x02, b"short")).sw == 0x6700
-    ok(card, sc.set_initial_puk(PUK))
+    ok(card, cmd.set_initial_puk(PUK))
     # No CHANGE in the 'old, new' form before a PIN exists.
-    assert send(card, sc.change_pin(PIN, PIN)).sw == 0x6985
+    assert send(card, cmd.change_pin(blk(PIN), blk(PIN))).sw == 0x6985
     assert send(card, CommandApdu(0, 0x24, 0x01, 0x01, b"123")).sw == 0x6700
-    ok(card, sc.set_initial_pin(PIN))
-    assert send(card, sc.set_initial_puk(PUK)).sw == 0x6A86  # once operational: no more
+    ok(card, cmd.set_initial_pin(PIN))
+    assert send(card, cmd.set_initial_puk(PUK)).sw == 0x6A86  # once operational: no more
     with pytest.raises(ValueError):
-        sc.set_initial_puk(b"1234567812345678X")
+        cmd.set_initial_puk(b"1234567812345678X")
 
 
 def test_pin_tries_block_and_puk_unblocks() -> None:
     card = personalised()
-    ok(card, sc.select_aid())
-    assert send(card, sc.verify(b"9999")).sw == 0x63C2
-    assert send(card, sc.verify(b"9999")).sw == 0x63C1
-    assert send(card, sc.verify(None)).sw == 0x63C1  # status only: tries left
-    assert send(card, sc.verify(b"9999")).sw == 0x63C0
-    assert send(card, sc.verify(PIN)).sw == 0x63C0  # blocked: even the right PIN
+    ok(card, cmd.select_aid())
+    assert send(card, cmd.verify(blk(b"9999"))).sw == 0x63C2
+    assert send(card, cmd.verify(blk(b"9999"))).sw == 0x63C1
+    assert send(card, cmd.verify(None)).sw == 0x63C1  # status only: tries left
+    assert send(card, cmd.verify(blk(b"9999"))).sw == 0x63C0
+    assert send(card, cmd.verify(blk(PIN))).sw == 0x63C0  # blocked: even the right PIN
     assert send(card, CommandApdu(0, 0x20, 0x00, 0x01, b"12")).sw == 0x6700
-    assert send(card, sc.unblock_pin(b"x" * 16, b"4321")).sw == 0x63C4
-    ok(card, sc.unblock_pin(PUK, b"4321"))
-    assert send(card, sc.verify(PIN)).sw == 0x63C2
-    ok(card, sc.verify(b"4321"))
-    assert send(card, sc.verify(None)).sw == 0x9000
-    ok(card, sc.change_pin(b"4321", b"24680"))
-    assert send(card, sc.change_pin(b"4321", b"1111")).sw == 0x63C2
-    ok(card, sc.verify(b"24680"))
+    assert send(card, cmd.unblock_pin(b"x" * 16, blk(b"4321"))).sw == 0x63C4
+    ok(card, cmd.unblock_pin(PUK, blk(b"4321")))
+    assert send(card, cmd.verify(blk(PIN))).sw == 0x63C2
+    ok(card, cmd.verify(blk(b"4321")))
+    assert send(card, cmd.verify(None)).sw == 0x9000
+    ok(card, cmd.change_pin(blk(b"4321"), blk(b"24680")))
+    assert send(card, cmd.change_pin(blk(b"4321"), blk(b"1111"))).sw == 0x63C2
+    ok(card, cmd.verify(blk(b"24680")))
 
 
 def test_select_forgets_the_pin_and_reset_drops_volatile_state() -> None:
     card = personalised()
-    ok(card, sc.select_aid())
-    ok(card, sc.verify(PIN))
-    ok(card, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0))
-    ok(card, sc.select_aid())  # another program re-selects the applet
-    assert send(card, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0)).sw == 0x6982
-    ok(card, sc.verify(PIN))
+    ok(card, cmd.select_aid())
+    ok(card, cmd.verify(blk(PIN)))
+    ok(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0))
+    ok(card, cmd.select_aid())  # another program re-selects the applet
+    assert send(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0)).sw == 0x6982
+    ok(card, cmd.verify(blk(PIN)))
     card.reset()
     # After a reset the UICC has no applet selected: MSE is not even understood.
-    assert send(card, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0)).sw == 0x6D00
-    ok(card, sc.select_aid())
-    assert send(card, sc.verify(None)).sw == 0x63C3
+    assert send(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0)).sw == 0x6D00
+    ok(card, cmd.select_aid())
+    assert send(card, cmd.verify(None)).sw == 0x63C3
 
 
 def test_acls_protect_directory_files_but_not_odf() -> None:
     card = personalised()
-    ok(card, sc.select_aid())  # operational: files count as authenticated only after VERIFY
+    ok(card, cmd.select_aid())  # operational: files count as authenticated only after VERIFY
     aodf = pkcs15.PKCS15_DF + b"\x44\x01"
     odf = pkcs15.PKCS15_DF + b"\x50\x31"
-    ok(card, sc.select_path(aodf, fcp=False))
-    assert send(card, sc.update_binary(0, b"\x30\x00")[0]).sw == 0x6982
-    assert send(card, sc.read_binary(0, 16)).ok  # READ is always allowed
-    ok(card, sc.select_path(odf, fcp=False))
-    ok(card, sc.update_binary(0, pkcs15.build_odf([])[:0] + b"\xa8\x00")[0])  # no PIN needed
-    ok(card, sc.verify(PIN))
-    ok(card, sc.select_path(aodf, fcp=False))
-    ok(card, sc.update_binary(0, b"\x30\x00")[0])
+    ok(card, cmd.select_path(aodf, fcp=False))
+    assert send(card, cmd.update_binary(0, b"\x30\x00")[0]).sw == 0x6982
+    assert send(card, cmd.read_binary(0, 16)).ok  # READ is always allowed
+    ok(card, cmd.select_path(odf, fcp=False))
+    ok(card, cmd.update_binary(0, pkcs15.build_odf([])[:0] + b"\xa8\x00")[0])  # no PIN needed
+    ok(card, cmd.verify(blk(PIN)))
+    ok(card, cmd.select_path(aodf, fcp=False))
+    ok(card, cmd.update_binary(0, b"\x30\x00")[0])
     # A failed VERIFY drops the files' authentication again.
-    assert send(card, sc.verify(b"0000")).sw == 0x63C2
-    assert send(card, sc.update_binary(0, b"\x30\x00")[0]).sw == 0x6982
+    assert send(card, cmd.verify(blk(b"0000"))).sw == 0x63C2
+    assert send(card, cmd.update_binary(0, b"\x30\x00")[0]).sw == 0x6982
 
 
 def test_file_system_rules() -> None:
     card = personalised()
-    ok(card, sc.select_aid())
-    ok(card, sc.verify(PIN))
-    fcp = ok(card, sc.select_path(pkcs15.PKCS15_DF + b"\x50\x32", fcp=True))
-    assert fcp.startswith(b"\x6f") and sc.fcp_size(fcp) is not None  # stored verbatim
-    ok(card, sc.select_path(pkcs15.PKCS15_DF, fcp=False))
-    make = sc.create_file(sc.fcp(0x5031, fdb=sc.Fdb.TRANSPARENT_EF, size=8, acl=None))
+    ok(card, cmd.select_aid())
+    ok(card, cmd.verify(blk(PIN)))
+    fcp = ok(card, cmd.select_path(pkcs15.PKCS15_DF + b"\x50\x32", fcp=True))
+    assert fcp.startswith(b"\x6f") and cmd.fcp_size(fcp) is not None  # stored verbatim
+    ok(card, cmd.select_path(pkcs15.PKCS15_DF, fcp=False))
+    make = cmd.create_file(cmd.fcp(0x5031, fdb=sc.Fdb.TRANSPARENT_EF, size=8, acl=None))
     assert send(card, make).sw == 0x6A80  # FIDs are unique in the whole tree
-    ok(card, sc.create_file(sc.fcp(0x1234, fdb=sc.Fdb.TRANSPARENT_EF, size=8, acl=None)))
-    assert send(card, sc.update_binary(4, b"12345")[0]).sw == 0x6B00  # past the end
+    ok(card, cmd.create_file(cmd.fcp(0x1234, fdb=sc.Fdb.TRANSPARENT_EF, size=8, acl=None)))
+    assert send(card, cmd.update_binary(4, b"12345")[0]).sw == 0x6B00  # past the end
     assert send(card, CommandApdu(0, 0xB0, 0, 8, le=1)).sw == 0x6B00
-    ok(card, sc.update_binary(0, b"abcdefgh")[0])
+    ok(card, cmd.update_binary(0, b"abcdefgh")[0])
     assert raw(card, "00B0000400") == "6C04"  # T=0: wrong Le
     assert raw(card, "00B0000404") == b"efgh".hex().upper() + "9000"
     assert send(card, CommandApdu(0, 0xA4, 0x00, 0x01, b"\x12\x34")).sw == 0x6A86
     assert send(card, CommandApdu(0, 0xA4, 0x04, 0x00, b"\x01\x02\x03\x04\x05")).sw == 0x6A82
-    assert send(card, sc.delete_file(0x3F00)).sw == 0x6986
-    ok(card, sc.delete_file(0x1234))
-    assert send(card, sc.select_path(pkcs15.PKCS15_DF + b"\x12\x34", fcp=False)).sw == 0x6A82
+    assert send(card, cmd.delete_file(0x3F00)).sw == 0x6986
+    ok(card, cmd.delete_file(0x1234))
+    assert send(card, cmd.select_path(pkcs15.PKCS15_DF + b"\x12\x34", fcp=False)).sw == 0x6A82
     assert send(card, CommandApdu(0, 0xB2, 0, 0, le=0)).sw == 0x6D00  # no record commands
     assert send(card, CommandApdu(0x80, 0xCA, 0, 0, le=0)).sw == 0x6E00
 
 
 def _rsa_public(card: VirtualSim, ref: int) -> rsa.RSAPublicKey:
-    ok(card, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, ref))
-    n, e = sc.parse_rsa_public(ok(card, sc.generate_rsa()))
+    ok(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, ref))
+    n, e = cmd.parse_rsa_public(ok(card, cmd.generate_rsa()))
     return rsa.RSAPublicNumbers(e, n).public_key()
 
 
 def test_generate_sign_and_decipher_with_chaining_and_61xx() -> None:
     card = personalised()
-    ok(card, sc.select_aid())
-    ok(card, sc.verify(PIN))
+    ok(card, cmd.select_aid())
+    ok(card, cmd.verify(blk(PIN)))
     # GENERATE: 256 bytes + 61 0E, then GET RESPONSE of exactly 0E (else 6C0E).
-    ok(card, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 3))
+    ok(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 3))
     first = card.process(bytes.fromhex("0046420000"))
     assert len(first) == 258 and first[-2:] == b"\x61\x0e"
     assert raw(card, "00A40000023F00") == "6900"  # pending data: nothing else
     assert raw(card, "00C0000010") == "6C0E"
     rest = card.process(bytes.fromhex("00C000000E"))
     assert rest[-2:] == b"\x90\x00"
-    n, e = sc.parse_rsa_public(first[:-2] + rest[:-2])
+    n, e = cmd.parse_rsa_public(first[:-2] + rest[:-2])
     public = rsa.RSAPublicNumbers(e, n).public_key()
 
-    ok(card, sc.mse_set(sc.SeTemplate.SIGN, sc.Alg.RSA_PKCS1, 3))
+    ok(card, cmd.mse_set(sc.SeTemplate.SIGN, sc.Alg.RSA_PKCS1, 3))
     digest = hashes.Hash(hashes.SHA256())
     digest.update(b"mail")
     digest_info = bytes.fromhex("3031300d060960864801650304020105000420") + digest.finalize()
-    signature = ok(card, sc.pso_sign(digest_info))
+    signature = ok(card, cmd.pso_sign(digest_info))
     public.verify(signature, b"mail", padding.PKCS1v15(), hashes.SHA256())
     # Le under 256: 6C00 (the channel would re-send with Le 256; check the raw answer).
     short_le = CommandApdu(0, 0x2A, 0x9E, 0x9A, digest_info, le=128).encode()
     assert card.process(short_le) == b"\x6c\x00"
 
-    ok(card, sc.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.RSA_PKCS1, 3))
+    ok(card, cmd.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.RSA_PKCS1, 3))
     ciphertext = public.encrypt(b"content key 1234", padding.PKCS1v15())
     # 257 bytes: chained 255 + 2 by the channel (CLA 10 first), as OpenSC does.
-    assert ok(card, sc.pso_decipher(ciphertext)) == b"content key 1234"
+    assert ok(card, cmd.pso_decipher(ciphertext)) == b"content key 1234"
     assert raw(card, "102A8086FF00" + ciphertext[:254].hex()) == "9000"
     assert raw(card, "00228086 02" + ciphertext[254:].hex()) == "6900"  # header changed
     # A block with signature padding (type 01) is not a PKCS #1 v1.5 encryption block.
     numbers = public.public_numbers()
     block = int.from_bytes(b"\x00\x01" + b"\xff" * 200 + b"\x00" + bytes(53), "big")
     wrong_type = pow(block, numbers.e, numbers.n).to_bytes(256, "big")
-    assert send(card, sc.pso_decipher(wrong_type)).sw == 0x6A80
+    assert send(card, cmd.pso_decipher(wrong_type)).sw == 0x6A80
     assert send(card, CommandApdu(0, 0x2A, 0x80, 0x86, b"\x01" + ciphertext)).sw == 0x6A80
     # Only PSO, GENERATE and PUT DATA may be chained; the key type must match the algorithm.
     assert raw(card, "10B0000010") == "6884"
-    assert send(card, sc.mse_set(sc.SeTemplate.SIGN, sc.Alg.ECDSA_SHA1, 3)).sw == 0x6A80
-    assert send(card, sc.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.ECDSA_SHA1, 3)).sw == 0x6A81
-    assert send(card, sc.mse_set(sc.SeTemplate.SIGN, sc.Alg.RSA_PKCS1, 9)).sw == 0x6F00
+    assert send(card, cmd.mse_set(sc.SeTemplate.SIGN, sc.Alg.ECDSA_SHA1, 3)).sw == 0x6A80
+    assert send(card, cmd.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.ECDSA_SHA1, 3)).sw == 0x6A81
+    assert send(card, cmd.mse_set(sc.SeTemplate.SIGN, sc.Alg.RSA_PKCS1, 9)).sw == 0x6F00
 
 
 def test_ec_generation_and_ecdsa_sha1() -> None:
     card = personalised()
-    ok(card, sc.select_aid())
-    ok(card, sc.verify(PIN))
+    ok(card, cmd.select_aid())
+    ok(card, cmd.verify(blk(PIN)))
     curve = _CURVES[0]
     params = curve.params()
-    body = b"".join(sc.encode_tlv(t, params[t]) for t in (0x81, 0x82, 0x83, 0x84, 0x85, 0x87))
-    ok(card, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_EC, 4))
+    body = b"".join(encode_tlv(t, params[t]) for t in (0x81, 0x82, 0x83, 0x84, 0x85, 0x87))
+    ok(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_EC, 4))
     answer = ok(card, CommandApdu(0, 0x46, 0, 0, body, le=256))
-    point = sc.find_tlv(sc.find_tlv(answer, 0x7F49) or b"", 0x86)
+    point = find_tlv(find_tlv(answer, 0x7F49) or b"", 0x86)
     public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point or b"")
-    ok(card, sc.mse_set(sc.SeTemplate.SIGN, sc.Alg.ECDSA_SHA1, 4))
-    signature = ok(card, sc.pso_sign(b"the message itself"))
+    ok(card, cmd.mse_set(sc.SeTemplate.SIGN, sc.Alg.ECDSA_SHA1, 4))
+    signature = ok(card, cmd.pso_sign(b"the message itself"))
     public.verify(signature, b"the message itself", ec.ECDSA(hashes.SHA1()))
     with pytest.raises(InvalidSignature):
         public.verify(signature, b"another message", ec.ECDSA(hashes.SHA1()))
@@ -266,21 +273,21 @@ def test_import_is_a_build_option() -> None:
     key = rsa.generate_private_key(65537, 2048)
     n = key.private_numbers()
     refused = personalised(import_allowed=False)
-    ok(refused, sc.select_aid())
-    ok(refused, sc.verify(PIN))
-    ok(refused, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0))
-    assert send(refused, sc.put_rsa_key(n.p, n.q, n.iqmp, n.dmp1, n.dmq1)).sw == 0x6900
+    ok(refused, cmd.select_aid())
+    ok(refused, cmd.verify(blk(PIN)))
+    ok(refused, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0))
+    assert send(refused, cmd.put_rsa_key(n.p, n.q, n.iqmp, n.dmp1, n.dmq1)).sw == 0x6900
 
     card = personalised()
-    ok(card, sc.select_aid())
-    ok(card, sc.verify(PIN))
-    ok(card, sc.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0))
-    ok(card, sc.put_rsa_key(n.p, n.q, n.iqmp, n.dmp1, n.dmq1))
-    bad = sc.put_rsa_key(n.p, n.q, n.iqmp, n.dmq1, n.dmp1)  # swapped CRT parts
+    ok(card, cmd.select_aid())
+    ok(card, cmd.verify(blk(PIN)))
+    ok(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_RSA_2048, 0))
+    ok(card, cmd.put_rsa_key(n.p, n.q, n.iqmp, n.dmp1, n.dmq1))
+    bad = cmd.put_rsa_key(n.p, n.q, n.iqmp, n.dmq1, n.dmp1)  # swapped CRT parts
     assert send(card, bad).sw == 0x6A80
-    ok(card, sc.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.RSA_PKCS1, 0))
+    ok(card, cmd.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.RSA_PKCS1, 0))
     blob = key.public_key().encrypt(b"imported", padding.PKCS1v15())
-    assert ok(card, sc.pso_decipher(blob)) == b"imported"
+    assert ok(card, cmd.pso_decipher(blob)) == b"imported"
 
 
 def test_state_file_keeps_keys_pins_and_files(tmp_path) -> None:
@@ -288,17 +295,17 @@ def test_state_file_keeps_keys_pins_and_files(tmp_path) -> None:
     card = VirtualSim(state_file=path, iccid="8949000000000000001")
     material = provision_sim_demo(card)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # private keys inside
-    ok(card, sc.select_aid())
-    assert send(card, sc.verify(b"0000")).sw == 0x63C2  # counted and saved
+    ok(card, cmd.select_aid())
+    assert send(card, cmd.verify(blk(b"0000"))).sw == 0x63C2  # counted and saved
 
     again = VirtualSim(state_file=path)
     assert again.iccid == "8949000000000000001"
-    ok(again, sc.select_aid())
-    assert send(again, sc.verify(None)).sw == 0x63C2
-    ok(again, sc.verify(DEMO_PIN))
-    ok(again, sc.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.RSA_PKCS1, ENCRYPTION_REF))
+    ok(again, cmd.select_aid())
+    assert send(again, cmd.verify(None)).sw == 0x63C2
+    ok(again, cmd.verify(blk(DEMO_PIN)))
+    ok(again, cmd.mse_set(sc.SeTemplate.DECIPHER, sc.Alg.RSA_PKCS1, ENCRYPTION_REF))
     blob = material.encryption_public_key.encrypt(b"session key", padding.PKCS1v15())
-    assert ok(again, sc.pso_decipher(blob)) == b"session key"
+    assert ok(again, cmd.pso_decipher(blob)) == b"session key"
     assert json.loads(path.read_text())["format"] == "tokend-virtual-sim"
 
 
@@ -309,14 +316,14 @@ def test_demo_provisioning_layout() -> None:
     ch = channel(card)
 
     def read(path: bytes) -> bytes:
-        fcp = ch.send(sc.select_path(path, fcp=True)).check()
-        size = sc.fcp_size(fcp) or 0
+        fcp = ch.send(cmd.select_path(path, fcp=True)).check()
+        size = cmd.fcp_size(fcp) or 0
         out = b""
         while len(out) < size:
-            out += ch.send(sc.read_binary(len(out), min(256, size - len(out)))).check()
+            out += ch.send(cmd.read_binary(len(out), min(256, size - len(out)))).check()
         return out
 
-    ch.send(sc.select_aid()).check()
+    ch.send(cmd.select_aid()).check()
     df = pkcs15.PKCS15_DF
     odf = {e.kind: e.path for e in pkcs15.parse_odf(read(df + b"\x50\x31"))}
     keys = pkcs15.parse_prkdf(read(odf[pkcs15.OdfKind.PRIVATE_KEYS]))
@@ -325,10 +332,10 @@ def test_demo_provisioning_layout() -> None:
     der = read(certs[SIGNING_REF].path or b"")
     assert der == material.signing_cert.public_bytes(serialization.Encoding.DER)
     # The signing key was generated on the card: its public key is only in the certificate.
-    ch.send(sc.verify(DEMO_PIN)).check()
-    ch.send(sc.mse_set(sc.SeTemplate.SIGN, sc.Alg.RSA_PKCS1, SIGNING_REF)).check()
+    ch.send(cmd.verify(blk(DEMO_PIN))).check()
+    ch.send(cmd.mse_set(sc.SeTemplate.SIGN, sc.Alg.RSA_PKCS1, SIGNING_REF)).check()
     digest_info = bytes.fromhex("3021300906052b0e03021a05000414") + bytes(20)
-    signature = ch.send(sc.pso_sign(digest_info)).check()
+    signature = ch.send(cmd.pso_sign(digest_info)).check()
     material.signing_public_key.recover_data_from_signature(signature, padding.PKCS1v15(), None)
     assert DEMO_PUK == b"1234567812345678"
 

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from tokend import pkcs15
-from tokend import sim_codes as sc
 from tokend.iso7816 import ApduChannel
+from tokend.sim import codes as sc
+from tokend.sim import commands as cmd
 from tokend.simulators.pcscd import list_readers
 from tokend.simulators.sim import VirtualSim
 
@@ -63,10 +64,10 @@ def certificate_for(public_pem: bytes, name: str) -> bytes:
 
 
 def read_file(channel: ApduChannel, path: bytes) -> bytes:
-    size = sc.fcp_size(channel.send(sc.select_path(path, fcp=True)).check()) or 0
+    size = cmd.fcp_size(channel.send(cmd.select_path(path, fcp=True)).check()) or 0
     out = b""
     while len(out) < size:
-        out += channel.send(sc.read_binary(len(out), min(256, size - len(out)))).check()
+        out += channel.send(cmd.read_binary(len(out), min(256, size - len(out)))).check()
     return out
 
 
@@ -113,7 +114,7 @@ def test_blank_sim_personalised_by_opensc_alone(vpcd, tmp_path) -> None:
     # What OpenSC wrote, read back through tokend's own PKCS#15 parsers.
     card.reset()
     channel = ApduChannel(card.process, extended=False)
-    channel.send(sc.select_aid()).check()
+    channel.send(cmd.select_aid()).check()
     (app,) = pkcs15.parse_dir(read_file(channel, b"\x2f\x00"))
     odf = {e.kind: e.path for e in pkcs15.parse_odf(read_file(channel, app.path + b"\x50\x31"))}
     (key,) = pkcs15.parse_prkdf(read_file(channel, odf[pkcs15.OdfKind.PRIVATE_KEYS]))
