@@ -39,6 +39,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tokend.drivers.base import CardProtocol
 from tokend.iso7816 import SW, CommandApdu, encode_tlv, parse_tlvs
 from tokend.iso7816.status import sw_with_retries
 from tokend.sim.codes import (
@@ -75,6 +76,8 @@ DEFAULT_ATR = bytes.fromhex("3B9A960080746F6B656E6453494D")
 #: Feature byte of the SELECT answer: SecureRandom (02) and ECC (04); never 01 (extended).
 FEATURES = 0x06
 MAX_CHILDREN = 30
+#: MANAGE CHANNEL (ISO 7816-4 §11.1.2).
+MANAGE_CHANNEL = 0x70
 
 _STATE_FORMAT = "tokend-virtual-sim"
 _STATE_VERSION = 1
@@ -876,6 +879,11 @@ class VirtualSim:
     def atr(self) -> bytes:
         return self._atr
 
+    @property
+    def protocol(self) -> CardProtocol:
+        """T=0, as the ATR says: the in-process reader then behaves like pcscd's."""
+        return CardProtocol.T0
+
     def power_on(self) -> None:
         with self._lock:
             self._clear_volatile()
@@ -965,7 +973,8 @@ class VirtualSim:
 
     def _clear_volatile(self) -> None:
         self._applet_selected = False
-        self._uicc_current = UICC_MF
+        #: the UICC's current file per open channel (0 = the basic channel, always open)
+        self._uicc_current: dict[int, int] = {0: UICC_MF}
         self._os_pending: tuple[bytes, int] | None = None  # T=0: a case-4 answer held back
         self.applet.deselect()
 
@@ -978,7 +987,8 @@ class VirtualSim:
             return SW.SW_WRONG_LENGTH.to_bytes(2, "big")
         if cmd.cla & 0x80 or cmd.cla == 0xFF:
             return SW.SW_CLA_NOT_SUPPORTED.to_bytes(2, "big")
-        if cmd.cla & 0x03 or cmd.cla & 0x40:
+        channel = cmd.cla & 0x03
+        if cmd.cla & 0x40 or (channel and channel not in self._uicc_current):
             return SW.SW_LOGICAL_CHANNEL_NOT_SUPPORTED.to_bytes(2, "big")
         if cmd.cla & 0x0C:
             return SW.SW_SECURE_MESSAGING_NOT_SUPPORTED.to_bytes(2, "big")
@@ -991,13 +1001,38 @@ class VirtualSim:
             self._os_pending = None
             return data + sw.to_bytes(2, "big")
         self._os_pending = None
-        if cmd.ins == Ins.SELECT and cmd.p1 == 0x04 and not cmd.cla & 0x10:
+        if cmd.ins == MANAGE_CHANNEL and not cmd.cla & 0x10:
+            data, sw = self._manage_channel(cmd)
+        elif channel:
+            # Logical channels reach the UICC's own files (the ICCID); the PKI applet is
+            # not multi-selectable and lives on the basic channel, as OpenSC uses it.
+            if cmd.ins == Ins.SELECT and cmd.p1 == 0x04:
+                data, sw = b"", SW.SW_FILE_NOT_FOUND
+            else:
+                data, sw = self._uicc_command(cmd, channel)
+        elif cmd.ins == Ins.SELECT and cmd.p1 == 0x04 and not cmd.cla & 0x10:
             data, sw = self._select_aid(cmd)
         elif self._applet_selected:
             data, sw = self.applet.process(cmd)
         else:
-            data, sw = self._uicc_command(cmd)
+            data, sw = self._uicc_command(cmd, 0)
         return self._t0(cmd, data, sw)
+
+    def _manage_channel(self, cmd: CommandApdu) -> tuple[bytes, int]:
+        """MANAGE CHANNEL on the basic channel: open (P1 00, the card picks 1-3) or close
+        (P1 80, P2 = the channel)."""
+        if cmd.cla & 0x03:
+            return b"", SW.SW_FUNC_NOT_SUPPORTED
+        if cmd.p1 == 0x00 and cmd.p2 == 0x00:
+            free = [n for n in (1, 2, 3) if n not in self._uicc_current]
+            if not free:
+                return b"", SW.SW_FUNC_NOT_SUPPORTED
+            self._uicc_current[free[0]] = UICC_MF
+            return bytes((free[0],)), SW.SW_OK
+        if cmd.p1 == 0x80 and cmd.p2 in (1, 2, 3) and cmd.p2 in self._uicc_current:
+            del self._uicc_current[cmd.p2]
+            return b"", SW.SW_OK
+        return b"", SW.SW_INCORRECT_P1P2
 
     def _t0(self, cmd: CommandApdu, data: bytes, sw: int) -> bytes:
         """How the answer crosses a T=0 link."""
@@ -1023,7 +1058,7 @@ class VirtualSim:
         # Not ours: the selected applet (if any) stays selected and keeps its state.
         return b"", SW.SW_FILE_NOT_FOUND
 
-    def _uicc_command(self, cmd: CommandApdu) -> tuple[bytes, int]:
+    def _uicc_command(self, cmd: CommandApdu, channel: int) -> tuple[bytes, int]:
         """What the UICC itself answers while no applet is selected: its MF and EF ICCID."""
         if cmd.cla & 0x10:
             return b"", SW.SW_COMMAND_CHAINING_NOT_SUPPORTED
@@ -1041,14 +1076,14 @@ class VirtualSim:
                 fid = EF_ICCID
             else:
                 return b"", SW.SW_FILE_NOT_FOUND
-            self._uicc_current = fid
+            self._uicc_current[channel] = fid
             if cmd.p2 == 0x0C:
                 return b"", SW.SW_OK
             if fid == UICC_MF:
                 return _uicc_fcp(UICC_MF, df=True), SW.SW_OK
             return _uicc_fcp(EF_ICCID, df=False, size=10), SW.SW_OK
         if cmd.ins == Ins.READ_BINARY:
-            if self._uicc_current != EF_ICCID:
+            if self._uicc_current[channel] != EF_ICCID:
                 return b"", SW.SW_COMMAND_NOT_ALLOWED_NO_EF
             offset = ((cmd.p1 & 0x7F) << 8) | cmd.p2
             content = encode_iccid(self._iccid)

@@ -401,6 +401,7 @@ class KeyInfo:
     value: bytes | None
     modulus_bits: int | None
     private_flag: bool
+    access_flags: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,6 +575,7 @@ def _key(choice: Choice) -> KeyInfo:
         value=value,
         modulus_bits=None if modulus is None else int(modulus),
         private_flag="private" in _flags(common["flags"]),
+        access_flags=_flags(key_attrs["access_flags"]),
     )
 
 
