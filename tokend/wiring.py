@@ -28,6 +28,7 @@ from typing import Any
 
 from tokend.drivers.base import Watcher
 from tokend.drivers.piv import PivToken
+from tokend.drivers.sim import SimToken
 from tokend.model import ProvisioningProfile
 from tokend.registry import AppletOpener, SlotRegistry
 from tokend.simulators.base import SimulatedToken
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 #: Token openers in the order they are asked (a card is the first one's that accepts it).
-APPLETS: tuple[AppletOpener, ...] = (PivToken.open,)
+APPLETS: tuple[AppletOpener, ...] = (PivToken.open, SimToken.open)
 #: Provisioning profiles by applet name (`TokenIdentity.applet`), for tools that provision
 #: a token they reach only through the daemon.
 PROFILES: dict[str, ProvisioningProfile] = {"PIV": PivToken.profile}
@@ -138,10 +139,26 @@ def _simulated_usb(
     return UsbCcidWatcher(backend=bus, hotplug=bus, name="usb-sim"), token
 
 
+def _simulated_sim(
+    export_dir: Path | None, name: str, index: int
+) -> tuple[Watcher, SimulatedToken]:
+    """A demo SIM (IsoApplet on a T=0 UICC) in the in-process reader."""
+    from tokend.simulators.memory import MemoryReader, MemoryToken, MemoryWatcher
+    from tokend.simulators.sim import VirtualSim
+    from tokend.simulators.sim_demo import provision_sim_demo
+
+    card = VirtualSim()
+    provision_sim_demo(card, export_dir)
+    reader = MemoryReader(f"Simulated SIM {index}")
+    reader.insert(card)
+    return MemoryWatcher(reader), MemoryToken(name, reader, card)
+
+
 #: ``--simulate`` kind → factory of a watcher with one demo-provisioned virtual token.
 SIMULATORS: dict[str, SimulatorFactory] = {
     "piv": _simulated_piv,
     "usb": _simulated_usb,
+    "sim": _simulated_sim,
 }
 
 
