@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.conftest import start_daemon, stop_daemon, wait_for_token
 from tokend import pkcs15
+from tokend.client import Client
+from tokend.drivers.pcsc import PcscWatcher
 from tokend.iso7816 import ApduChannel
+from tokend.pkcs11 import CKA
+from tokend.protocol import unb64
 from tokend.sim import codes as sc
 from tokend.sim import commands as cmd
 from tokend.simulators.pcscd import list_readers
@@ -109,6 +115,28 @@ def test_blank_sim_personalised_by_opensc_alone(vpcd, tmp_path) -> None:
         "-i", str(tmp_path / "enc.bin"), "-o", str(tmp_path / "dec.bin"),
     )  # fmt: skip
     assert (tmp_path / "dec.bin").read_bytes() == secret
+
+    # tokend lists what OpenSC made and decrypts with the key OpenSC had the card generate.
+    sock = Path(tempfile.mkdtemp(prefix="tokend-")) / "tokend.sock"
+    running = start_daemon(sock, [PcscWatcher(allow_virtual_readers=True)])
+    try:
+        slot = wait_for_token(running)
+        with Client(sock) as client:
+            assert client.token_info(slot)["token_serial"] == card.iccid
+            session = client.open_session(slot)
+            client.login(session, SO_PIN)  # pkcs15-init's "SO PIN" is the applet's PIN
+            (key,) = client.find_objects(
+                session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_ID: b"\x01"}
+            )
+            attrs = client.get_attributes(session, key, [CKA.CKA_LABEL, CKA.CKA_LOCAL])
+            assert attrs["CKA_LABEL"] == "Alice" and attrs["CKA_LOCAL"] is True
+            blob = public_key.encrypt(secret, padding.PKCS1v15())
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+            (cert,) = client.find_objects(session, {CKA.CKA_CLASS: "CKO_CERTIFICATE"})
+            value = client.get_attributes(session, cert, [CKA.CKA_VALUE])["CKA_VALUE"]
+            assert x509.load_der_x509_certificate(unb64(value)).public_key() == public_key
+    finally:
+        stop_daemon(running)
     vpcd.unplug_all()
 
     # What OpenSC wrote, read back through tokend's own PKCS#15 parsers.
