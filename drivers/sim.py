@@ -226,7 +226,7 @@ class SimToken(SelectedApplet, KeyPairToken):
         digest = hashlib.sha256((iccid or "").encode())
         for ref in sorted(keys):
             public = keys[ref].public_key
-            digest.update(bytes((ref,)) + (_fingerprint(public) if public else b""))
+            digest.update(ref.to_bytes(2, "big") + (_fingerprint(public) if public else b""))
         return digest.digest()
 
     # -- reading the card --
