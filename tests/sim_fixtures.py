@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import HookedCard, RunningDaemon, start_daemon, stop_daemon, wait_for_token
 from tokend.sim import commands as sim_commands
 
+
 class SimHookedCard(HookedCard):
     """`HookedCard` that keeps the SIM's protocol (T=0) visible to the in-process reader."""
 

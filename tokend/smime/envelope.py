@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
-from tokend.errors import EncryptedDataInvalidError, TokendError
+from tokend.errors import EncryptedDataInvalidError, MechanismInvalidError, TokendError
 from tokend.model import Mechanism, OaepParams
 from tokend.pkcs11 import CKG, CKM
 from tokend.smime.errors import (
@@ -331,7 +331,15 @@ def _content_key(keyring: Keyring, r: Recipient, cert: TokenCert) -> bytearray:
             raise UnsupportedAlgorithmError(
                 f"the message uses RSA key transport but the key {cert.label} is not RSA"
             )
-        return keyring.unwrap(cert, r.mechanism, r.encrypted_key)
+        try:
+            return keyring.unwrap(cert, r.mechanism, r.encrypted_key)
+        except MechanismInvalidError:
+            # A SIM's IsoApplet strips PKCS#1 v1.5 padding itself: no OAEP, no raw RSA.
+            what = "RSA-OAEP" if r.mechanism.mechanism == CKM.CKM_RSA_PKCS_OAEP else "this"
+            raise UnsupportedAlgorithmError(
+                f"the token {cert.token} cannot decrypt {what} key transport; the sender "
+                "must use RSA PKCS#1 v1.5 (OpenSSL's default) for this token"
+            ) from None
     curve = _curve_of(cert)
     if curve not in _CURVES:
         raise UnsupportedAlgorithmError(
@@ -341,7 +349,12 @@ def _content_key(keyring: Keyring, r: Recipient, cert: TokenCert) -> bytearray:
     if len(r.peer_point) != _CURVES[curve] or r.peer_point[:1] != b"\x04":
         raise CorruptMessageError("corrupt message: the sender's EC point does not fit the key")
     assert r.kdf_hash is not None and r.wrap is not None and r.wrap_alg is not None
-    z = keyring.agree(cert, r.peer_point)
+    try:
+        z = keyring.agree(cert, r.peer_point)
+    except MechanismInvalidError:
+        raise UnsupportedAlgorithmError(
+            f"the token {cert.token} cannot do ECDH key agreement"
+        ) from None
     kek = bytearray()
     try:
         kek = bytearray(
