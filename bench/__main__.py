@@ -18,7 +18,17 @@ from pathlib import Path
 
 from bench.common import REPO, Row, SectionResult, format_table
 
-SECTIONS = ("overhead", "softhsm", "modules", "concurrency", "lock", "footprint", "scale", "ble")
+SECTIONS = (
+    "overhead",
+    "softhsm",
+    "modules",
+    "concurrency",
+    "lock",
+    "footprint",
+    "scale",
+    "ble",
+    "sim",
+)
 DEFAULT_OUT = REPO / "bench" / "results.json"
 
 
@@ -77,6 +87,10 @@ def _runner(
             from bench import scale
 
             return scale.run(quick)
+        if name == "sim":
+            from bench import sim
+
+            return sim.run(quick)
         raise ValueError(name)
 
     return run

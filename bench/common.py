@@ -210,12 +210,14 @@ def tokend_daemon(
     tokens: int = 1,
     launcher: bool = False,
     timeout: float = 60.0,
+    simulate: str = "piv",
 ) -> Iterator[Child]:
-    """tokend serving ``tokens`` demo-provisioned virtual PIV cards, in a child process.
+    """tokend serving ``tokens`` demo-provisioned virtual PIV cards (``simulate="sim"``: one
+    virtual SIM), in a child process.
 
-    ``launcher=False`` runs the product's own ``tokend serve --no-pcsc --simulate piv``
-    (one card); ``launcher=True`` runs `bench.launcher`, which builds N in-process readers.
-    The demo certificates of card i are written to ``workdir/card<i>``.
+        ``launcher=False`` runs the product's own ``tokend serve --no-pcsc --simulate piv``
+        (one card); ``launcher=True`` runs `bench.launcher`, which builds N in-process readers.
+        The demo certificates of card i are written to ``workdir/card<i>``.
     """
     workdir = short_tempdir("tokend-bench-")
     sock = workdir / "tokend.sock"
@@ -226,7 +228,8 @@ def tokend_daemon(
         if tokens != 1:
             raise ValueError("tokend serve --simulate makes one card; use launcher=True")
         args = [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc"]
-        args += ["--simulate", "piv", "--socket", str(sock), "--export-dir", str(workdir / "card0")]
+        args += ["--simulate", simulate, "--socket", str(sock)]
+        args += ["--export-dir", str(workdir / "card0")]
     # The child's log goes to a file: a pipe nobody reads could fill up and stall it.
     with open(workdir / "daemon.log", "wb") as log:
         proc = subprocess.Popen(
