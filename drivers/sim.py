@@ -42,9 +42,14 @@ from tokend import pkcs15
 from tokend.drivers.applet import SelectedApplet
 from tokend.drivers.base import Transport
 from tokend.errors import (
+    ArgumentsBadError,
     CardResetError,
     DeviceError,
+    DeviceMemoryError,
     EncryptedDataInvalidError,
+    FunctionFailedError,
+    FunctionNotSupportedError,
+    KeySizeRangeError,
     MechanismInvalidError,
     TokendError,
     TransportError,
@@ -59,28 +64,41 @@ from tokend.mechanisms.keypair import (
     key_pair_objects,
 )
 from tokend.model import (
+    KeySlotInfo,
     MechanismInfo,
     PinStatus,
     TokenIdentity,
     TokenInfo,
     TokenObject,
+    TokenStatus,
 )
 from tokend.pkcs11 import CKF_TOKEN
 from tokend.sim import commands as cmd
 from tokend.sim.codes import (
+    ACL_DIRECTORY,
+    ACL_OBJECT,
     APPLET_VERSION,
+    DIRECTORY_SIZE,
     EF_ICCID,
+    FID_CDF,
+    FID_CERTIFICATE_BASE,
+    FID_PRKDF,
+    FID_PUBLIC_KEY_BASE,
+    FID_PUKDF,
     ICCID_LENGTH,
     ISOAPPLET_AID,
     KEY_REFERENCES,
     PIN_FORMAT,
     PIN_MAX,
     PIN_MIN,
+    PUK_FORMAT,
     RSA_BITS,
     Alg,
+    Fdb,
     SeTemplate,
     decode_iccid,
 )
+from tokend.sim.profile import DELETE_KEY, ENCRYPTION_REF, RETIRED_REFS, SIGNING_REF, SIM_PROFILE
 from tokend.wipe import wipe
 
 log = logging.getLogger(__name__)
@@ -134,6 +152,7 @@ class SimToken(SelectedApplet, KeyPairToken):
         self._version: tuple[int, int] = (0, 0)
         self._features = 0
         self._df = pkcs15.PKCS15_DF
+        self._odf: dict[pkcs15.OdfKind, bytes] = {}
         self._token_label: str | None = None
         self._keys: dict[int, SimKey] = {}
         self._pairs: dict[int, KeyPair] = {}
@@ -294,9 +313,9 @@ class SimToken(SelectedApplet, KeyPairToken):
         apps = self._directory("EF.DIR", b"\x3f\x00\x2f\x00", pkcs15.parse_dir)
         app = next((a for a in apps if a.aid == pkcs15.PKCS15_AID and a.path), None)
         self._df = app.path if app is not None and app.path else pkcs15.PKCS15_DF
-        odf = {
-            e.kind: e.path for e in self._directory("ODF", self._df + b"\x50\x31", pkcs15.parse_odf)
-        }
+        odf_path = self._df + pkcs15.EF_ODF.to_bytes(2, "big")
+        odf = {e.kind: e.path for e in self._directory("ODF", odf_path, pkcs15.parse_odf)}
+        self._odf = dict(odf)
         infos = self._directory(
             "TokenInfo", self._df + b"\x50\x32", lambda d: [pkcs15.parse_tokeninfo(d)]
         )
@@ -460,18 +479,18 @@ class SimToken(SelectedApplet, KeyPairToken):
                 self._verify(context_pin)
             yield
 
-    def _mse(self, template: SeTemplate, alg: Alg, pair: KeyPair) -> None:
-        check_sw(self._send(cmd.mse_set(template, alg, pair.ref)))
+    def _mse(self, template: SeTemplate, alg: Alg, ref: int) -> None:
+        check_sw(self._send(cmd.mse_set(template, alg, ref)))
 
     def _card_pkcs1_decrypt(self, pair: KeyPair, ciphertext: bytes) -> bytes:
-        self._mse(SeTemplate.DECIPHER, Alg.RSA_PKCS1, pair)
+        self._mse(SeTemplate.DECIPHER, Alg.RSA_PKCS1, pair.ref)
         rapdu = self._send(cmd.pso_decipher(ciphertext))
         # 6A80: the card found no valid padding (one uniform error, as for raw-RSA cards)
         return check_sw(rapdu, wrong_data=EncryptedDataInvalidError)
 
     def _card_pkcs1_sign(self, pair: KeyPair, digest_info: bytes) -> bytes:
         assert isinstance(pair.public_key, rsa.RSAPublicKey)
-        self._mse(SeTemplate.SIGN, Alg.RSA_PKCS1, pair)
+        self._mse(SeTemplate.SIGN, Alg.RSA_PKCS1, pair.ref)
         signature = check_sw(self._send(cmd.pso_sign(digest_info)))
         k = (pair.public_key.key_size + 7) // 8
         if len(signature) != k:
@@ -490,6 +509,317 @@ class SimToken(SelectedApplet, KeyPairToken):
 
     def _card_ecdsa(self, pair: KeyPair, digest: bytes) -> bytes:
         raise MechanismInvalidError("the SIM applet's ECDSA hashes with SHA-1 on the card")
+
+    # -- provisioning: the PIN protects it (the applet has no management key) --
+
+    profile = SIM_PROFILE
+
+    def authenticate_management_key(self, key: bytes) -> None:
+        """Nothing to authenticate: the application is logged in with the PIN, and the card
+        itself refuses key and file changes without it (6982 = lost login)."""
+        if key:
+            raise FunctionNotSupportedError(NO_ADMIN_KEY)
+
+    def set_management_key(
+        self, new_key: bytes, alg: int = 0, *, require_touch: bool = False
+    ) -> None:
+        raise FunctionNotSupportedError(NO_ADMIN_KEY)
+
+    def change_pin(self, old: bytearray, new: bytearray) -> None:
+        first, second = PIN_FORMAT.block(old), PIN_FORMAT.block(new)
+        try:
+            with self._session():
+                check_sw(self._send(cmd.change_pin(first, second)))
+        finally:
+            wipe(first)
+            wipe(second)
+
+    def unblock_pin(self, puk: bytearray, new: bytearray) -> None:
+        first, second = PUK_FORMAT.block(puk), PIN_FORMAT.block(new)
+        try:
+            with self._session():
+                check_sw(self._send(cmd.unblock_pin(first, second)))
+        finally:
+            wipe(first)
+            wipe(second)
+
+    def change_puk(self, old: bytearray, new: bytearray) -> None:
+        raise FunctionNotSupportedError(
+            "the IsoApplet's PUK is set once, when the SIM is initialised; it cannot change"
+        )
+
+    def reset(self) -> None:
+        raise FunctionNotSupportedError(
+            "the IsoApplet has no erase: delete keys one by one (tokenctl keys delete)"
+        )
+
+    def generate_key(
+        self, slot: int, alg: int, pin_policy: int | None = None, touch_policy: int | None = None
+    ) -> PublicKey:
+        """RSA-2048 on the card into key reference ``slot`` (a key there is replaced)."""
+        if alg != Alg.GEN_RSA_2048:
+            raise ArgumentsBadError("a SIM generates RSA-2048 keys only")
+        with self._session():
+            self._mse(SeTemplate.GENERATE, Alg.GEN_RSA_2048, slot)
+            try:
+                n, e = cmd.parse_rsa_public(check_sw(self._send(cmd.generate_rsa())))
+            except ValueError:
+                raise DeviceError("malformed answer to GENERATE") from None
+            public = rsa.RSAPublicNumbers(e, n).public_key()
+            self._write_key_entries(slot, public, local=True)
+        return public
+
+    def import_key(
+        self,
+        slot: int,
+        private_key: object,
+        pin_policy: int | None = None,
+        touch_policy: int | None = None,
+    ) -> None:
+        """PUT DATA import, where the applet build allows it (the default build does not)."""
+        if not isinstance(private_key, rsa.RSAPrivateKey) or private_key.key_size != RSA_BITS:
+            raise KeySizeRangeError("a SIM holds RSA-2048 keys only")
+        numbers = private_key.private_numbers()
+        command = cmd.put_rsa_key(numbers.p, numbers.q, numbers.iqmp, numbers.dmp1, numbers.dmq1)
+        with self._session():
+            self._mse(SeTemplate.GENERATE, Alg.GEN_RSA_2048, slot)
+            rapdu = self._send(command)
+            if rapdu.sw == SW.SW_COMMAND_NOT_ALLOWED:
+                raise FunctionNotSupportedError(
+                    "this SIM's applet is built without key import (PUT DATA answers 6900): "
+                    "generate the key on the SIM instead (tokenctl keys generate)"
+                )
+            check_sw(rapdu)
+            self._write_key_entries(slot, private_key.public_key(), local=False)
+
+    def put_certificate(self, slot: int, der: bytes) -> None:
+        cert = x509.load_der_x509_certificate(der)
+        public = cert.public_key()
+        key = self._keys.get(slot)
+        if key is not None and key.public_key is not None:
+            key_id = key.info.id
+        elif isinstance(public, rsa.RSAPublicKey):
+            key_id = _key_id(public)
+        else:
+            key_id = bytes((slot,))
+        path = self._df + (FID_CERTIFICATE_BASE + slot).to_bytes(2, "big")
+        with self._session():
+            self._replace_ef(FID_CERTIFICATE_BASE + slot, der)
+            entry = pkcs15.build_certificate(label=_role(slot)[0], cert_id=key_id, path=path)
+            self._rewrite_directory(
+                pkcs15.OdfKind.CERTIFICATES,
+                lambda e: _cert_entry_is(e, key_id, path),
+                entry,
+            )
+
+    def delete_certificate(self, slot: int) -> None:
+        key = self._keys.get(slot)
+        path = self._df + (FID_CERTIFICATE_BASE + slot).to_bytes(2, "big")
+        key_id = key.info.id if key is not None else None
+        with self._session():
+            self._rewrite_directory(
+                pkcs15.OdfKind.CERTIFICATES, lambda e: _cert_entry_is(e, key_id, path), None
+            )
+            self._delete_ef(FID_CERTIFICATE_BASE + slot)
+
+    def move_key(self, src: int, dst: int, *, with_certificate: bool = True) -> None:
+        """Only deletion (``dst`` = DELETE_KEY): the applet cannot move keys between key
+        references, and has no delete either, so the key material is overwritten with a
+        fresh key nobody knows before its PKCS#15 entries go."""
+        if dst != DELETE_KEY:
+            raise FunctionNotSupportedError(
+                "the SIM applet cannot move a key to another key reference (so no "
+                "renew-encryption on a SIM yet: import the new key into a free reference)"
+            )
+        key = self._keys.get(src)
+        with self._session():
+            self._mse(SeTemplate.GENERATE, Alg.GEN_RSA_2048, src)
+            check_sw(self._send(cmd.generate_rsa()))  # the old key is gone from the card
+            key_id = key.info.id if key is not None else None
+            public_path = self._df + (FID_PUBLIC_KEY_BASE + src).to_bytes(2, "big")
+            self._rewrite_directory(
+                pkcs15.OdfKind.PRIVATE_KEYS, lambda e: _private_entry_is(e, src), None
+            )
+            self._rewrite_directory(
+                pkcs15.OdfKind.PUBLIC_KEYS,
+                lambda e: _public_entry_is(e, key_id, public_path),
+                None,
+            )
+            self._delete_ef(FID_PUBLIC_KEY_BASE + src)
+            if with_certificate:
+                self.delete_certificate(src)
+
+    def status(self) -> TokenStatus:
+        slots = []
+        for ref in sorted(k for k in self._keys if k < LONE_CERT_BASE):
+            key = self._keys[ref]
+            public = key.public_key
+            algorithm = None
+            if isinstance(public, rsa.RSAPublicKey):
+                algorithm = f"rsa{public.key_size}"
+            elif isinstance(public, ec.EllipticCurvePublicKey):
+                algorithm = {"secp256r1": "p256", "secp384r1": "p384"}.get(public.curve.name)
+            slots.append(
+                KeySlotInfo(
+                    slot=f"{ref:02x}",
+                    role=_role(ref)[2],
+                    algorithm=algorithm,
+                    certificate=key.cert_der,
+                    origin="generated" if "local" in key.info.access_flags else "imported",
+                )
+            )
+        return TokenStatus(
+            identity=self.identity,
+            info=self.info,
+            pin=self.pin_status(),
+            slots=tuple(slots),
+            version=f"IsoApplet {self._version[0]}.{self._version[1]}",
+        )
+
+    # -- writing the PKCS#15 structures (as pkcs15-init lays them out) --
+
+    def _write_key_entries(self, ref: int, public: rsa.RSAPublicKey, *, local: bool) -> None:
+        old = self._keys.get(ref)
+        old_id = old.info.id if old is not None else None
+        key_id = _key_id(public)
+        label, usage, _role_name = _role(ref)
+        public_path = self._df + (FID_PUBLIC_KEY_BASE + ref).to_bytes(2, "big")
+        der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
+        self._replace_ef(FID_PUBLIC_KEY_BASE + ref, der)
+        flags = (
+            {"sensitive", "alwaysSensitive", "neverExtractable", "local"}
+            if local
+            else {"sensitive"}
+        )
+        self._rewrite_directory(
+            pkcs15.OdfKind.PRIVATE_KEYS,
+            lambda e: _private_entry_is(e, ref),
+            pkcs15.build_private_rsa_key(
+                label=label,
+                key_id=key_id,
+                usage=usage,
+                key_reference=ref,
+                auth_id=b"\xff",
+                path=self._df,
+                modulus_bits=public.key_size,
+                access_flags=frozenset(flags),
+            ),
+        )
+        public_usage = frozenset({"encrypt", "wrap"} if "decrypt" in usage else {"verify"})
+        self._rewrite_directory(
+            pkcs15.OdfKind.PUBLIC_KEYS,
+            lambda e: (
+                _public_entry_is(e, old_id, public_path) or _public_entry_is(e, key_id, public_path)
+            ),
+            pkcs15.build_public_rsa_key(
+                label=label,
+                key_id=key_id,
+                usage=public_usage,
+                path=public_path,
+                modulus_bits=public.key_size,
+            ),
+        )
+
+    def _select_df(self) -> None:
+        check_sw(self._send(cmd.select_path(self._df, fcp=False)))
+
+    def _delete_ef(self, fid: int) -> None:
+        rapdu = self._send(cmd.delete_file(fid))
+        if rapdu.sw != SW.SW_FILE_NOT_FOUND:
+            check_sw(rapdu)
+
+    def _replace_ef(self, fid: int, content: bytes, acl: bytes = ACL_OBJECT) -> None:
+        """(Re)create EF ``fid`` in the PKCS#15 DF exactly as big as ``content``."""
+        self._delete_ef(fid)
+        self._select_df()
+        fcp = cmd.fcp(fid, fdb=Fdb.TRANSPARENT_EF, size=len(content), acl=acl)
+        check_sw(self._send(cmd.create_file(fcp)))
+        for command in cmd.update_binary(0, content):  # the new file is the current one
+            check_sw(self._send(command))
+
+    def _directory_path(self, kind: pkcs15.OdfKind) -> bytes:
+        """The directory file of ``kind``, created (512 bytes) and listed in the ODF when
+        the SIM has none yet (pkcs15-init creates them with the first key or certificate)."""
+        path = self._odf.get(kind)
+        if path is not None:
+            return path
+        fid = {
+            pkcs15.OdfKind.PRIVATE_KEYS: FID_PRKDF,
+            pkcs15.OdfKind.PUBLIC_KEYS: FID_PUKDF,
+            pkcs15.OdfKind.CERTIFICATES: FID_CDF,
+        }[kind]
+        self._select_df()
+        fcp = cmd.fcp(fid, fdb=Fdb.TRANSPARENT_EF, size=DIRECTORY_SIZE, acl=ACL_DIRECTORY)
+        check_sw(self._send(cmd.create_file(fcp)))
+        path = self._df + fid.to_bytes(2, "big")
+        odf_path = self._df + pkcs15.EF_ODF.to_bytes(2, "big")
+        odf = self._read_file(odf_path)
+        if odf is None:
+            raise FunctionFailedError("the SIM has no PKCS#15 structure (initialise it first)")
+        content = b"".join(pkcs15.split_elements(odf)) + pkcs15.build_odf([(kind, path)])
+        self._write_padded(odf_path, content, len(odf))
+        self._odf[kind] = path
+        return path
+
+    def _write_padded(self, path: bytes, content: bytes, size: int) -> None:
+        if len(content) > size:
+            raise DeviceMemoryError(f"PKCS#15 file {path.hex()} is full")
+        check_sw(self._send(cmd.select_path(path, fcp=False)))
+        for command in cmd.update_binary(0, content + bytes(size - len(content))):
+            check_sw(self._send(command))
+
+    def _rewrite_directory(
+        self, kind: pkcs15.OdfKind, drop: Callable[[bytes], bool], add: bytes | None
+    ) -> None:
+        """Keep every entry of a directory file except those ``drop`` names (entries
+        written by other tools are kept byte for byte), append ``add``."""
+        path = self._directory_path(kind)
+        data = self._read_file(path)
+        if data is None:
+            raise FunctionFailedError(f"PKCS#15 file {path.hex()} is missing")
+        kept = [e for e in pkcs15.split_elements(data) if not drop(e)]
+        content = b"".join(kept) + (add or b"")
+        self._write_padded(path, content, len(data))
+
+
+NO_ADMIN_KEY = "a SIM has no management key: the PIN protects provisioning"
+
+
+def _key_id(public: rsa.RSAPublicKey) -> bytes:
+    """PKCS#15 ID of a key: SHA-1 of the modulus (OpenSC's native ID style)."""
+    n = public.public_numbers().n
+    return hashlib.sha1(n.to_bytes((n.bit_length() + 7) // 8, "big")).digest()  # noqa: S324
+
+
+def _role(ref: int) -> tuple[str, frozenset[str], str]:
+    """Label, PKCS#15 usage and role of key reference ``ref`` by tokend's convention."""
+    if ref == ENCRYPTION_REF:
+        return "Encryption key", frozenset({"decrypt", "unwrap"}), "encryption"
+    if ref == SIGNING_REF:
+        return "Signing key", frozenset({"sign", "nonRepudiation"}), "signature"
+    number = RETIRED_REFS.index(ref) + 1 if ref in RETIRED_REFS else ref
+    return f"Retired encryption key {number}", frozenset({"decrypt", "unwrap"}), "retired"
+
+
+def _private_entry_is(element: bytes, ref: int) -> bool:
+    try:
+        return any(k.key_reference == ref for k in pkcs15.parse_prkdf(element))
+    except pkcs15.Pkcs15FormatError:
+        return False
+
+
+def _public_entry_is(element: bytes, key_id: bytes | None, path: bytes) -> bool:
+    try:
+        return any(k.id == key_id or k.path == path for k in pkcs15.parse_pukdf(element))
+    except pkcs15.Pkcs15FormatError:
+        return False
+
+
+def _cert_entry_is(element: bytes, key_id: bytes | None, path: bytes) -> bool:
+    try:
+        return any(c.id == key_id or c.path == path for c in pkcs15.parse_cdf(element))
+    except pkcs15.Pkcs15FormatError:
+        return False
 
 
 def _load_public_key(der: bytes, kind: str) -> PublicKey:

@@ -27,7 +27,7 @@ from tokend import pkcs15
 from tokend.iso7816 import ApduChannel, CommandApdu
 from tokend.sim import codes
 from tokend.sim import commands as sim
-from tokend.sim.codes import PIN_FORMAT, AclValue, Fdb
+from tokend.sim.codes import PIN_FORMAT, Fdb
 from tokend.simulators.demo import _add_months, _host_material, _user_cert
 from tokend.simulators.sim import VirtualSim
 from tokend.wipe import wipe
@@ -38,15 +38,10 @@ TOKEN_LABEL = "JavaCard isoApplet"
 #: The key references the demo uses (the first free ones, as pkcs15-init hands them out).
 ENCRYPTION_REF, SIGNING_REF, RETIRED_REF = 0, 1, 2
 
-_A, _P, _N = AclValue.ALWAYS, AclValue.AUTHENTICATED, AclValue.NEVER
-#: Tag 86 values pkcs15-init writes (isoApplet.profile): see the project's IsoApplet note.
-ACL_OPEN = sim.acl(_A, _A, _A, _A, _A, _A, _A)
-ACL_PKCS15_DF = sim.acl(_A, _A, _A, _A, _A, _A, _P)
-ACL_DIRECTORY = sim.acl(_P, _P, _P, _P, _P, _P, _A)
-ACL_OBJECT = sim.acl(_P, _N, _N, _N, _N, _P, _A)
-
-PRKDF, PUKDF, CDF, AODF = 0x4402, 0x4403, 0x4404, 0x4401
-DIRECTORY_SIZE = 512
+PRKDF, PUKDF, CDF, AODF = codes.FID_PRKDF, codes.FID_PUKDF, codes.FID_CDF, codes.FID_AODF
+ACL_OPEN, ACL_PKCS15_DF = codes.ACL_OPEN, codes.ACL_PKCS15_DF
+ACL_DIRECTORY, ACL_OBJECT = codes.ACL_DIRECTORY, codes.ACL_OBJECT
+DIRECTORY_SIZE = codes.DIRECTORY_SIZE
 IMPORTED_FLAGS = frozenset({"sensitive"})
 ON_CARD_FLAGS = frozenset({"sensitive", "alwaysSensitive", "neverExtractable", "local"})
 

@@ -124,6 +124,7 @@ async def _get_token_info(api: Api, app: Application, p: Params) -> dict:
             "firmware_version": _version(info.firmware_version),
             "generation": state.generation,
             "token_serial": state.serial,
+            "applet": api.engine.registry.instance(p.int("slot_id", "slot")).token.identity.applet,
         }
     }
 

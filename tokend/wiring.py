@@ -52,7 +52,10 @@ __all__ = [
 APPLETS: tuple[AppletOpener, ...] = (PivToken.open, SimToken.open)
 #: Provisioning profiles by applet name (`TokenIdentity.applet`), for tools that provision
 #: a token they reach only through the daemon.
-PROFILES: dict[str, ProvisioningProfile] = {"PIV": PivToken.profile}
+PROFILES: dict[str, ProvisioningProfile] = {
+    "PIV": PivToken.profile,
+    "SIM-PKI": SimToken.profile,
+}
 
 
 @dataclass(frozen=True, slots=True)

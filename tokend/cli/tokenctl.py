@@ -131,6 +131,21 @@ def _slot_arg(text: str) -> int:
     )
 
 
+def _token_slot(client: Client, slot_id: int, text: str) -> int:
+    """A key slot read with the profile of the token in ``slot_id`` (PIV: sign|9c …; a
+    SIM: sign|01, encrypt|00 …); URIs as for PIV."""
+    if p11uri.is_uri(text):
+        return _slot_arg(text)
+    from tokend.wiring import PROFILES
+
+    applet = client.token_info(slot_id).get("applet", PROFILE.applet)
+    profile = PROFILES.get(str(applet), PROFILE)
+    try:
+        return profile.parse_key_slot(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _token_of(args: argparse.Namespace, *selectors: str | None) -> str | None:
     """--token, else the token part of an object URI given for the slot/key."""
     if getattr(args, "token", None):
@@ -387,6 +402,13 @@ def _provision_session(client: Client, args: argparse.Namespace, *, login: bool)
     return _session(client, slot, args, rw=True, login=login)
 
 
+def _provision_target(client: Client, args: argparse.Namespace, *, login: bool) -> tuple[int, int]:
+    """(session, key slot of --slot read with the token's own profile)."""
+    slot_id = _pick_slot(client, _token_of(args, getattr(args, "slot", None)))
+    key_slot = _token_slot(client, slot_id, args.slot)
+    return _session(client, slot_id, args, rw=True, login=login), key_slot
+
+
 def _replace_secret(
     args: argparse.Namespace,
     method: str,
@@ -502,9 +524,8 @@ def _with_mgmt(params: dict[str, Any], args: argparse.Namespace) -> dict[str, An
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    slot = _slot_arg(args.slot)
     with _client(args) as client:
-        session = _provision_session(client, args, login=True)
+        session, slot = _provision_target(client, args, login=True)
         params = _with_mgmt(
             {"h_session": session, "key_slot": f"{slot:02x}", "algorithm": args.alg}, args
         )
@@ -638,10 +659,9 @@ def _load_certificate(data: bytes, source: str) -> bytes:
 
 
 def cmd_cert_import(args: argparse.Namespace) -> int:
-    slot = _slot_arg(args.slot)
     der = _load_certificate(_read_file(args.file), args.file)
     with _client(args) as client:
-        session = _provision_session(client, args, login=True)
+        session, slot = _provision_target(client, args, login=True)
         params = {
             "h_session": session,
             "key_slot": f"{slot:02x}",
@@ -755,11 +775,10 @@ class OperationFailed(Exception):
 
 
 def cmd_import_p12(args: argparse.Namespace) -> int:
-    slot = _slot_arg(args.slot)
     key_der, cert_der, cert = _load_p12(args.file, args)
     try:
         with _client(args) as client:
-            session = _provision_session(client, args, login=True)
+            session, slot = _provision_target(client, args, login=True)
             params = {
                 "h_session": session,
                 "key_slot": f"{slot:02x}",

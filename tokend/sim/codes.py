@@ -161,3 +161,18 @@ PUK_FORMAT = PinFormat(
     encoding=PinEncoding.UTF8,
     label="PUK",
 )
+
+
+# --- the PKCS#15 layout pkcs15-init builds on this applet (isoApplet.profile) --------------
+
+#: Tag 86 values (FF + DELETE_SELF, LOCK, ACTIVATE, DEACTIVATE, CREATE_DF/WRITE,
+#: CREATE_EF/UPDATE, READ/DELETE): 00 always, 90 PIN verified, FF never.
+ACL_OPEN = bytes.fromhex("FF00000000000000")  # EF.DIR, ODF, TokenInfo
+ACL_PKCS15_DF = bytes.fromhex("FF00000000000090")  # DF 5015
+ACL_DIRECTORY = bytes.fromhex("FF90909090909000")  # AODF, PrKDF, PuKDF, CDF
+ACL_OBJECT = bytes.fromhex("FF90FFFFFFFF9000")  # public-key and certificate files
+#: Directory files: FIDs inside the PKCS#15 DF and their fixed size.
+FID_AODF, FID_PRKDF, FID_PUKDF, FID_CDF = 0x4401, 0x4402, 0x4403, 0x4404
+DIRECTORY_SIZE = 512
+#: Public-key and certificate files of key reference n: 3300 + n, 3400 + n.
+FID_PUBLIC_KEY_BASE, FID_CERTIFICATE_BASE = 0x3300, 0x3400
