@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from asn1crypto import keys as asn1_keys
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -98,7 +97,7 @@ from tokend.sim.codes import (
     SeTemplate,
     decode_iccid,
 )
-from tokend.sim.profile import DELETE_KEY, ENCRYPTION_REF, RETIRED_REFS, SIGNING_REF, SIM_PROFILE
+from tokend.sim.profile import DELETE_KEY, SIM_PROFILE, role
 from tokend.wipe import wipe
 
 log = logging.getLogger(__name__)
@@ -363,7 +362,7 @@ class SimToken(SelectedApplet, KeyPairToken):
             return None
         try:
             der = info.value if info.value is not None else self._read_file(info.path or b"")
-            return None if not der else _load_public_key(der, info.kind)
+            return None if not der else pkcs15.load_public_key(der, info.kind)
         except (TransportError, CardResetError):
             raise
         except (TokendError, ValueError) as exc:
@@ -599,16 +598,16 @@ class SimToken(SelectedApplet, KeyPairToken):
         if key is not None and key.public_key is not None:
             key_id = key.info.id
         elif isinstance(public, rsa.RSAPublicKey):
-            key_id = _key_id(public)
+            key_id = pkcs15.native_id(public.public_numbers().n)
         else:
             key_id = bytes((slot,))
         path = self._df + (FID_CERTIFICATE_BASE + slot).to_bytes(2, "big")
         with self._session():
             self._replace_ef(FID_CERTIFICATE_BASE + slot, der)
-            entry = pkcs15.build_certificate(label=_role(slot)[0], cert_id=key_id, path=path)
+            entry = pkcs15.build_certificate(label=role(slot)[0], cert_id=key_id, path=path)
             self._rewrite_directory(
                 pkcs15.OdfKind.CERTIFICATES,
-                lambda e: _cert_entry_is(e, key_id, path),
+                lambda e: pkcs15.certificate_entry_is(e, key_id, path),
                 entry,
             )
 
@@ -618,7 +617,9 @@ class SimToken(SelectedApplet, KeyPairToken):
         key_id = key.info.id if key is not None else None
         with self._session():
             self._rewrite_directory(
-                pkcs15.OdfKind.CERTIFICATES, lambda e: _cert_entry_is(e, key_id, path), None
+                pkcs15.OdfKind.CERTIFICATES,
+                lambda e: pkcs15.certificate_entry_is(e, key_id, path),
+                None,
             )
             self._delete_ef(FID_CERTIFICATE_BASE + slot)
 
@@ -638,11 +639,13 @@ class SimToken(SelectedApplet, KeyPairToken):
             key_id = key.info.id if key is not None else None
             public_path = self._df + (FID_PUBLIC_KEY_BASE + src).to_bytes(2, "big")
             self._rewrite_directory(
-                pkcs15.OdfKind.PRIVATE_KEYS, lambda e: _private_entry_is(e, src), None
+                pkcs15.OdfKind.PRIVATE_KEYS,
+                lambda e: pkcs15.private_entry_has_reference(e, src),
+                None,
             )
             self._rewrite_directory(
                 pkcs15.OdfKind.PUBLIC_KEYS,
-                lambda e: _public_entry_is(e, key_id, public_path),
+                lambda e: pkcs15.public_entry_is(e, key_id, public_path),
                 None,
             )
             self._delete_ef(FID_PUBLIC_KEY_BASE + src)
@@ -662,7 +665,7 @@ class SimToken(SelectedApplet, KeyPairToken):
             slots.append(
                 KeySlotInfo(
                     slot=f"{ref:02x}",
-                    role=_role(ref)[2],
+                    role=role(ref)[2],
                     algorithm=algorithm,
                     certificate=key.cert_der,
                     origin="generated" if "local" in key.info.access_flags else "imported",
@@ -681,8 +684,8 @@ class SimToken(SelectedApplet, KeyPairToken):
     def _write_key_entries(self, ref: int, public: rsa.RSAPublicKey, *, local: bool) -> None:
         old = self._keys.get(ref)
         old_id = old.info.id if old is not None else None
-        key_id = _key_id(public)
-        label, usage, _role_name = _role(ref)
+        key_id = pkcs15.native_id(public.public_numbers().n)
+        label, usage, _role_name = role(ref)
         public_path = self._df + (FID_PUBLIC_KEY_BASE + ref).to_bytes(2, "big")
         der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
         self._replace_ef(FID_PUBLIC_KEY_BASE + ref, der)
@@ -693,7 +696,7 @@ class SimToken(SelectedApplet, KeyPairToken):
         )
         self._rewrite_directory(
             pkcs15.OdfKind.PRIVATE_KEYS,
-            lambda e: _private_entry_is(e, ref),
+            lambda e: pkcs15.private_entry_has_reference(e, ref),
             pkcs15.build_private_rsa_key(
                 label=label,
                 key_id=key_id,
@@ -709,7 +712,8 @@ class SimToken(SelectedApplet, KeyPairToken):
         self._rewrite_directory(
             pkcs15.OdfKind.PUBLIC_KEYS,
             lambda e: (
-                _public_entry_is(e, old_id, public_path) or _public_entry_is(e, key_id, public_path)
+                pkcs15.public_entry_is(e, old_id, public_path)
+                or pkcs15.public_entry_is(e, key_id, public_path)
             ),
             pkcs15.build_public_rsa_key(
                 label=label,
@@ -783,59 +787,3 @@ class SimToken(SelectedApplet, KeyPairToken):
 
 
 NO_ADMIN_KEY = "a SIM has no management key: the PIN protects provisioning"
-
-
-def _key_id(public: rsa.RSAPublicKey) -> bytes:
-    """PKCS#15 ID of a key: SHA-1 of the modulus (OpenSC's native ID style)."""
-    n = public.public_numbers().n
-    return hashlib.sha1(n.to_bytes((n.bit_length() + 7) // 8, "big")).digest()  # noqa: S324
-
-
-def _role(ref: int) -> tuple[str, frozenset[str], str]:
-    """Label, PKCS#15 usage and role of key reference ``ref`` by tokend's convention."""
-    if ref == ENCRYPTION_REF:
-        return "Encryption key", frozenset({"decrypt", "unwrap"}), "encryption"
-    if ref == SIGNING_REF:
-        return "Signing key", frozenset({"sign", "nonRepudiation"}), "signature"
-    number = RETIRED_REFS.index(ref) + 1 if ref in RETIRED_REFS else ref
-    return f"Retired encryption key {number}", frozenset({"decrypt", "unwrap"}), "retired"
-
-
-def _private_entry_is(element: bytes, ref: int) -> bool:
-    try:
-        return any(k.key_reference == ref for k in pkcs15.parse_prkdf(element))
-    except pkcs15.Pkcs15FormatError:
-        return False
-
-
-def _public_entry_is(element: bytes, key_id: bytes | None, path: bytes) -> bool:
-    try:
-        return any(k.id == key_id or k.path == path for k in pkcs15.parse_pukdf(element))
-    except pkcs15.Pkcs15FormatError:
-        return False
-
-
-def _cert_entry_is(element: bytes, key_id: bytes | None, path: bytes) -> bool:
-    try:
-        return any(c.id == key_id or c.path == path for c in pkcs15.parse_cdf(element))
-    except pkcs15.Pkcs15FormatError:
-        return False
-
-
-def _load_public_key(der: bytes, kind: str) -> PublicKey:
-    """A public-key file: SubjectPublicKeyInfo, or (what pkcs15-init stores for RSA) a
-    PKCS#1 RSAPublicKey. ValueError if it is neither."""
-    try:
-        key = serialization.load_der_public_key(der)
-    except ValueError:
-        if kind != "rsa":
-            raise
-        try:
-            parsed = asn1_keys.RSAPublicKey.load(der, strict=True)
-            n, e = int(parsed["modulus"].native), int(parsed["public_exponent"].native)
-            key = rsa.RSAPublicNumbers(e, n).public_key()
-        except Exception as exc:  # asn1crypto / cryptography: any malformed input
-            raise ValueError(f"not an RSA public key ({type(exc).__name__})") from None
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise ValueError("unsupported public key type")
-    return key

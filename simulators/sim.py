@@ -82,6 +82,7 @@ MANAGE_CHANNEL = 0x70
 _STATE_FORMAT = "tokend-virtual-sim"
 _STATE_VERSION = 1
 
+
 class _CardError(Exception):
     """Ends a command with a status word (control flow inside the card)."""
 

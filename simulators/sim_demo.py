@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tokend import pkcs15
@@ -196,14 +196,6 @@ class Personaliser:
         return pkcs15.PKCS15_DF + fid.to_bytes(2, "big")
 
 
-def _key_id(public_key: rsa.RSAPublicKey) -> bytes:
-    """PKCS#15 ID of a key: SHA-1 of the modulus, as OpenSC derives it (id-style native)."""
-    n = public_key.public_numbers().n
-    digest = hashes.Hash(hashes.SHA1())  # noqa: S303 (an identifier, not a signature)
-    digest.update(n.to_bytes((n.bit_length() + 7) // 8, "big"))
-    return digest.finalize()
-
-
 def provision_sim_demo(
     card: VirtualSim, out_dir: Path | None = None, *, iccid: str | None = None
 ) -> SimDemoMaterial:
@@ -242,7 +234,7 @@ def provision_sim_demo(
     for ref, label, cert, usage in entries:
         public_key = cert.public_key()
         assert isinstance(public_key, rsa.RSAPublicKey)
-        key_id = _key_id(public_key)
+        key_id = pkcs15.native_id(public_key.public_numbers().n)
         public_path = apdu.store_public_key(ref, public_key)
         cert_path = apdu.store_certificate(ref, cert)
         prkdf += pkcs15.build_private_rsa_key(

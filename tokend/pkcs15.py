@@ -13,12 +13,14 @@ hints (which file to read, what a key is called), never as a security decision.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any as _AnyType
 from typing import TypeVar
 
+from asn1crypto import keys as asn1_keys
 from asn1crypto import parser
 from asn1crypto.core import (
     Any,
@@ -36,6 +38,8 @@ from asn1crypto.core import (
     UTF8String,
 )
 from asn1crypto.x509 import Name
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tokend.errors import DeviceError
 
@@ -743,3 +747,57 @@ def build_certificate(*, label: str, cert_id: bytes, path: bytes, authority: boo
         }
     )
     return CertificateType(name="x509", value=obj).dump()
+
+
+# --- helpers for tools that rewrite directory files and read key files ---------------------
+
+
+def native_id(modulus: int) -> bytes:
+    """The ID OpenSC gives a key it creates (its "native" style): SHA-1 of the modulus."""
+    return hashlib.sha1(modulus.to_bytes((modulus.bit_length() + 7) // 8, "big")).digest()  # noqa: S324
+
+
+def private_entry_has_reference(element: bytes, ref: int) -> bool:
+    """Whether a PrKDF element describes key reference ``ref`` (False if unreadable)."""
+    try:
+        return any(k.key_reference == ref for k in parse_prkdf(element))
+    except Pkcs15FormatError:
+        return False
+
+
+def public_entry_is(element: bytes, key_id: bytes | None, path: bytes) -> bool:
+    """Whether a PuKDF element has ID ``key_id`` or lives at ``path``."""
+    try:
+        return any(k.id == key_id or k.path == path for k in parse_pukdf(element))
+    except Pkcs15FormatError:
+        return False
+
+
+def certificate_entry_is(element: bytes, cert_id: bytes | None, path: bytes) -> bool:
+    """Whether a CDF element has ID ``cert_id`` or lives at ``path``."""
+    try:
+        return any(c.id == cert_id or c.path == path for c in parse_cdf(element))
+    except Pkcs15FormatError:
+        return False
+
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def load_public_key(der: bytes, kind: str) -> PublicKey:
+    """A public-key file: SubjectPublicKeyInfo, or (what pkcs15-init stores for RSA) a
+    PKCS#1 RSAPublicKey. ValueError if it is neither."""
+    try:
+        key = serialization.load_der_public_key(der)
+    except ValueError:
+        if kind != "rsa":
+            raise
+        try:
+            parsed = asn1_keys.RSAPublicKey.load(der, strict=True)
+            n, e = int(parsed["modulus"].native), int(parsed["public_exponent"].native)
+            key = rsa.RSAPublicNumbers(e, n).public_key()
+        except Exception as exc:  # asn1crypto / cryptography: any malformed input
+            raise ValueError(f"not an RSA public key ({type(exc).__name__})") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError("unsupported public key type")
+    return key

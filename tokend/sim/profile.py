@@ -11,7 +11,14 @@ from __future__ import annotations
 from tokend.model import ProvisioningProfile
 from tokend.sim.codes import KEY_REFERENCES, Alg
 
-__all__ = ["DELETE_KEY", "ENCRYPTION_REF", "RETIRED_REFS", "SIGNING_REF", "SIM_PROFILE"]
+__all__ = [
+    "DELETE_KEY",
+    "ENCRYPTION_REF",
+    "RETIRED_REFS",
+    "SIGNING_REF",
+    "SIM_PROFILE",
+    "role",
+]
 
 ENCRYPTION_REF, SIGNING_REF = 0, 1
 RETIRED_REFS = tuple(range(2, 16))
@@ -40,3 +47,14 @@ SIM_PROFILE = ProvisioningProfile(
     default_admin_key=b"",
     slot_hint="encrypt (00), sign (01), retired 02-0f",
 )
+
+
+def role(ref: int) -> tuple[str, frozenset[str], str]:
+    """Label, PKCS#15 usage and role of key reference ``ref`` by tokend's convention (the
+    demo and tokenctl write these; OpenSC shows the labels)."""
+    if ref == ENCRYPTION_REF:
+        return "Encryption key", frozenset({"decrypt", "unwrap"}), "encryption"
+    if ref == SIGNING_REF:
+        return "Signing key", frozenset({"sign", "nonRepudiation"}), "signature"
+    number = RETIRED_REFS.index(ref) + 1 if ref in RETIRED_REFS else ref
+    return f"Retired encryption key {number}", frozenset({"decrypt", "unwrap"}), "retired"
