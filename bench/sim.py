@@ -92,7 +92,7 @@ def through_socket(sock: Path, cert_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def run(quick: bool = False) -> SectionResult:
-    res = SectionResult("7 SIM")
+    res = SectionResult("9 SIM")
     rounds, per_round = (3, 3) if quick else (20, 10)
     local_decrypt, local_sign, local_close = in_process()
     with tokend_daemon(simulate="sim") as daemon:
