@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import RunningDaemon, start_daemon, stop_daemon, wait_for_token
+from tests.sim_fixtures import memory_sim  # noqa: F401 - fixture
 from tests.test_provisioning import ctl, ok
 from tokend.client import Client
 from tokend.pkcs11 import CKA
@@ -227,3 +228,30 @@ def test_opensc_lists_and_decrypts_what_tokenctl_provisioned(vpcd, sock_path, tm
         capture_output=True, timeout=60, check=True,
     )  # fmt: skip
     assert (tmp_path / "dec.bin").read_bytes() == secret
+
+
+def test_retired_keys_listed_and_pruned_renewal_refused(memory_sim, tmp_path) -> None:  # noqa: F811
+    daemon = memory_sim
+    demo, card = daemon.extras["demo"], daemon.extras["card"]
+    retired_before = card.applet.keys[2].private_numbers()
+    listing = ok(ctl(daemon, "retired", "list"))
+    assert listing.out.decode().startswith("02  ") and "1 of 14 retired slots used" in listing.err
+
+    # Renewal needs a key moved between references: the applet cannot, tokenctl says so.
+    key = rsa.generate_private_key(65537, 2048)
+    cert = _issue(_ca(), key.public_key(), "Ann 2029")
+    p12 = tmp_path / "new.p12"
+    p12.write_bytes(
+        pkcs12.serialize_key_and_certificates(b"ann", key, cert, None, serialization.NoEncryption())
+    )
+    ran = ctl(daemon, "renew-encryption", str(p12), "--pin-fd", "{fd}", "--password-fd", "{fd}",
+              secrets=("", PIN))  # fmt: skip
+    assert ran.rc == 1 and "cannot move a key" in ran.err
+    assert card.applet.keys[0].public_key() == demo.encryption_public_key  # untouched
+
+    ok(ctl(daemon, "retired", "prune", "--before", "2999-01-01", "--yes", "--pin-fd", "{fd}",
+           secrets=(PIN,)))  # fmt: skip
+    status = json.loads(ok(ctl(daemon, "status", "--json")).out)["status"]
+    assert [s["slot"] for s in status["slots"]] == ["00", "01"]
+    # The applet has no delete: the old key material was overwritten, not just unlisted.
+    assert card.applet.keys[2].private_numbers() != retired_before

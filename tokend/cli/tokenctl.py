@@ -38,7 +38,7 @@ from tokend.cli.common import (
 )
 from tokend.client import Client, UntrustedServerError
 from tokend.errors import DeviceMemoryError
-from tokend.model import Mechanism, OaepParams
+from tokend.model import Mechanism, OaepParams, ProvisioningProfile
 from tokend.piv.profile import PIV_PROFILE
 from tokend.pkcs11 import CKA, CKG, CKM
 from tokend.protocol import b64, unb64
@@ -131,17 +131,21 @@ def _slot_arg(text: str) -> int:
     )
 
 
+def _profile_of(client: Client, slot_id: int) -> ProvisioningProfile:
+    """The provisioning profile of the token in ``slot_id`` (by the applet it reports)."""
+    from tokend.wiring import PROFILES
+
+    applet = client.token_info(slot_id).get("applet", PROFILE.applet)
+    return PROFILES.get(str(applet), PROFILE)
+
+
 def _token_slot(client: Client, slot_id: int, text: str) -> int:
     """A key slot read with the profile of the token in ``slot_id`` (PIV: sign|9c …; a
     SIM: sign|01, encrypt|00 …); URIs as for PIV."""
     if p11uri.is_uri(text):
         return _slot_arg(text)
-    from tokend.wiring import PROFILES
-
-    applet = client.token_info(slot_id).get("applet", PROFILE.applet)
-    profile = PROFILES.get(str(applet), PROFILE)
     try:
-        return profile.parse_key_slot(text)
+        return _profile_of(client, slot_id).parse_key_slot(text)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -803,9 +807,11 @@ def cmd_renew_encryption(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             session = _provision_session(client, args, login=True)
+            slot_id = _pick_slot(client, _token_of(args))
+            encryption = f"{_profile_of(client, slot_id).encryption_slot:02x}"
             params = {
                 "h_session": session,
-                "key_slot": "9d",
+                "key_slot": encryption,
                 "private_key": b64(key_der),
                 "certificate": b64(cert_der),
             }
@@ -821,7 +827,7 @@ def cmd_renew_encryption(args: argparse.Namespace) -> int:
         wipe(key_der)
     old = result.get("retired_slot")
     moved = f"old key and certificate kept in retired slot {old} (decrypt only); " if old else ""
-    print(f"{moved}new key {cert.subject.rfc4514_string()} in slot 9d", file=sys.stderr)
+    print(f"{moved}new key {cert.subject.rfc4514_string()} in slot {encryption}", file=sys.stderr)
     return 0
 
 
@@ -831,10 +837,12 @@ def _retired(client: Client, slot_id: int) -> list[dict[str, Any]]:
 
 def cmd_retired_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        rows = _retired(client, _pick_slot(client, args.token))
+        slot_id = _pick_slot(client, args.token)
+        rows = _retired(client, slot_id)
+        total = len(_profile_of(client, slot_id).retired_slots)
     for s in rows:
         print(f"{s['slot']}  {_cert_line(s['certificate'])}")
-    print(f"{len(rows)} of {RETIRED_TOTAL} retired slots used", file=sys.stderr)
+    print(f"{len(rows)} of {total} retired slots used", file=sys.stderr)
     return 0
 
 
