@@ -55,6 +55,8 @@ from tokend.sim.codes import (
     PIN_TRIES,
     PUK_LENGTH,
     PUK_TRIES,
+    TAG_PRIVATE_KEY_TEMPLATE,
+    TAG_PUBLIC_KEY_TEMPLATE,
     UICC_MF,
     Acl,
     AclValue,
@@ -63,6 +65,7 @@ from tokend.sim.codes import (
     Ins,
     Lifecycle,
     PinRef,
+    Pso,
     SeTemplate,
     encode_iccid,
     luhn_digit,
@@ -717,7 +720,7 @@ class _IsoApplet:
     def _rsa_public(key: rsa.RSAPrivateKey) -> bytes:
         numbers = key.public_key().public_numbers()
         return encode_tlv(
-            0x7F49,
+            TAG_PUBLIC_KEY_TEMPLATE,
             encode_tlv(0x81, numbers.n.to_bytes(256, "big"))
             + encode_tlv(0x82, numbers.e.to_bytes(3, "big")),
         )
@@ -747,7 +750,8 @@ class _IsoApplet:
         )
         params = curve.params()
         body = b"".join(encode_tlv(t, params[t]) for t in (0x81, 0x82, 0x83, 0x84, 0x85))
-        return encode_tlv(0x7F49, body + encode_tlv(0x86, point) + encode_tlv(0x87, params[0x87]))
+        template = body + encode_tlv(0x86, point) + encode_tlv(0x87, params[0x87])
+        return encode_tlv(TAG_PUBLIC_KEY_TEMPLATE, template)
 
     def _put_data(self, cmd: CommandApdu, data: bytes) -> bytes:
         if not self.import_allowed:
@@ -762,7 +766,7 @@ class _IsoApplet:
         except ValueError:
             raise _CardError(SW.SW_WRONG_DATA) from None
         key: PrivateKey
-        if alg == Alg.GEN_RSA_2048 and outer.tag == 0x7F48:
+        if alg == Alg.GEN_RSA_2048 and outer.tag == TAG_PRIVATE_KEY_TEMPLATE:
             try:
                 p, q, iqmp, dmp1, dmq1 = (
                     int.from_bytes(fields[t], "big") for t in (0x92, 0x93, 0x94, 0x95, 0x96)
@@ -795,7 +799,7 @@ class _IsoApplet:
 
     def _pso(self, cmd: CommandApdu, data: bytes) -> bytes:
         self._require_pin()
-        if (cmd.p1, cmd.p2) == (0x9E, 0x9A):
+        if (cmd.p1 << 8) | cmd.p2 == Pso.COMPUTE_DIGITAL_SIGNATURE:
             alg, ref = self._se(SeTemplate.SIGN)
             key = self.keys.get(ref)
             if alg == Alg.RSA_PKCS1 and isinstance(key, rsa.RSAPrivateKey):
@@ -807,7 +811,7 @@ class _IsoApplet:
             if alg == Alg.ECDSA_SHA1 and isinstance(key, ec.EllipticCurvePrivateKey):
                 return key.sign(data, ec.ECDSA(hashes.SHA1()))  # noqa: S303 (the applet's)
             raise _CardError(SW.SW_UNKNOWN)
-        if (cmd.p1, cmd.p2) == (0x80, 0x86):
+        if (cmd.p1 << 8) | cmd.p2 == Pso.DECIPHER:
             _alg, ref = self._se(SeTemplate.DECIPHER)
             key = self.keys.get(ref)
             if not isinstance(key, rsa.RSAPrivateKey):

@@ -58,6 +58,27 @@ class Ins(IntEnum):
     DELETE_FILE = 0xE4
 
 
+class Pso(IntEnum):
+    """PERFORM SECURITY OPERATION P1-P2 (ISO 7816-8 §11): output tag, input tag."""
+
+    COMPUTE_DIGITAL_SIGNATURE = 0x9E9A
+    DECIPHER = 0x8086
+
+    @property
+    def p1(self) -> int:
+        return self.value >> 8
+
+    @property
+    def p2(self) -> int:
+        return self.value & 0xFF
+
+
+#: ISO 7816-8 key templates: the public key GENERATE returns, the private key PUT DATA
+#: imports. (PIV answers its GENERATE with the same 7F49 template.)
+TAG_PUBLIC_KEY_TEMPLATE = 0x7F49
+TAG_PRIVATE_KEY_TEMPLATE = 0x7F48
+
+
 class PinRef(IntEnum):
     """Inside the applet (never the SIM's own PIN1, which lives in the UICC, not here)."""
 

@@ -10,11 +10,14 @@ from tokend.sim.codes import (
     KEY_REFERENCES,
     PUK_LENGTH,
     RSA_BITS,
+    TAG_PRIVATE_KEY_TEMPLATE,
+    TAG_PUBLIC_KEY_TEMPLATE,
     AclValue,
     Alg,
     Fdb,
     Ins,
     PinRef,
+    Pso,
     SeTemplate,
 )
 
@@ -144,23 +147,30 @@ def put_rsa_key(p: int, q: int, iqmp: int, dmp1: int, dmq1: int) -> CommandApdu:
         encode_tlv(tag, value.to_bytes(half, "big"))
         for tag, value in zip((0x92, 0x93, 0x94, 0x95, 0x96), (p, q, iqmp, dmp1, dmq1), strict=True)
     )
-    return CommandApdu(0x00, Ins.PUT_DATA, 0x3F, 0xFF, encode_tlv(0x7F48, body))
+    return CommandApdu(0x00, Ins.PUT_DATA, 0x3F, 0xFF, encode_tlv(TAG_PRIVATE_KEY_TEMPLATE, body))
 
 
 def pso_sign(data: bytes) -> CommandApdu:
-    return CommandApdu(0x00, Ins.PERFORM_SECURITY_OPERATION, 0x9E, 0x9A, data, le=256)
+    sign = Pso.COMPUTE_DIGITAL_SIGNATURE
+    return CommandApdu(0x00, Ins.PERFORM_SECURITY_OPERATION, sign.p1, sign.p2, data, le=256)
 
 
 def pso_decipher(ciphertext: bytes) -> CommandApdu:
     """00 (padding indicator) + the 256-byte cryptogram: 257 bytes, chained at 255."""
+    decipher = Pso.DECIPHER
     return CommandApdu(
-        0x00, Ins.PERFORM_SECURITY_OPERATION, 0x80, 0x86, b"\x00" + ciphertext, le=256
+        0x00,
+        Ins.PERFORM_SECURITY_OPERATION,
+        decipher.p1,
+        decipher.p2,
+        b"\x00" + ciphertext,
+        le=256,
     )
 
 
 def parse_rsa_public(answer: bytes) -> tuple[int, int]:
     """(n, e) from GENERATE's ``7F49 {81 n, 82 e}``; ValueError if malformed."""
-    outer = find_tlv(answer, 0x7F49)
+    outer = find_tlv(answer, TAG_PUBLIC_KEY_TEMPLATE)
     if outer is None:
         raise ValueError("no 7F49 template")
     n, e = find_tlv(outer, 0x81), find_tlv(outer, 0x82)
