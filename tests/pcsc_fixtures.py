@@ -163,6 +163,8 @@ def vpcd(pcscd_service: PcscdService) -> Iterator[Vpcd]:
     pcscd_service.ensure_running()
     # A lease: parallel test processes on this machine share one pcscd, not the slots.
     with pcscd_service.lease() as entry:
+        # The pcscd we reused may belong to a test process that ended while we waited.
+        pcscd_service.ensure_running()
         for name in entry.reader_names:
             # A stale client from an earlier test would hold the slot and break this one.
             wait_absent(name, timeout=5.0)
