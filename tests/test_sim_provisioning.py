@@ -131,6 +131,20 @@ def test_tokenctl_provisions_a_sim(memory_blank_sim, tmp_path) -> None:
                  "--in", str(blob), "--pin-fd", "{fd}", secrets=(PIN,))).out  # fmt: skip
     assert out == secret
 
+    # A certificate request signed on the SIM, verifiable with openssl.
+    request = tmp_path / "sign.csr"
+    ok(ctl(daemon, "csr", "--slot", "sign", "--subject", "CN=Ann Example", "--token", serial,
+           "--out", str(request), "--pin-fd", "{fd}", secrets=(PIN,)))  # fmt: skip
+    verified = subprocess.run(
+        ["openssl", "req", "-verify", "-noout", "-in", str(request)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    assert "CN" in subprocess.run(
+        ["openssl", "req", "-noout", "-subject", "-in", str(request)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+
     # What a SIM cannot do is a clear error, not a silent success.
     ran = ctl(daemon, "puk", "change", "--token", serial, "--puk-fd", "{fd}",
               secrets=(PUK, "8765432187654321"))  # fmt: skip

@@ -92,6 +92,7 @@ def _slot_json(info: KeySlotInfo, usage: dict[str, SlotUsage]) -> dict[str, Any]
         "has_key": use is not None,
         "usage": uses,
         "always_authenticate": bool(use and use.always_authenticate),
+        "key_id": use.key_id.hex() if use is not None else None,
         "certificate": _certificate(info.certificate),
     }
 

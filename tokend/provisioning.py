@@ -115,6 +115,8 @@ class SlotUsage:
     sign: bool
     decrypt: bool
     always_authenticate: bool
+    #: CKA_ID of the slot's key (tools find its objects by it; a SIM's IDs are per key)
+    key_id: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -645,6 +647,7 @@ def _usage(obj: TokenObject) -> SlotUsage:
         sign=bool(a.get(CKA.CKA_SIGN)),
         decrypt=bool(a.get(CKA.CKA_DECRYPT) or a.get(CKA.CKA_DERIVE)),
         always_authenticate=bool(a.get(CKA.CKA_ALWAYS_AUTHENTICATE)),
+        key_id=bytes(a.get(CKA.CKA_ID) or b""),  # type: ignore[arg-type]
     )
 
 

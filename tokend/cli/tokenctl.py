@@ -577,11 +577,12 @@ def _subject(text: str) -> ax509.Name:
 
 
 def cmd_csr(args: argparse.Namespace) -> int:
-    slot = _slot_arg(args.slot)
-    key_id = p11uri.slot_to_id(slot)
     subject = _subject(args.subject)
     with _client(args) as client:
         slot_id = _pick_slot(client, _token_of(args, args.slot))
+        slot = _token_slot(client, slot_id, args.slot)
+        profile = _profile_of(client, slot_id)
+        key_id = profile.key_ids.get(slot) or _status_key_id(client, slot_id, slot)
         session = client.open_session(slot_id)
         pubs = client.find_objects(session, {CKA.CKA_CLASS: "CKO_PUBLIC_KEY", CKA.CKA_ID: key_id})
         if not pubs:
@@ -606,7 +607,7 @@ def cmd_csr(args: argparse.Namespace) -> int:
                 "version": "v1",
                 "subject": subject,
                 "subject_pk_info": public,
-                "attributes": _csr_attributes(args, slot),
+                "attributes": _csr_attributes(args, slot == profile.encryption_slot),
             }
         )
         if public.algorithm == "rsa":
@@ -633,7 +634,16 @@ def cmd_csr(args: argparse.Namespace) -> int:
     return 0
 
 
-def _csr_attributes(args: argparse.Namespace, slot: int) -> list[dict[str, Any]]:
+def _status_key_id(client: Client, slot_id: int, slot: int) -> bytes:
+    """The CKA_ID of the key in ``slot`` as the token reports it (tokens whose IDs are per
+    key, like a SIM's PKCS#15 IDs); empty when the slot holds no key."""
+    for s in _status(client, slot_id)["slots"]:
+        if s["slot"] == f"{slot:02x}" and s.get("key_id"):
+            return bytes.fromhex(s["key_id"])
+    return b""
+
+
+def _csr_attributes(args: argparse.Namespace, encryption: bool) -> list[dict[str, Any]]:
     extensions: list[dict[str, Any]] = []
     if args.email:
         extensions.append(
@@ -643,7 +653,6 @@ def _csr_attributes(args: argparse.Namespace, slot: int) -> list[dict[str, Any]]
                 "extn_value": [ax509.GeneralName(name="rfc822_name", value=e) for e in args.email],
             }
         )
-    encryption = slot == PROFILE.encryption_slot
     usage = {"key_encipherment"} if encryption else {"digital_signature", "non_repudiation"}
     extensions.append({"extn_id": "key_usage", "critical": True, "extn_value": usage})
     extensions.append(
