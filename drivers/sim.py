@@ -10,7 +10,9 @@ host side of every operation, `tokend.iso7816` for T=0, chaining and status word
   plus the fingerprints of the keys' public keys. The PKCS#15 serial is "0000" on every
   card and identifies nothing.
 - **The PIN** is the applet's own (reference 01, 4-16 digits, 00-padded to 16). The SIM's
-  PIN1 lives in the UICC and is never touched. The applet forgets a verified PIN on every
+  PIN1 (the USIM's reference 01) is never touched: every command naming reference 01
+  (VERIFY, CHANGE REFERENCE DATA, RESET RETRY COUNTER) is preceded by a SELECT of the
+  PKI applet in the same exclusive section. The applet forgets a verified PIN on every
   SELECT: a re-selection is a lost login (`CardNotVerifiedError` from the next 6982, or
   `CardResetError` after a reset), never a silent re-VERIFY.
 - **Keys** are read from the PKCS#15 structures (EF.DIR, ODF, TokenInfo, PrKDF, PuKDF, CDF
@@ -454,9 +456,18 @@ class SimToken(SelectedApplet, KeyPairToken):
         with self._session():
             self._verify(pin)
 
+    def _reselect(self) -> None:
+        """SELECT the applet right before a command that names PIN reference 01. Another
+        program may have selected another application on the basic channel since (the
+        USIM, whose PIN1 is reference 01 too): without this, a wrong PIN typed for the PKI
+        applet could count against the SIM's own PIN1."""
+        if not self._send(self._select_command()).ok:
+            raise TransportError(f"{self.APPLET_NAME} applet no longer answers SELECT")
+
     def _verify(self, pin: bytearray) -> None:
         block = PIN_FORMAT.block(pin)
         try:
+            self._reselect()
             check_sw(self._send(cmd.verify(block)))
         finally:
             wipe(block)
@@ -528,6 +539,7 @@ class SimToken(SelectedApplet, KeyPairToken):
         first, second = PIN_FORMAT.block(old), PIN_FORMAT.block(new)
         try:
             with self._session():
+                self._reselect()
                 check_sw(self._send(cmd.change_pin(first, second)))
         finally:
             wipe(first)
@@ -537,6 +549,7 @@ class SimToken(SelectedApplet, KeyPairToken):
         first, second = PUK_FORMAT.block(puk), PIN_FORMAT.block(new)
         try:
             with self._session():
+                self._reselect()
                 check_sw(self._send(cmd.unblock_pin(first, second)))
         finally:
             wipe(first)

@@ -79,6 +79,10 @@ DEFAULT_ATR = bytes.fromhex("3B9A960080746F6B656E6453494D")
 #: Feature byte of the SELECT answer: SecureRandom (02) and ECC (04); never 01 (extended).
 FEATURES = 0x06
 MAX_CHILDREN = 30
+#: The USIM application (ETSI TS 101 220 RID A0000000 87, app code 1002) and its PIN1,
+#: the SIM's own PIN: tokend must never send it anything.
+USIM_AID_PREFIX = bytes.fromhex("A0000000871002")
+USIM_PIN1 = b"0000" + b"\xff" * 4
 #: MANAGE CHANNEL (ISO 7816-4 §11.1.2).
 MANAGE_CHANNEL = 0x70
 
@@ -870,6 +874,8 @@ class VirtualSim:
         self._iccid = iccid if iccid is not None else random_iccid()
         encode_iccid(self._iccid)  # validate
         self.applet = _IsoApplet(import_allowed=import_allowed)
+        #: tries left on the USIM's PIN1 (volatile in this simulator)
+        self.usim_pin1_tries = 3
         self._state_file = Path(state_file) if state_file is not None else None
         self._clear_volatile()
         if self._state_file is not None:
@@ -978,6 +984,7 @@ class VirtualSim:
 
     def _clear_volatile(self) -> None:
         self._applet_selected = False
+        self._usim_selected = False
         #: the UICC's current file per open channel (0 = the basic channel, always open)
         self._uicc_current: dict[int, int] = {0: UICC_MF}
         self._os_pending: tuple[bytes, int] | None = None  # T=0: a case-4 answer held back
@@ -1019,6 +1026,8 @@ class VirtualSim:
             data, sw = self._select_aid(cmd)
         elif self._applet_selected:
             data, sw = self.applet.process(cmd)
+        elif self._usim_selected:
+            data, sw = self._usim_command(cmd)
         else:
             data, sw = self._uicc_command(cmd, 0)
         return self._t0(cmd, data, sw)
@@ -1054,14 +1063,37 @@ class VirtualSim:
 
     def _select_aid(self, cmd: CommandApdu) -> tuple[bytes, int]:
         aid = cmd.data
+        if cmd.p2 not in (0x00, 0x04, 0x0C):
+            return b"", SW.SW_INCORRECT_P1P2
         if 5 <= len(aid) <= len(ISOAPPLET_AID) and ISOAPPLET_AID.startswith(aid):
-            if cmd.p2 not in (0x00, 0x04, 0x0C):
-                return b"", SW.SW_INCORRECT_P1P2
-            self._applet_selected = True
+            self._applet_selected, self._usim_selected = True, False
             answer = self.applet.select()
             return (b"" if cmd.p2 == 0x0C else answer), SW.SW_OK
+        if len(aid) >= len(USIM_AID_PREFIX) and aid.startswith(USIM_AID_PREFIX):
+            # Another program (a phone stack, a modem tool) selects the USIM: the PKI
+            # applet is deselected and loses its verified PIN.
+            self.applet.deselect()
+            self._applet_selected, self._usim_selected = False, True
+            return b"", SW.SW_OK
         # Not ours: the selected applet (if any) stays selected and keeps its state.
         return b"", SW.SW_FILE_NOT_FOUND
+
+    def _usim_command(self, cmd: CommandApdu) -> tuple[bytes, int]:
+        """The USIM's PIN1 (reference 01, like the PKI applet's PIN): VERIFY, CHANGE and
+        UNBLOCK count its tries. It is here so tests can prove tokend never reaches it."""
+        if cmd.ins not in (Ins.VERIFY, Ins.CHANGE_REFERENCE_DATA, Ins.RESET_RETRY_COUNTER):
+            return b"", SW.SW_INS_NOT_SUPPORTED
+        if cmd.p2 != 0x01:
+            return b"", SW.SW_REFERENCE_NOT_FOUND
+        if not cmd.data:
+            return b"", sw_with_retries(self.usim_pin1_tries)
+        if self.usim_pin1_tries == 0:
+            return b"", SW.SW_AUTH_METHOD_BLOCKED
+        if cmd.ins == Ins.VERIFY and cmd.data == USIM_PIN1:
+            self.usim_pin1_tries = 3
+            return b"", SW.SW_OK
+        self.usim_pin1_tries -= 1
+        return b"", sw_with_retries(self.usim_pin1_tries)
 
     def _uicc_command(self, cmd: CommandApdu, channel: int) -> tuple[bytes, int]:
         """What the UICC itself answers while no applet is selected: its MF and EF ICCID."""

@@ -43,7 +43,12 @@ class SimMemoryPlug:
 
     def reselect_by_other_program(self, card) -> None:  # type: ignore[no-untyped-def]
         """Another program's SELECT of the applet (no reset): the applet forgets the PIN."""
-        assert card.process(sim_commands.select_aid().encode())[-2:] in (b"\x90\x00", b"\x61\x03")
+        self.select_by_other_program(card, None)
+
+    def select_by_other_program(self, card, aid: bytes | None) -> None:  # type: ignore[no-untyped-def]
+        """Another program's SELECT (of the PKI applet, or ``aid``) on the basic channel."""
+        apdu = sim_commands.select_aid(*(() if aid is None else (aid,))).encode()
+        assert card.process(apdu)[-2:] in (b"\x90\x00", b"\x61\x03")
 
 
 class SimVpcdPlug:
@@ -96,9 +101,13 @@ class SimVpcdPlug:
         self._other_program(None, scard.SCARD_RESET_CARD)
 
     def reselect_by_other_program(self, card) -> None:  # type: ignore[no-untyped-def]
+        self.select_by_other_program(card, None)
+
+    def select_by_other_program(self, card, aid: bytes | None) -> None:  # type: ignore[no-untyped-def]
         from smartcard import scard
 
-        self._other_program(sim_commands.select_aid().encode(), scard.SCARD_LEAVE_CARD)
+        apdu = sim_commands.select_aid(*(() if aid is None else (aid,))).encode()
+        self._other_program(apdu, scard.SCARD_LEAVE_CARD)
 
 
 def sim_daemon(

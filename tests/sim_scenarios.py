@@ -287,3 +287,22 @@ def test_a_too_short_pin_never_reaches_the_card(sim) -> None:
         client.login(session, SIM_PIN)
     # 1234 travelled 00-padded to 16 bytes (the AODF's storedLength and padChar).
     assert [apdu[5:] for apdu in verifies] == [bytes(PIN_FORMAT.block(b"1234"))]
+
+
+def test_the_sims_own_pin1_is_never_touched(sim) -> None:
+    """Another program selects the USIM on the basic channel (whose PIN1 is reference 01,
+    like the PKI applet's PIN); wrong PINs typed into tokend must not count against it."""
+    from tokend.simulators.sim import USIM_AID_PREFIX
+
+    card, plug = sim.extras["card"], sim.extras["plug"]
+    with Client(sim.socket) as client:
+        session = client.open_session(sim.extras["slot"])
+        client.login(session, SIM_PIN)
+        client.logout(session)
+        plug.select_by_other_program(card, USIM_AID_PREFIX)
+        for expected in (2, 1):
+            with pytest.raises(PinIncorrectError) as info:
+                client.login(session, "9999")
+            assert info.value.retries == expected
+        client.login(session, SIM_PIN)
+    assert card.usim_pin1_tries == 3 and card.pin_tries_left == 3
