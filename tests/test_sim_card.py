@@ -17,7 +17,7 @@ from tokend import pkcs15
 from tokend.iso7816 import ApduChannel, CommandApdu, ResponseApdu, encode_tlv, find_tlv
 from tokend.sim import codes as sc
 from tokend.sim import commands as cmd
-from tokend.simulators.sim import _CURVES, DEFAULT_ATR, VirtualSim
+from tokend.simulators.sim import CURVES, DEFAULT_ATR, VirtualSim
 from tokend.simulators.sim_demo import (
     DEMO_PIN,
     DEMO_PUK,
@@ -255,7 +255,7 @@ def test_ec_generation_and_ecdsa_sha1() -> None:
     card = personalised()
     ok(card, cmd.select_aid())
     ok(card, cmd.verify(blk(PIN)))
-    curve = _CURVES[0]
+    curve = CURVES[0]
     params = curve.params()
     body = b"".join(encode_tlv(t, params[t]) for t in (0x81, 0x82, 0x83, 0x84, 0x85, 0x87))
     ok(card, cmd.mse_set(sc.SeTemplate.GENERATE, sc.Alg.GEN_EC, 4))
