@@ -269,3 +269,44 @@ def test_retired_keys_listed_and_pruned_renewal_refused(memory_sim, tmp_path) ->
     assert [s["slot"] for s in status["slots"]] == ["00", "01"]
     # The applet has no delete: the old key material was overwritten, not just unlisted.
     assert card.applet.keys[2].private_numbers() != retired_before
+
+
+def test_tokend_serve_simulate_sim(sock_path, tmp_path) -> None:
+    """`tokend serve --simulate sim`: the demo SIM in-process, its certificates exported;
+    mail encrypted to the exported certificate decrypts through the socket."""
+    import signal
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc", "--simulate",
+         "sim", "--socket", str(sock_path), "--export-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not sock_path.exists():  # a new process: nothing to wait on but the file
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "tokend did not start"
+            time.sleep(0.02)
+        cert = x509.load_pem_x509_certificate((tmp_path / "sim-encryption.pem").read_bytes())
+        public = cert.public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        blob = public.encrypt(b"k" * 32, padding.PKCS1v15())
+        with Client(sock_path) as client:
+            (slot,) = client.slot_list(token_present=True)
+            assert client.token_info(slot)["applet"] == "SIM-PKI"
+            session = client.open_session(slot)
+            client.login(session, PIN)
+            (key,) = client.find_objects(
+                session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_LABEL: "Encryption key"}
+            )
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == b"k" * 32
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert PUK not in out  # demo secrets never logged (the 4-digit PIN could match an ICCID)
