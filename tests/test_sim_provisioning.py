@@ -294,6 +294,9 @@ def test_tokend_serve_simulate_sim(sock_path, tmp_path) -> None:
         assert isinstance(public, rsa.RSAPublicKey)
         blob = public.encrypt(b"k" * 32, padding.PKCS1v15())
         with Client(sock_path) as client:
+            while not client.slot_list(token_present=True):  # the SIM may still be probed
+                assert time.monotonic() < deadline, "tokend did not list the SIM"
+                time.sleep(0.02)
             (slot,) = client.slot_list(token_present=True)
             assert client.token_info(slot)["applet"] == "SIM-PKI"
             session = client.open_session(slot)
