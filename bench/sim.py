@@ -74,8 +74,8 @@ def through_socket(sock: Path, cert_dir: Path):  # type: ignore[no-untyped-def]
         return handle
 
     enc, sig = key("Encryption key"), key("Signing key")
-    enc_public = x509.load_pem_x509_certificate((cert_dir / "sim-encryption.pem").read_bytes())
-    sig_public = x509.load_pem_x509_certificate((cert_dir / "sim-signing.pem").read_bytes())
+    enc_public = x509.load_pem_x509_certificate((cert_dir / "encryption.pem").read_bytes())
+    sig_public = x509.load_pem_x509_certificate((cert_dir / "signing.pem").read_bytes())
     enc_key, sig_key = enc_public.public_key(), sig_public.public_key()
     assert isinstance(enc_key, rsa.RSAPublicKey) and isinstance(sig_key, rsa.RSAPublicKey)
     blob = rsa_blob(enc_key)

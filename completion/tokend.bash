@@ -19,7 +19,7 @@ _tokend_complete() {
         "") words="--help --verbose --version -v check-config serve simulate" ;;
         "serve") words="--allow-virtual-readers --config --export-dir --help --module --no-p11kit --no-pcsc --simulate --simulate-control --socket --transport" ;;
         "check-config") words="--help" ;;
-        "simulate") words="--address --all --banner --ble --bus --control --export-dir --help --piv --provision --reader --socket --softhsm --state --usb" ;;
+        "simulate") words="--address --all --banner --ble --bus --control --export-dir --help --piv --provision --reader --sim --socket --softhsm --state --usb" ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))
     # Options that take a file: complete file names.

@@ -289,7 +289,7 @@ def test_tokend_serve_simulate_sim(sock_path, tmp_path) -> None:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "tokend did not start"
             time.sleep(0.02)
-        cert = x509.load_pem_x509_certificate((tmp_path / "sim-encryption.pem").read_bytes())
+        cert = x509.load_pem_x509_certificate((tmp_path / "encryption.pem").read_bytes())
         public = cert.public_key()
         assert isinstance(public, rsa.RSAPublicKey)
         blob = public.encrypt(b"k" * 32, padding.PKCS1v15())

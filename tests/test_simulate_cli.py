@@ -94,7 +94,7 @@ def test_simulate_sim_blank_then_demo(vpcd, tmp_path) -> None:
     finally:
         out = _stop(proc)
     assert "demo-provisioned SIM" in out
-    assert (out_dir / "sim-encryption.pem").exists() and (out_dir / "ca.pem").exists()
+    assert (out_dir / "encryption.pem").exists() and (out_dir / "ca.pem").exists()
     for label in ("Encryption key", "Signing key", "Retired encryption key 1"):
         assert f"Private RSA Key [{label}]" in listing.stdout
     # An existing SIM is never provisioned over.

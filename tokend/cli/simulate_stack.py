@@ -274,11 +274,55 @@ class SofthsmKind:
 
 
 #: Every kind `tokend simulate` knows, by flag.
+class SimKind:
+    """A demo-provisioned virtual SIM (the IsoApplet on a T=0 UICC) on vpcd reader 1 behind
+    real pcscd, beside the PIV card on reader 0."""
+
+    reader_index = 1
+    transports = ("pcsc",)
+    simulated = ()
+    config = "allow_virtual_readers = true\n"  # vpcd's readers (tests and demos only)
+
+    def __init__(self) -> None:
+        self.names = ["sim0"]
+        self._connection: object | None = None
+        self._reader = ""
+
+    def start(self, stack: contextlib.ExitStack, ctx: StackContext) -> None:
+        from tokend.simulators.pcscd import wait_present
+        from tokend.simulators.sim import VirtualSim
+        from tokend.simulators.sim_demo import provision_sim_demo
+        from tokend.simulators.vpcd import VpcdCardConnection
+
+        pcscd = ctx.ensure_pcscd(stack)
+        card = VirtualSim()
+        provision_sim_demo(card, ctx.export_dir / "sim")
+        connection = VpcdCardConnection(card, reader=self.reader_index)
+        stack.enter_context(connection)
+        self._connection = connection
+        self._reader = pcscd.reader_names[self.reader_index]  # type: ignore[attr-defined]
+        wait_present(self._reader, timeout=10)
+
+    def env(self) -> dict[str, str]:
+        return {"TOKEND_DEMO_SIM_PIN": "1234", "TOKEND_DEMO_SIM_PUK": "1234567812345678"}
+
+    def plug(self, name: str) -> None:
+        self._connection.plug()  # type: ignore[union-attr]
+
+    def unplug(self, name: str) -> None:
+        self._connection.unplug()  # type: ignore[union-attr]
+
+    def state(self, name: str) -> str:
+        plugged = self._connection.is_plugged  # type: ignore[union-attr]
+        return f"{name} sim {'plugged' if plugged else 'unplugged'} reader={self._reader!r}"
+
+
 KINDS: dict[str, Callable[[], Kind]] = {
     "piv": PivKind,
     "usb": UsbKind,
     "ble": BleKind,
     "softhsm": SofthsmKind,
+    "sim": SimKind,
 }
 
 
