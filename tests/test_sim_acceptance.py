@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import padding
 
 from tests.conftest import RunningDaemon, start_daemon, stop_daemon, wait_for_token
 from tests.helpers import ID_9D, PIN, pkcs1_blob, private_key
@@ -156,3 +157,50 @@ def test_pulling_the_sim_leaves_the_piv_token_working(two_tokens) -> None:
     assert latency < 0.5, f"left event {latency * 1000:.0f} ms after the pull"
     assert failures == [] and calls > 0
     print(f"SIM left event after {latency * 1000:.0f} ms; {calls} PIV decryptions, 0 failed")
+
+
+def test_simulate_stack_with_piv_and_sim(vpcd) -> None:
+    """`tokend simulate --piv --sim`: both tokens on vpcd readers 0 and 1 behind a private
+    daemon; the SIM decrypts mail to its exported certificate; `unplug sim0` pulls it."""
+    import sys
+
+    from cryptography import x509
+
+    from tests.test_simulate_stack import control
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "--piv", "--sim"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        env: dict[str, str] = {}
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("export "):
+                name, _, value = line[len("export ") :].strip().partition("=")
+                env[name] = value
+            if line.strip() == "READY":
+                break
+        assert env["TOKEND_DEMO_SIM_PIN"] == SIM_PIN
+        cert = Path(env["TOKEND_DEMO_DIR"], "sim", "encryption.pem").read_bytes()
+        public = x509.load_pem_x509_certificate(cert).public_key()
+        blob = public.encrypt(b"content key", padding.PKCS1v15())  # type: ignore[union-attr]
+        with Client(env["TOKEND_SOCKET"]) as client:
+            slots = client.slot_list(token_present=True)
+            applets = {client.token_info(s)["applet"]: s for s in slots}
+            assert set(applets) == {"PIV", "SIM-PKI"}
+            session = client.open_session(applets["SIM-PKI"])
+            client.login(session, SIM_PIN)
+            (key,) = client.find_objects(
+                session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_LABEL: "Encryption key"}
+            )
+            assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == b"content key"
+            client.subscribe()
+            assert control(proc, "unplug sim0") == "ok unplug sim0"
+            event = client.next_event(timeout=5)
+            assert event["event"] == "left" and event["slot_id"] == applets["SIM-PKI"]
+            assert client.slot_list(token_present=True) == [applets["PIV"]]
+        listing = control(proc, "list")
+        assert "piv0 piv plugged" in listing and "sim0 sim unplugged" in listing
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(30)
