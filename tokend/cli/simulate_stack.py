@@ -433,7 +433,10 @@ def _banner(kinds: dict[str, Kind], socket_path: Path, env: dict[str, str]) -> l
 def _daemon_config(kinds: dict[str, Kind], workdir: Path) -> Path:
     """The daemon's configuration: what each kind needs (virtual readers, trusted keys)."""
     path = workdir / "tokend.toml"
-    top = [k.config for k in kinds.values() if k.config and not k.config.startswith("[")]
+    # Top-level keys once each (PIV and SIM both want vpcd's readers allowed).
+    top = list(
+        dict.fromkeys(k.config for k in kinds.values() if k.config and not k.config.startswith("["))
+    )
     tables = [k.config for k in kinds.values() if k.config.startswith("[")]
     path.write_text("".join(top + tables))
     return path
