@@ -696,12 +696,21 @@ async def _generate_rsa_signing_key(daemon: RunningDaemon, pin: str) -> None:
 
     await asyncio.to_thread(generate)
     registry = daemon.daemon.engine.registry
-    for _ in range(750):  # the watcher's next poll sees other objects: a new instance (15 s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    latest, since = instance, loop.time()
+    # The watcher's polls see the new objects, possibly in two steps (private key, then
+    # public key): wait until the token has re-arrived and stayed the same instance for
+    # two poll intervals, so the test's login is not lost to a later re-arrival.
+    while loop.time() < deadline:
         slot = registry.slot(instance.slot_id)
-        if slot.instance is not None and slot.instance is not instance and slot.token_present:
+        current = slot.instance if slot.token_present else None
+        if current is not latest:
+            latest, since = current, loop.time()
+        elif latest is not None and latest is not instance and loop.time() - since > 1.2:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError("the re-provisioned token did not re-arrive")
+    raise AssertionError("the re-provisioned token did not re-arrive and settle")
 
 
 # --- a module that stops answering -------------------------------------------------------------
