@@ -76,9 +76,11 @@ class ServeConfig:
         if path is None:
             return cfg
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale
         except OSError as exc:
             raise ConfigError(path, None, "(file)", exc.strerror or str(exc)) from None
+        except UnicodeDecodeError as exc:  # found by fuzzing: a stray byte is a user error
+            raise ConfigError(path, None, "(file)", f"not UTF-8 text ({exc.reason})") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

@@ -79,18 +79,20 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
 def unescape_into(data: bytes) -> bytearray:
     """Decode a percent-escaped data line into a fresh bytearray (the caller wipes it)."""
     out = bytearray()
     i = 0
     while i < len(data):
         if data[i] == 0x25:  # "%XX"
-            if i + 3 > len(data):
+            digits = bytes(data[i + 1 : i + 3])
+            # Exactly two hex digits: int() alone would also take "+1", " 1" or "_1".
+            if len(digits) != 2 or not all(c in _HEX_DIGITS for c in digits):
                 raise PinentryProtocolError("bad percent escape in a data line")
-            try:
-                out.append(int(data[i + 1 : i + 3], 16))
-            except ValueError:
-                raise PinentryProtocolError("bad percent escape in a data line") from None
+            out.append(int(digits, 16))
             i += 3
         else:
             out.append(data[i])

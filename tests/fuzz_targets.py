@@ -1,0 +1,282 @@
+"""One fuzz target per parser: ``target(data: bytes) -> None``.
+
+A target feeds ``data`` to the parser the way the product does and lets only the parser's
+documented error escape as a *clean* outcome (it catches it); anything else — another
+exception type, a hang, a wrong round trip — propagates and is a finding. The property
+tests (tests/test_fuzz_properties.py) run every target under hypothesis in the normal
+suite; `make fuzz` (tools/fuzz.py) runs each one coverage-guided under atheris, or under
+hypothesis with a long budget when atheris is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+from tokend import ccid
+from tokend.errors import TokendError
+from tokend.iso7816 import tlv
+from tokend.iso7816.apdu import CommandApdu, ResponseApdu
+from tokend.iso7816.status import error_for_sw
+from tokend.pinentry import PinentryProtocolError, escape, unescape_into
+from tokend.piv.codes import PivAlgorithm
+from tokend.piv.commands import parse_public_key
+from tokend.piv.objects import certificate_der, parse_metadata
+from tokend.protocol import (
+    Params,
+    ProtocolError,
+    decode_attribute_types,
+    decode_mechanism,
+    decode_request,
+    decode_template,
+)
+
+
+def jsonrpc(data: bytes) -> None:
+    """A request line as the daemon reads it, then the value decoders its methods use on
+    the params (template, mechanism, typed params)."""
+    try:
+        request = decode_request(data)
+    except ProtocolError as exc:
+        assert isinstance(exc.code, int)
+        return
+    params = Params(request.params)
+    for key, value in request.params.items():
+        for decode in (decode_template, decode_mechanism, decode_attribute_types):
+            with contextlib.suppress(TokendError):
+                decode(value)
+        for accessor in (params.int, params.bool, params.bytes, params.str):
+            with contextlib.suppress(TokendError):
+                accessor(key)
+
+
+def tlv_parse(data: bytes) -> None:
+    """BER-TLV (ISO 7816 / PIV): parse, and what parses re-encodes to what was read."""
+    try:
+        tlvs = tlv.parse_tlvs(data)
+    except ValueError:
+        return
+    for item in tlvs:
+        again, _end = tlv.read_tlv(tlv.encode_tlv(item.tag, item.value))
+        assert again == item, (again, item)
+        if item.constructed:
+            with contextlib.suppress(ValueError):
+                item.children()
+    with contextlib.suppress(ValueError):
+        tlv.find_tlv(data, 0x53)
+
+
+def apdu_command(data: bytes) -> None:
+    """Command APDUs (what the virtual cards parse): every decoded APDU encodes back to the
+    same bytes, except the two spellings of Le=256/65536."""
+    try:
+        apdu = CommandApdu.decode(data)
+    except ValueError:
+        return
+    extended = len(data) > 4 and (len(data) == 7 or (data[4] == 0 and len(data) > 5))
+    assert CommandApdu.decode(apdu.encode(extended=extended)) == apdu
+
+
+def apdu_response(data: bytes) -> None:
+    """Response APDUs and the one SW→error mapping: any status word maps to an error that
+    carries a CKR."""
+    try:
+        rapdu = ResponseApdu.decode(data)
+    except ValueError:
+        assert len(data) < 2
+        return
+    assert rapdu.encode() == data
+    if not rapdu.ok:
+        err = error_for_sw(rapdu.sw)
+        assert isinstance(err, TokendError) and isinstance(err.ckr, int)
+
+
+def piv_objects(data: bytes) -> None:
+    """What a PIV card returns for data objects, GET METADATA and public keys."""
+    with contextlib.suppress(ValueError):
+        certificate_der(data)
+    try:
+        tags = {t.tag: t.value for t in tlv.parse_tlvs(data)}
+    except ValueError:
+        tags = None
+    if tags is not None:
+        with contextlib.suppress(ValueError):
+            parse_metadata(tags)
+    for alg in (PivAlgorithm.RSA_2048, PivAlgorithm.ECC_P256, PivAlgorithm.ECC_P384):
+        with contextlib.suppress(ValueError):
+            parse_public_key(alg, data)
+
+
+def ccid_messages(data: bytes) -> None:
+    """CCID bulk messages, the class descriptor and NotifySlotChange (USB transport)."""
+    try:
+        msg = ccid.CcidMessage.decode(data, max_length=271)
+    except ccid.CcidMessageError:
+        pass
+    else:
+        assert msg.encode() == data
+        _ = (msg.icc_status, msg.command_status, msg.chain, msg.error)
+    with contextlib.suppress(ValueError):
+        desc = ccid.CcidDescriptor.decode(data)
+        _ = (desc.level, desc.extended, desc.unsupported_reason)
+        with contextlib.suppress(ValueError):
+            _ = desc.power_select
+    with contextlib.suppress(ccid.CcidMessageError):
+        ccid.parse_notify_slot_change(data, slot=data[0] % 8 if data else 0)
+
+
+def smime_input(data: bytes) -> None:
+    """A message handed to `tokend smime decrypt/verify`: DER, PEM or MIME. Only the
+    library's own error (SmimeError, which the CLI prints) may come out."""
+    from tokend.smime.envelope import recipients
+    from tokend.smime.errors import SmimeError
+    from tokend.smime.message import unwrap
+    from tokend.smime.verifying import verify
+
+    try:
+        found = unwrap(data)
+    except SmimeError:
+        return
+    if found.info["content_type"].native in ("enveloped_data", "authenticated_enveloped_data"):
+        with contextlib.suppress(SmimeError):
+            recipients(found.info["content"])
+    with contextlib.suppress(SmimeError):
+        verify(data, [])
+
+
+def pinentry_data(data: bytes) -> None:
+    """Assuan data lines from pinentry (the PIN comes back percent-escaped)."""
+    try:
+        out = unescape_into(data)
+    except PinentryProtocolError:
+        return
+    text = bytes(out).decode("latin-1")
+    assert unescape_into(escape(text).encode("latin-1")) == out
+
+
+def config_file(data: bytes) -> None:
+    """tokend.toml as `tokend serve --config` reads it: only a located ConfigError."""
+    from tokend.config import ConfigError, ServeConfig
+
+    fd, name = tempfile.mkstemp(suffix=".toml")
+    try:
+        os.write(fd, data)
+        os.close(fd)
+        with contextlib.suppress(ConfigError):
+            ServeConfig.load(Path(name))
+    finally:
+        os.unlink(name)
+
+
+# -- the PIV driver reading a card that answers garbage ---------------------------------
+
+
+@cache
+def _demo_card():  # type: ignore[no-untyped-def]
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.piv import VirtualPivCard
+
+    card = VirtualPivCard()
+    provision_demo(card, serial=1818)
+    return card
+
+
+class _CorruptingCard:
+    """A real provisioned virtual PIV card whose ``index``-th answer is replaced."""
+
+    def __init__(self, card, index: int, answer: bytes) -> None:  # type: ignore[no-untyped-def]
+        self.card, self.index, self.answer, self.count = card, index, answer, 0
+
+    @property
+    def atr(self) -> bytes:
+        return self.card.atr
+
+    def power_on(self) -> None:
+        self.card.power_on()
+
+    def power_off(self) -> None:
+        self.card.power_off()
+
+    def reset(self) -> None:
+        self.card.reset()
+
+    def process(self, apdu: bytes) -> bytes:
+        self.count += 1
+        real = self.card.process(apdu)
+        return self.answer if self.count == self.index else real
+
+
+def piv_driver(data: bytes) -> None:
+    """The PIV driver opening a card (SELECT, version, serial, CHUID, every certificate
+    and metadata) and logging in, when one answer is replaced by ``data[1:]``: it opens,
+    declines the card, or raises a TokendError; never anything else."""
+    from tokend.drivers.piv import PivToken
+    from tokend.simulators.memory import MemoryReader
+
+    if not data:
+        return
+    reader = MemoryReader("Fuzz Reader")
+    reader.insert(_CorruptingCard(_demo_card(), 1 + data[0] % 48, bytes(data[1:])))
+    transport = reader.connect()
+    try:
+        token = PivToken.open(transport)
+        if token is not None:
+            _ = token.objects(), token.identity, token.info
+            with contextlib.suppress(TokendError):
+                token.pin_status()
+    except TokendError:
+        return
+    finally:
+        transport.close()
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "jsonrpc": jsonrpc,
+    "tlv": tlv_parse,
+    "apdu_command": apdu_command,
+    "apdu_response": apdu_response,
+    "piv_objects": piv_objects,
+    "piv_driver": piv_driver,
+    "ccid": ccid_messages,
+    "smime": smime_input,
+    "pinentry": pinentry_data,
+    "config": config_file,
+}
+
+#: Seeds: one valid input per target, so mutation starts from the interesting shapes.
+SEEDS: dict[str, list[bytes]] = {
+    "jsonrpc": [
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "C_DecryptInit",
+                "params": {
+                    "h_session": 1,
+                    "p_mechanism": {
+                        "mechanism": "CKM_RSA_PKCS_OAEP",
+                        "parameter": {"hash_alg": "CKM_SHA256", "mgf": "CKG_MGF1_SHA256"},
+                    },
+                    "p_template": {"CKA_CLASS": "CKO_PRIVATE_KEY", "CKA_ID": "Aw=="},
+                },
+            }
+        ).encode()
+    ],
+    "tlv": [bytes.fromhex("7c0a8200810500112233445f7f4903810100")],
+    "apdu_command": [
+        bytes.fromhex("00a4040009a00000030800001000"),
+        bytes.fromhex("0087079d000003"),
+    ],
+    "apdu_response": [bytes.fromhex("6a82"), bytes.fromhex("0102039000")],
+    "piv_objects": [bytes.fromhex("7003300102710100fe00"), bytes.fromhex("01011102020103010206")],
+    "piv_driver": [b"\x01\x6a\x82", b"\x05\x53\x03\x70\x01\x00\x90\x00"],
+    "ccid": [ccid.xfr_block(1, b"\x00\xa4\x04\x00").encode(), ccid.notify_slot_change(True)],
+    "smime": [b"-----BEGIN PKCS7-----\nMAA=\n-----END PKCS7-----\n"],
+    "pinentry": [b"D 12%253456"],
+    "config": [b'log_level = "info"\n[[policy]]\nprogram = "/usr/bin/x"\n'],
+}
