@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint format bench deps venv clean
+.PHONY: run test lint format bench fuzz soak deps venv clean
 
 # Debian packages: the services the tests run and the headers that building pyscard needs.
 # The one list is debian-packages.txt (.ci/run installs from it too). Root only; skipped
@@ -41,6 +41,18 @@ format: venv
 
 bench: deps venv
 	$(PY) -m bench
+
+# Every parser's fuzz target, coverage-guided (atheris; hypothesis if atheris is missing):
+# FUZZ_INPUTS per target (default 1000000), FUZZ_TARGETS=a,b to pick. docs/reliability.md.
+FUZZ_INPUTS ?= 1000000
+fuzz: venv
+	$(PY) tools/fuzz.py --inputs $(FUZZ_INPUTS)
+
+# 64 clients, tokens unplugged and replugged, over the in-process, USB and PC/SC transports;
+# stops by itself after SOAK_SECONDS (default 300). docs/reliability.md.
+SOAK_SECONDS ?= 300
+soak: deps venv
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) --json soak-results.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
