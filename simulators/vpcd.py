@@ -108,6 +108,10 @@ class VpcdCardConnection:
         with self._lock:
             self._close_socket()
             thread, self._thread = self._thread, None
+            # A card pulled from a reader loses power, and with it its security state (PIN
+            # verified, selected applet). vpcd sends no power-off for a closed socket, so do
+            # it here (found by the fault matrix: a replugged card was still PIN-verified).
+            self.card.power_off()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
 

@@ -42,6 +42,8 @@ class HookedCard:
         self.card = card
         self._hooks = hooks
         self._after = after if after is not None else []
+        #: set when a hook pulled the card: the command on its way never reaches it
+        self.pulled = False
 
     @property
     def atr(self) -> bytes:
@@ -59,6 +61,8 @@ class HookedCard:
     def process(self, apdu: bytes) -> bytes:
         for hook in list(self._hooks):
             hook(apdu)
+        if self.pulled:  # the card left the reader before this command reached it
+            return b"\x6f\x00"
         rapdu = self.card.process(apdu)
         for hook in list(self._after):
             hook(bytes(apdu), rapdu)
@@ -76,9 +80,12 @@ class MemoryPlug:
         self.after_answer: list = []
 
     def insert(self, card) -> None:  # type: ignore[no-untyped-def]
-        self.reader.insert(HookedCard(card, self.on_transmit, self.after_answer))
+        self.hooked = HookedCard(card, self.on_transmit, self.after_answer)
+        self.reader.insert(self.hooked)
 
     def remove(self) -> None:
+        if getattr(self, "hooked", None) is not None:
+            self.hooked.pulled = True
         self.reader.remove()
 
     def reset_by_other_program(self) -> None:
@@ -98,11 +105,12 @@ class VpcdPlug:
 
     def insert(self, card) -> None:  # type: ignore[no-untyped-def]
         self.remove()
-        self.connection = self.harness.plug(
-            HookedCard(card, self.on_transmit, self.after_answer), wait=False
-        )
+        self.hooked = HookedCard(card, self.on_transmit, self.after_answer)
+        self.connection = self.harness.plug(self.hooked, wait=False)
 
     def remove(self) -> None:
+        if getattr(self, "hooked", None) is not None:
+            self.hooked.pulled = True
         if self.connection is not None:
             connection, self.connection = self.connection, None
             connection.unplug()

@@ -189,7 +189,15 @@ def test_token_pulled_at_each_apdu(piv, name: str) -> None:  # type: ignore[no-u
     outcome, _ = _run_op(piv, name, seen.append)
     assert outcome == "ok", f"{name} does not work without a fault: {outcome}"
     assert seen, f"{name} sent no APDU"
-    for k in range(1, len(seen) + 1):
+    points = list(range(1, len(seen) + 1))
+    if piv.extras["plug"].kind == "pcsc" and not os.environ.get("TOKEND_FAULT_FULL"):
+        # Through pcscd each pull costs two vpcd polls (~1 s): in the normal suite, pull at
+        # the first APDU of each instruction and at the last; TOKEND_FAULT_FULL=1 pulls at
+        # every one (docs/reliability.md records that run).
+        firsts = {apdu[1]: i for i, apdu in reversed(list(enumerate(seen, 1)))}
+        points = sorted({*firsts.values(), len(seen)})
+    print(f"{plug.kind} {name}: {len(seen)} APDUs, pulled at {len(points)}")
+    for k in points:
         count = 0
 
         def pull_at_k(apdu: bytes, k: int = k) -> None:
@@ -325,9 +333,8 @@ def test_daemon_killed_mid_operation_and_restarted(vpcd, sock_path: Path) -> Non
 
     def kill_daemon(apdu: bytes) -> None:
         if apdu[1] == 0x87 and not killed.is_set():
-            daemon.kill()
-            daemon.wait()
             killed.set()
+            daemon.kill()
 
     try:
         with Client(sock_path, timeout=5) as client:
@@ -337,21 +344,26 @@ def test_daemon_killed_mid_operation_and_restarted(vpcd, sock_path: Path) -> Non
             key = private_key(client, session, ID_9D)
             hooks.append(kill_daemon)
             start_t = time.monotonic()
-            with pytest.raises((OSError, TokendError, EOFError, ValueError)):
+            with pytest.raises((OSError, TokendError, EOFError, ValueError)) as caught:
                 client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+            print("daemon killed mid-decrypt; the client got", repr(caught.value))
             assert time.monotonic() - start_t < HANG_LIMIT
         hooks.clear()
         assert killed.is_set()
+        daemon.wait(5)
         assert _pin_tries_left(card) == tries
+        # The daemon died holding a verified card: pcscd resets a card whose last handle
+        # goes away without SCardDisconnect, so nothing is left for the next program.
+        deadline = time.monotonic() + HANG_LIMIT
+        while _card_says_verified(card):
+            assert time.monotonic() < deadline, "the card stayed verified after tokend died"
+            time.sleep(0.05)
         daemon = start()
         with Client(sock_path) as client:
             slot = client.slot_list(token_present=True)[0]
             session = client.open_session(slot)
-            key = private_key(client, session, ID_9D)
-            # A new daemon holds no login: the card must not decrypt for it unasked.
-            with pytest.raises(TokendError):
-                client.decrypt(session, key, "CKM_RSA_PKCS", blob)
             client.login(session, PIN)
+            key = private_key(client, session, ID_9D)
             assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
         assert _pin_tries_left(card) == tries
     finally:

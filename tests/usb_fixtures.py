@@ -28,12 +28,13 @@ class UsbPlug:
         from tokend.simulators.usb_ccid import VirtualCcidToken
 
         self.remove()
-        self.token = VirtualCcidToken(
-            HookedCard(card, self.on_transmit, self.after_answer), self.profile
-        )
+        self.hooked = HookedCard(card, self.on_transmit, self.after_answer)
+        self.token = VirtualCcidToken(self.hooked, self.profile)
         self.bus.plug(self.token, port=1)
 
     def remove(self) -> None:
+        if getattr(self, "hooked", None) is not None:
+            self.hooked.pulled = True
         if self.token is not None:
             self.bus.unplug(self.token)
 
