@@ -223,7 +223,7 @@ class Soak:
         chaos = asyncio.create_task(self._chaos())
         while time.monotonic() < self.stop_at:
             await asyncio.sleep(1.0)
-            samples.append((time.monotonic() - start, rss_kib(pid), fd_count(pid)))
+            samples.append((round(time.monotonic() - start, 1), rss_kib(pid), fd_count(pid)))
         await asyncio.gather(*tasks, chaos)
         await asyncio.sleep(0.5)  # the daemon closes the connections' applications
         fds_after = fd_count(pid)
@@ -243,6 +243,11 @@ class Soak:
             "wrong_results": self.tally.wrong[:50],
             "wrong_count": len(self.tally.wrong),
             "rss_kib": {"start": rss[0], "end": rss[-1], "peak": max(rss)},
+            # every ~30 s: (seconds, RSS KiB, fds), to tell a plateau from a slow leak
+            "trajectory": [list(x) for x in samples[:: max(1, len(samples) // 10)]]
+            + [list(samples[-1])]
+            if samples
+            else [],
             "fds": {
                 "before_clients": fds_before,
                 "start": fds[0],
