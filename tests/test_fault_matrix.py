@@ -373,3 +373,20 @@ def test_daemon_killed_mid_operation_and_restarted(vpcd, sock_path: Path) -> Non
         if daemon.poll() is None:
             daemon.terminate()
             daemon.wait(10)
+
+
+def test_sessions_that_died_with_the_token_hold_no_place(memory_piv) -> None:  # type: ignore[no-untyped-def]
+    """Found by the soak: a client whose 64 sessions (the per-connection cap) died with
+    the token could open none on the token's return (CKR_SESSION_COUNT), and each dead
+    session kept the retired token instance alive."""
+    from tokend.limits import DEFAULT_LIMITS
+
+    with Client(memory_piv.socket) as client:
+        dead = [client.open_session(0) for _ in range(DEFAULT_LIMITS.max_sessions_per_application)]
+        memory_piv.extras["plug"].remove()
+        _reinsert(memory_piv)
+        session = client.open_session(0)  # a place was freed for it
+        client.login(session, PIN)
+        _decrypt(client, session, memory_piv.extras["demo"])
+        with pytest.raises(TokendError):  # the dead ones are gone, not revived
+            client.call("C_GetSessionInfo", {"h_session": dead[0]})

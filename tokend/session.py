@@ -511,6 +511,12 @@ class Engine:
             raise SessionParallelNotSupportedError("CKF_SERIAL_SESSION must be set")
         instance = self.registry.instance(slot_id)
         if len(app.sessions) >= self.limits.max_sessions_per_application:
+            # Sessions whose token left hold no place (found by the soak: a client whose
+            # sessions all died with the token could open none on its return). Dropping
+            # them also lets go of the retired token instances they kept alive.
+            for dead in [s for s in app.sessions.values() if s.removed or s.instance.retired]:
+                self._drop_session(dead)
+        if len(app.sessions) >= self.limits.max_sessions_per_application:
             raise SessionCountError(
                 f"{self.limits.max_sessions_per_application} sessions are open on this "
                 "connection; close one first"
