@@ -223,7 +223,8 @@ class Soak:
         chaos = asyncio.create_task(self._chaos())
         while time.monotonic() < self.stop_at:
             await asyncio.sleep(1.0)
-            samples.append((round(time.monotonic() - start, 1), rss_kib(pid), fd_count(pid)))
+            if time.monotonic() < self.stop_at:  # while the clients are still connected
+                samples.append((round(time.monotonic() - start, 1), rss_kib(pid), fd_count(pid)))
         await asyncio.gather(*tasks, chaos)
         await asyncio.sleep(0.5)  # the daemon closes the connections' applications
         fds_after = fd_count(pid)
