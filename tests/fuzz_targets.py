@@ -130,6 +130,30 @@ def ccid_messages(data: bytes) -> None:
         ccid.parse_notify_slot_change(data, slot=data[0] % 8 if data else 0)
 
 
+def ble_framing(data: bytes) -> None:
+    """BLE GATT fragments from a key (CTAP-BLE framing): ``data`` is cut into fragments at
+    the lengths its first byte gives and fed to one Reassembler; a whole frame cut again
+    and reassembled gives the same frame."""
+    from tokend.ble_framing import MAX_FRAGMENT, MIN_FRAGMENT, FramingError, Reassembler, fragments
+
+    if not data:
+        return
+    size = MIN_FRAGMENT + data[0] % (MAX_FRAGMENT - MIN_FRAGMENT + 1)
+    body = data[1:]
+    reassembler = Reassembler()
+    for i in range(0, len(body), size):
+        try:
+            frame = reassembler.feed(body[i : i + size])
+        except FramingError as exc:
+            assert isinstance(exc.code, int)
+            reassembler.reset()
+            continue
+        if frame is not None:
+            again = Reassembler()
+            out = [again.feed(f) for f in fragments(frame.cmd, frame.data, size)]
+            assert out[-1] == frame and all(o is None for o in out[:-1])
+
+
 def smime_input(data: bytes) -> None:
     """A message handed to `tokend smime decrypt/verify`: DER, PEM or MIME. Only the
     library's own error (SmimeError, which the CLI prints) may come out."""
@@ -243,6 +267,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "piv_objects": piv_objects,
     "piv_driver": piv_driver,
     "ccid": ccid_messages,
+    "ble": ble_framing,
     "smime": smime_input,
     "pinentry": pinentry_data,
     "config": config_file,
@@ -276,6 +301,7 @@ SEEDS: dict[str, list[bytes]] = {
     "piv_objects": [bytes.fromhex("7003300102710100fe00"), bytes.fromhex("01011102020103010206")],
     "piv_driver": [b"\x01\x6a\x82", b"\x05\x53\x03\x70\x01\x00\x90\x00"],
     "ccid": [ccid.xfr_block(1, b"\x00\xa4\x04\x00").encode(), ccid.notify_slot_change(True)],
+    "ble": [b"\x00\x83\x00\x05\x00\xa4\x04\x00\x00"],
     "smime": [b"-----BEGIN PKCS7-----\nMAA=\n-----END PKCS7-----\n"],
     "pinentry": [b"D 12%253456"],
     "config": [b'log_level = "info"\n[[policy]]\nprogram = "/usr/bin/x"\n'],

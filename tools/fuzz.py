@@ -43,6 +43,7 @@ def _child_atheris(name: str, inputs: int, out: Path) -> None:
 
     with atheris.instrument_imports(include=["tokend"]):
         # The targets import some parsers lazily; import them here so they are instrumented.
+        import tokend.ble_framing
         import tokend.config
         import tokend.drivers.piv
         import tokend.simulators.memory
