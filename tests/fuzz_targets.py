@@ -154,6 +154,39 @@ def ble_framing(data: bytes) -> None:
             assert out[-1] == frame and all(o is None for o in out[:-1])
 
 
+def p11kit_rpc(data: bytes) -> None:
+    """p11-kit RPC request frames as the front end reads them: the 12-byte header, then a
+    body read with the decoder's primitives in an order the input's last bytes choose (so
+    every reader meets every kind of garbage)."""
+    from tokend.p11kit.codec import Generation, ParseError, Reader, parse_header
+
+    with contextlib.suppress(ParseError):
+        parse_header(data[:12])
+    order, body = data[-6:], data[:-6]
+    for generation in Generation:
+        try:
+            reader = Reader(bytearray(body), generation)
+        except ParseError:
+            return
+        reads = (
+            reader.byte,
+            reader.ulong,
+            reader.byte_array,
+            reader.secret,
+            reader.out_capacity,
+            reader.ulong_capacity,
+            reader.attributes,
+            reader.requested_attributes,
+            reader.mechanism,
+        )
+        try:
+            for choice in order:
+                reads[choice % len(reads)]()
+            reader.finish()
+        except (ParseError, TokendError):
+            continue
+
+
 def smime_input(data: bytes) -> None:
     """A message handed to `tokend smime decrypt/verify`: DER, PEM or MIME. Only the
     library's own error (SmimeError, which the CLI prints) may come out."""
@@ -268,6 +301,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "piv_driver": piv_driver,
     "ccid": ccid_messages,
     "ble": ble_framing,
+    "p11kit": p11kit_rpc,
     "smime": smime_input,
     "pinentry": pinentry_data,
     "config": config_file,
@@ -302,6 +336,7 @@ SEEDS: dict[str, list[bytes]] = {
     "piv_driver": [b"\x01\x6a\x82", b"\x05\x53\x03\x70\x01\x00\x90\x00"],
     "ccid": [ccid.xfr_block(1, b"\x00\xa4\x04\x00").encode(), ccid.notify_slot_change(True)],
     "ble": [b"\x00\x83\x00\x05\x00\xa4\x04\x00\x00"],
+    "p11kit": [bytes.fromhex("0000000b000000027575") + bytes(16) + bytes([1, 1, 0, 0, 0, 0])],
     "smime": [b"-----BEGIN PKCS7-----\nMAA=\n-----END PKCS7-----\n"],
     "pinentry": [b"D 12%253456"],
     "config": [b'log_level = "info"\n[[policy]]\nprogram = "/usr/bin/x"\n'],

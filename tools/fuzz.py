@@ -46,6 +46,7 @@ def _child_atheris(name: str, inputs: int, out: Path) -> None:
         import tokend.ble_framing
         import tokend.config
         import tokend.drivers.piv
+        import tokend.p11kit.codec
         import tokend.simulators.memory
         import tokend.smime.envelope
         import tokend.smime.verifying  # noqa: F401
