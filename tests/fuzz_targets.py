@@ -187,6 +187,25 @@ def p11kit_rpc(data: bytes) -> None:
             continue
 
 
+def pkcs15(data: bytes) -> None:
+    """PKCS#15 files a SIM's PKI applet returns (EF.DIR, ODF, TokenInfo, AODF, PrKDF,
+    PuKDF, CDF): only Pkcs15FormatError (a CKR_DEVICE_ERROR) may come out."""
+    from tokend import pkcs15 as p15
+
+    for parse in (
+        p15.parse_dir,
+        p15.parse_odf,
+        p15.parse_tokeninfo,
+        p15.parse_aodf,
+        p15.parse_prkdf,
+        p15.parse_pukdf,
+        p15.parse_cdf,
+        lambda raw: list(p15.split_elements(raw)),
+    ):
+        with contextlib.suppress(TokendError):
+            parse(data)
+
+
 def smime_input(data: bytes) -> None:
     """A message handed to `tokend smime decrypt/verify`: DER, PEM or MIME. Only the
     library's own error (SmimeError, which the CLI prints) may come out."""
@@ -302,6 +321,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "ccid": ccid_messages,
     "ble": ble_framing,
     "p11kit": p11kit_rpc,
+    "pkcs15": pkcs15,
     "smime": smime_input,
     "pinentry": pinentry_data,
     "config": config_file,
@@ -337,6 +357,7 @@ SEEDS: dict[str, list[bytes]] = {
     "ccid": [ccid.xfr_block(1, b"\x00\xa4\x04\x00").encode(), ccid.notify_slot_change(True)],
     "ble": [b"\x00\x83\x00\x05\x00\xa4\x04\x00\x00"],
     "p11kit": [bytes.fromhex("0000000b000000027575") + bytes(16) + bytes([1, 1, 0, 0, 0, 0])],
+    "pkcs15": [bytes.fromhex("a00a300804065f504b43533135")],
     "smime": [b"-----BEGIN PKCS7-----\nMAA=\n-----END PKCS7-----\n"],
     "pinentry": [b"D 12%253456"],
     "config": [b'log_level = "info"\n[[policy]]\nprogram = "/usr/bin/x"\n'],

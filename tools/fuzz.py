@@ -47,6 +47,7 @@ def _child_atheris(name: str, inputs: int, out: Path) -> None:
         import tokend.config
         import tokend.drivers.piv
         import tokend.p11kit.codec
+        import tokend.pkcs15
         import tokend.simulators.memory
         import tokend.smime.envelope
         import tokend.smime.verifying  # noqa: F401
