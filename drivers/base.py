@@ -3,7 +3,10 @@ readers and cards arriving and leaving. Simulators implement the same protocols.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
@@ -94,3 +97,61 @@ class Watcher(Protocol):
     async def connect(self, reader: str) -> Transport: ...
 
     async def aclose(self) -> None: ...
+
+
+class EventFanout:
+    """The subscriber side of a thread-fed `Watcher`: every ``events()`` caller gets its own
+    queue; the watcher thread emits into all of them through the event loop.
+
+    ``lock`` is the watcher's own lock, the one guarding its presence state: the snapshot
+    and the subscription are taken under it together, so no change is lost or doubled.
+    """
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._queues: list[asyncio.Queue[ReaderEvent | None]] = []
+        self._finished = False
+
+    async def subscribe(
+        self, snapshot_locked: Callable[[], list[ReaderEvent]]
+    ) -> AsyncIterator[ReaderEvent]:
+        """``snapshot_locked()`` (called with the lock held: ARRIVED for every present
+        card) first, then every emitted event, until `finish` or `close`."""
+        queue: asyncio.Queue[ReaderEvent | None] = asyncio.Queue()
+        with self._lock:
+            snapshot = snapshot_locked()
+            self._queues.append(queue)
+            if self._finished:  # the thread is gone (closed or crashed): end at once
+                queue.put_nowait(None)
+        try:
+            for event in snapshot:
+                yield event
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._queues.remove(queue)
+
+    def emit_locked(self, loop: asyncio.AbstractEventLoop, event: ReaderEvent) -> None:
+        """From any thread, with the lock held."""
+        for queue in self._queues:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def finish(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """From the watcher thread as it ends: never leave a subscriber waiting on a
+        thread that is gone, and end later subscriptions at once."""
+        with self._lock:
+            self._finished = True
+            for queue in self._queues:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, None)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """On the event loop (``aclose``): end every subscription."""
+        with self._lock:
+            for queue in self._queues:
+                queue.put_nowait(None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from smartcard import scard
 
-from tokend.drivers.base import CardProtocol, ReaderEvent, ReaderEventKind
+from tokend.drivers.base import CardProtocol, EventFanout, ReaderEvent, ReaderEventKind
 from tokend.errors import CardResetError, TransportError
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class PcscWatcher:
         self.retry_interval = retry_interval
         self._lock = threading.Lock()
         self._present: dict[str, _CardSeen] = {}
-        self._queues: list[asyncio.Queue[ReaderEvent | None]] = []
+        self._fanout = EventFanout(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -236,7 +236,6 @@ class PcscWatcher:
         self._ctx: int | None = None
         self._warned_virtual: set[str] = set()
         self._closed = False
-        self._finished = False
 
     # -- asyncio side -------------------------------------------------------------------
 
@@ -254,27 +253,15 @@ class PcscWatcher:
         self._ensure_started()
         assert self._ready is not None
         await self._ready.wait()
-        queue: asyncio.Queue[ReaderEvent | None] = asyncio.Queue()
-        with self._lock:
-            # Snapshot and subscription under one lock: no change is lost or doubled.
-            snapshot = [
-                ReaderEvent(ReaderEventKind.ARRIVED, reader, seen.atr)
-                for reader, seen in self._present.items()
-            ]
-            self._queues.append(queue)
-            if self._finished:  # the thread is gone (closed or crashed): end at once
-                queue.put_nowait(None)
-        try:
-            for event in snapshot:
+        async with contextlib.aclosing(self._fanout.subscribe(self._snapshot_locked)) as stream:
+            async for event in stream:
                 yield event
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                yield item
-        finally:
-            with self._lock, contextlib.suppress(ValueError):
-                self._queues.remove(queue)
+
+    def _snapshot_locked(self) -> list[ReaderEvent]:
+        return [
+            ReaderEvent(ReaderEventKind.ARRIVED, reader, seen.atr)
+            for reader, seen in self._present.items()
+        ]
 
     async def connect(self, reader: str) -> PcscTransport:
         if not self._allowed(reader):
@@ -291,9 +278,7 @@ class PcscWatcher:
                 scard.SCardCancel(self._ctx)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        with self._lock:
-            for queue in self._queues:
-                queue.put_nowait(None)
+        self._fanout.close()
 
     # -- watcher thread -------------------------------------------------------------------
 
@@ -313,9 +298,7 @@ class PcscWatcher:
         loop = self._loop
         assert loop is not None
         log.debug("pcsc %s %s", event.kind.value, event.reader)
-        for queue in self._queues:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+        self._fanout.emit_locked(loop, event)
 
     def _observe(self, reader: str, seen: _CardSeen | None) -> None:
         with self._lock:
@@ -359,11 +342,7 @@ class PcscWatcher:
         finally:
             # Never leave events() waiting on a thread that is gone.
             self._mark_ready()
-            with self._lock:
-                self._finished = True
-                for queue in self._queues:
-                    with contextlib.suppress(RuntimeError):
-                        self._loop.call_soon_threadsafe(queue.put_nowait, None)  # type: ignore[union-attr]
+            self._fanout.finish(self._loop)
 
     def _watch(self) -> None:
         ctx: int | None = None

@@ -52,7 +52,7 @@ from tokend.ccid import (
     MessageType,
     SlotError,
 )
-from tokend.drivers.base import CardProtocol, ReaderEvent, ReaderEventKind
+from tokend.drivers.base import CardProtocol, EventFanout, ReaderEvent, ReaderEventKind
 from tokend.errors import DeviceError, TransportError
 
 log = logging.getLogger(__name__)
@@ -547,14 +547,13 @@ class UsbCcidWatcher:
         self._by_reader: dict[str, _Attached] = {}
         self._skipped: dict[tuple[int, int], str] = {}
         self._busy: set[tuple[int, int]] = set()
-        self._queues: list[asyncio.Queue[ReaderEvent | None]] = []
+        self._fanout = EventFanout(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ready: asyncio.Event | None = None
         self._closed = False
-        self._finished = False
 
     # -- asyncio side ---------------------------------------------------------------------
 
@@ -576,27 +575,16 @@ class UsbCcidWatcher:
         self._ensure_started()
         assert self._ready is not None
         await self._ready.wait()
-        queue: asyncio.Queue[ReaderEvent | None] = asyncio.Queue()
-        with self._lock:
-            snapshot = [
-                ReaderEvent(ReaderEventKind.ARRIVED, a.device.reader)
-                for a in self._attached.values()
-                if a.present
-            ]
-            self._queues.append(queue)
-            if self._finished:
-                queue.put_nowait(None)
-        try:
-            for event in snapshot:
+        async with contextlib.aclosing(self._fanout.subscribe(self._snapshot_locked)) as stream:
+            async for event in stream:
                 yield event
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                yield item
-        finally:
-            with self._lock, contextlib.suppress(ValueError):
-                self._queues.remove(queue)
+
+    def _snapshot_locked(self) -> list[ReaderEvent]:
+        return [
+            ReaderEvent(ReaderEventKind.ARRIVED, a.device.reader)
+            for a in self._attached.values()
+            if a.present
+        ]
 
     async def connect(self, reader: str) -> UsbCcidTransport:
         with self._lock:
@@ -620,9 +608,7 @@ class UsbCcidWatcher:
             self._attached.clear()
             self._by_reader.clear()
         await asyncio.to_thread(self._release_all, attached)
-        with self._lock:
-            for queue in self._queues:
-                queue.put_nowait(None)
+        self._fanout.close()
 
     def _release_all(self, attached: list[_Attached]) -> None:
         for item in attached:
@@ -639,9 +625,7 @@ class UsbCcidWatcher:
         loop = self._loop
         assert loop is not None
         log.debug("usb %s %s", event.kind.value, event.reader)
-        for queue in self._queues:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+        self._fanout.emit_locked(loop, event)
 
     def _set_present(self, attached: _Attached, present: bool) -> None:
         with self._lock:
@@ -721,11 +705,7 @@ class UsbCcidWatcher:
                 self._wake.wait(self._interval())
         finally:
             self._mark_ready()
-            with self._lock:
-                self._finished = True
-                for queue in self._queues:
-                    with contextlib.suppress(RuntimeError):
-                        self._loop.call_soon_threadsafe(queue.put_nowait, None)  # type: ignore[union-attr]
+            self._fanout.finish(self._loop)
 
     def _scan(self) -> None:
         seen: set[tuple[int, int]] = set()

@@ -102,6 +102,16 @@ class DemoMaterial:
 
 
 @dataclass(frozen=True)
+class _EncryptionKeys:
+    """An encryption key in use and the one it replaced, with their certificates."""
+
+    encryption_key: rsa.RSAPrivateKey
+    encryption_cert: x509.Certificate
+    retired_key: rsa.RSAPrivateKey
+    retired_cert: x509.Certificate
+
+
+@dataclass(frozen=True)
 class _HostMaterial:
     ca_key: ec.EllipticCurvePrivateKey
     ca_cert: x509.Certificate
@@ -197,6 +207,22 @@ def _host_material() -> _HostMaterial:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    keys = _encryption_keys(ca_key, ca_cert, now)
+    return _HostMaterial(
+        ca_key,
+        ca_cert,
+        keys.encryption_key,
+        keys.encryption_cert,
+        keys.retired_key,
+        keys.retired_cert,
+    )
+
+
+def _encryption_keys(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, now: dt.datetime
+) -> _EncryptionKeys:
+    """Two fresh RSA-2048 keys: one with a 39-month encryption certificate from yesterday,
+    one (the previous) whose 39 months ended a month ago."""
     encryption_key = rsa.generate_private_key(65537, 2048)
     retired_key = rsa.generate_private_key(65537, 2048)
     encryption_cert = _user_cert(
@@ -207,7 +233,6 @@ def _host_material() -> _HostMaterial:
         months=39,
         encryption=True,
     )
-    # The previous encryption certificate: 39 months that ended a month ago.
     retired_cert = _user_cert(
         ca_key,
         ca_cert,
@@ -216,9 +241,7 @@ def _host_material() -> _HostMaterial:
         months=39,
         encryption=True,
     )
-    return _HostMaterial(
-        ca_key, ca_cert, encryption_key, encryption_cert, retired_key, retired_cert
-    )
+    return _EncryptionKeys(encryption_key, encryption_cert, retired_key, retired_cert)
 
 
 class _Provisioner:

@@ -28,7 +28,12 @@ from tokend.iso7816 import ApduChannel, CommandApdu
 from tokend.sim import codes
 from tokend.sim import commands as sim
 from tokend.sim.codes import PIN_FORMAT, Fdb
-from tokend.simulators.demo import _add_months, _host_material, _user_cert
+from tokend.simulators.demo import (
+    _encryption_keys,
+    _EncryptionKeys,
+    _host_material,
+    _user_cert,
+)
 from tokend.simulators.sim import VirtualSim
 from tokend.wipe import wipe
 
@@ -76,37 +81,12 @@ class SimDemoMaterial:
         return key
 
 
-@dataclass(frozen=True)
-class _SimKeys:
-    encryption_key: rsa.RSAPrivateKey
-    encryption_cert: x509.Certificate
-    retired_key: rsa.RSAPrivateKey
-    retired_cert: x509.Certificate
-
-
 @functools.cache
-def _sim_keys() -> _SimKeys:
+def _sim_keys() -> _EncryptionKeys:
+    """The SIM's own encryption and retired keys (not the PIV card's), from the same CA."""
     host = _host_material()
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    encryption_key = rsa.generate_private_key(65537, 2048)
-    retired_key = rsa.generate_private_key(65537, 2048)
-    encryption_cert = _user_cert(
-        host.ca_key,
-        host.ca_cert,
-        encryption_key.public_key(),
-        not_before=now - dt.timedelta(days=1),
-        months=39,
-        encryption=True,
-    )
-    retired_cert = _user_cert(
-        host.ca_key,
-        host.ca_cert,
-        retired_key.public_key(),
-        not_before=_add_months(now, -40),
-        months=39,
-        encryption=True,
-    )
-    return _SimKeys(encryption_key, encryption_cert, retired_key, retired_cert)
+    return _encryption_keys(host.ca_key, host.ca_cert, now)
 
 
 class Personaliser:

@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.provisioning", 3),
     ("tokend.api_provision", 4),
     ("tokend.api", 4),
+    ("tokend.listener", 4),
     ("tokend.daemon", 4),
     ("tokend.pinentry", 4),
     ("tokend.config", 4),

@@ -26,6 +26,7 @@ from tokend.api import Api
 from tokend.consent import ClientInfo
 from tokend.errors import FunctionFailedError, TokendError
 from tokend.limits import Limits
+from tokend.listener import SocketListener
 from tokend.paths import default_socket_path
 from tokend.protocol import (
     INTERNAL_ERROR,
@@ -48,7 +49,6 @@ from tokend.socket_security import (
     DaemonAlreadyRunning,
     PeerCredentials,
     bind_private_socket,
-    is_trusted_uid,
     peer_credentials,
     prepare_socket_path,
 )
@@ -272,7 +272,7 @@ class Connection:
             )
 
 
-class Daemon:
+class Daemon(SocketListener):
     def __init__(
         self,
         engine: Engine,
@@ -281,6 +281,7 @@ class Daemon:
         listen_socket: socket.socket | None = None,
         limits: Limits | None = None,
     ) -> None:
+        super().__init__()
         self.engine = engine
         self.api = Api(engine)
         self.socket_path = socket_path or default_socket_path()
@@ -288,10 +289,6 @@ class Daemon:
         #: directory belong to the socket unit, so the daemon neither creates nor removes it.
         self.listen_socket = listen_socket
         self.limits = limits or engine.limits
-        self._listener: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._per_uid: dict[int, int] = {}
         self._stopped = asyncio.Event()
         self._log_limited = _RateLimitedLog()
         #: Other listeners on the same engine (the p11-kit front end); stopped first.
@@ -305,76 +302,45 @@ class Daemon:
             if name:
                 self.socket_path = Path(name)
             self.listen_socket.setblocking(False)
-            self._listener = self.listen_socket
-            self._accept_task = asyncio.create_task(self._accept_loop(self._listener))
+            self._start_accepting(self.listen_socket)
             await self.engine.registry.start()
             log.info("listening on %s (socket activation)", self.socket_path)
             return
-        self._listener = bind_private_socket(self.socket_path)
-        self._accept_task = asyncio.create_task(self._accept_loop(self._listener))
+        self._start_accepting(bind_private_socket(self.socket_path))
         await self.engine.registry.start()
         log.info("listening on %s", self.socket_path)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = 0.05
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue
-            except OSError as exc:
-                if listener.fileno() == -1:
-                    return  # closed by stop()
-                # Out of descriptors (EMFILE/ENFILE) or memory: the pending connection stays
-                # queued in the kernel; try again later instead of spinning (and logging)
-                # on it. Anything else is retried the same way: the listener must not die.
-                self._log_limited(
-                    "accept",
-                    logging.ERROR,
-                    "cannot accept connections: %s (%d open); retrying",
-                    exc.strerror or exc,
-                    len(self._connections),
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            backoff = 0.05
-            self._admit(conn)
+    # -- SocketListener -------------------------------------------------------------------
 
-    def _admit(self, conn: socket.socket) -> None:
-        try:
-            creds = peer_credentials(conn)
-        except OSError:
-            conn.close()
-            return
-        if not is_trusted_uid(creds.uid):
-            self._log_limited(
-                "refused", logging.WARNING, "refused client pid %d uid %d", creds.pid, creds.uid
-            )
-            conn.close()
-            return
-        limits = self.limits
-        if (
-            len(self._connections) >= limits.max_connections
-            or self._per_uid.get(creds.uid, 0) >= limits.max_connections_per_uid
-        ):
-            self._log_limited(
-                "busy",
-                logging.WARNING,
-                "too many connections (%d open, %d from uid %d): refusing pid %d",
-                len(self._connections),
-                self._per_uid.get(creds.uid, 0),
-                creds.uid,
-                creds.pid,
-            )
-            with contextlib.suppress(OSError):
-                conn.send(encode_error(None, SERVER_BUSY, "too many connections to tokend"))
-            conn.close()
-            return
-        self._per_uid[creds.uid] = self._per_uid.get(creds.uid, 0) + 1
-        task = asyncio.create_task(self._serve(conn, creds))
-        self._connections.add(task)
+    def _limits(self) -> Limits:
+        return self.limits
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self._log_limited(
+            "accept",
+            logging.ERROR,
+            "cannot accept connections: %s (%d open); retrying",
+            exc.strerror or exc,
+            len(self._connections),
+        )
+
+    def _refused(self, creds: PeerCredentials) -> None:
+        self._log_limited(
+            "refused", logging.WARNING, "refused client pid %d uid %d", creds.pid, creds.uid
+        )
+
+    def _busy(self, conn: socket.socket, creds: PeerCredentials) -> None:
+        self._log_limited(
+            "busy",
+            logging.WARNING,
+            "too many connections (%d open, %d from uid %d): refusing pid %d",
+            len(self._connections),
+            self._per_uid.get(creds.uid, 0),
+            creds.uid,
+            creds.pid,
+        )
+        with contextlib.suppress(OSError):
+            conn.send(encode_error(None, SERVER_BUSY, "too many connections to tokend"))
 
     async def _serve(self, conn: socket.socket, creds: PeerCredentials) -> None:
         try:
@@ -393,16 +359,6 @@ class Daemon:
         finally:
             self._release(creds.uid)
 
-    def _release(self, uid: int) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.discard(task)
-        left = self._per_uid.get(uid, 1) - 1
-        if left > 0:
-            self._per_uid[uid] = left
-        else:
-            self._per_uid.pop(uid, None)
-
     def request_stop(self) -> None:
         self._stopped.set()
 
@@ -417,19 +373,7 @@ class Daemon:
     async def stop(self) -> None:
         for front_end in self.front_ends:
             await front_end.stop()
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._accept_task
-            self._accept_task = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._stop_accepting()
         await self.engine.registry.stop()
         if self.listen_socket is None:
             with contextlib.suppress(FileNotFoundError):

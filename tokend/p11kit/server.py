@@ -44,6 +44,8 @@ from tokend.errors import (
     TokendError,
     UserTypeInvalidError,
 )
+from tokend.limits import Limits
+from tokend.listener import SocketListener
 from tokend.model import AttributeValue, Mechanism
 from tokend.p11kit.codec import (
     ARRAY_TYPES,
@@ -71,12 +73,7 @@ from tokend.pkcs11 import (
     TEXT_ATTRIBUTES,
 )
 from tokend.session import Application, Engine
-from tokend.socket_security import (
-    PeerCredentials,
-    bind_private_socket,
-    is_trusted_uid,
-    peer_credentials,
-)
+from tokend.socket_security import PeerCredentials, bind_private_socket
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +618,7 @@ async def _wait_for_slot_event(c: P11KitConnection, r: Reader, w: Writer) -> Non
 # --- the listener -------------------------------------------------------------------------
 
 
-class P11KitServer:
+class P11KitServer(SocketListener):
     """``pkcs11.sock`` beside the native socket, made and checked by the same shared code
     (`tokend.socket_security`: directory chain, 0600 from the start, `is_trusted_uid` peers)
     and capped like it (`Engine.limits`: connections in total and per uid)."""
@@ -629,15 +626,12 @@ class P11KitServer:
     def __init__(
         self, engine: Engine, path: Path, *, listen_socket: socket.socket | None = None
     ) -> None:
+        super().__init__()
         self.engine = engine
         self.path = path
         #: Handed over by systemd (socket activation, fd name "pkcs11"): the socket unit
         #: owns its path, mode and directory, so it is neither created nor removed here.
         self.listen_socket = listen_socket
-        self._listener: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._per_uid: dict[int, int] = {}
         self._live: set[P11KitConnection] = set()
         self._logged: dict[str, float] = {}
         engine.registry.on_retire(self._on_retire)
@@ -659,65 +653,35 @@ class P11KitServer:
             if name:
                 self.path = Path(name)
             self.listen_socket.setblocking(False)
-            self._listener = self.listen_socket
+            listener = self.listen_socket
             how = " (socket activation)"
         else:
-            self._listener = bind_private_socket(self.path)
+            listener = bind_private_socket(self.path)
             how = ""
-        self._accept_task = asyncio.create_task(self._accept_loop(self._listener))
+        self._start_accepting(listener)
         log.info("p11-kit RPC listening on %s%s", self.path, how)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = 0.05
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue
-            except OSError as exc:
-                if listener.fileno() == -1:
-                    return  # closed by stop()
-                # Out of descriptors or memory: the connection waits in the kernel's queue;
-                # retry later instead of spinning. The listener itself never dies.
-                self._log_limited(
-                    "accept", logging.ERROR, "p11-kit: cannot accept: %s; retrying", exc
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            backoff = 0.05
-            self._admit(conn)
+    # -- SocketListener -------------------------------------------------------------------
 
-    def _admit(self, conn: socket.socket) -> None:
-        try:
-            creds = peer_credentials(conn)
-        except OSError:
-            conn.close()
-            return
-        if not is_trusted_uid(creds.uid):
-            self._log_limited(
-                "refused", logging.WARNING, "p11-kit: refused pid %d uid %d", creds.pid, creds.uid
-            )
-            conn.close()
-            return
-        limits = self.engine.limits
-        if (
-            len(self._connections) >= limits.max_connections
-            or self._per_uid.get(creds.uid, 0) >= limits.max_connections_per_uid
-        ):
-            # Closed before the version byte: the client shows "no connection", no slots.
-            self._log_limited(
-                "busy",
-                logging.WARNING,
-                "p11-kit: too many connections, refusing pid %d",
-                creds.pid,
-            )
-            conn.close()
-            return
-        self._per_uid[creds.uid] = self._per_uid.get(creds.uid, 0) + 1
-        task = asyncio.create_task(self._serve(conn, creds))
-        self._connections.add(task)
+    def _limits(self) -> Limits:
+        return self.engine.limits
+
+    def _accept_failed(self, exc: OSError) -> None:
+        self._log_limited("accept", logging.ERROR, "p11-kit: cannot accept: %s; retrying", exc)
+
+    def _refused(self, creds: PeerCredentials) -> None:
+        self._log_limited(
+            "refused", logging.WARNING, "p11-kit: refused pid %d uid %d", creds.pid, creds.uid
+        )
+
+    def _busy(self, conn: socket.socket, creds: PeerCredentials) -> None:
+        # Closed before the version byte: the client shows "no connection", no slots.
+        self._log_limited(
+            "busy",
+            logging.WARNING,
+            "p11-kit: too many connections, refusing pid %d",
+            creds.pid,
+        )
 
     async def _serve(self, conn: socket.socket, creds: PeerCredentials) -> None:
         try:
@@ -738,29 +702,10 @@ class P11KitServer:
             finally:
                 self._live.discard(connection)
         finally:
-            task = asyncio.current_task()
-            if task is not None:
-                self._connections.discard(task)
-            left = self._per_uid.get(creds.uid, 1) - 1
-            if left > 0:
-                self._per_uid[creds.uid] = left
-            else:
-                self._per_uid.pop(creds.uid, None)
+            self._release(creds.uid)
 
     async def stop(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._accept_task
-            self._accept_task = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._stop_accepting()
         if self.listen_socket is None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
