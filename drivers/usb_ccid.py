@@ -756,7 +756,7 @@ class UsbCcidWatcher:
                 )
                 return
         except NotImplementedError:
-            pass
+            pass  # pyusb backends without is_kernel_driver_active: nothing attached to check
         except usb.core.USBError as exc:
             with contextlib.suppress(Exception):
                 usb.util.dispose_resources(dev)
@@ -842,7 +842,7 @@ class UsbCcidWatcher:
         try:
             name = " ".join(p for p in (dev.manufacturer, dev.product) if p)
         except (usb.core.USBError, ValueError, NotImplementedError):
-            name = ""
+            name = ""  # no string descriptors (or backend support): named by its ids below
         return name or f"USB CCID {dev.idVendor:04x}:{dev.idProduct:04x}"
 
     def _interrupt_loop(self, attached: _Attached) -> None:

@@ -24,7 +24,7 @@ class SocketListener:
         self._connections: set[asyncio.Task[None]] = set()
         self._per_uid: dict[int, int] = {}
 
-    # -- what a listener says and does --------------------------------------------------
+    # -- what a listener says and does (each subclass overrides all five) ---------------
 
     def _limits(self) -> Limits:
         raise NotImplementedError

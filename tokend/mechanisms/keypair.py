@@ -379,7 +379,7 @@ class KeyPairToken:
     #: the card applies and strips PKCS#1 v1.5 itself (no raw RSA: no OAEP, PSS, X.509)
     card_pads_pkcs1 = False
 
-    # -- the driver's part --
+    # -- the driver's part (every driver overrides these; the base has no card) --
 
     def key_pairs(self) -> Mapping[int, KeyPair]:
         raise NotImplementedError
