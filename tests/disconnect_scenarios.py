@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import ID_9D, PIN, logged_in_session, pkcs1_blob, private_key
+from tests.helpers import ID_9D, PIN, SWAP_EVENT_WAIT, logged_in_session, pkcs1_blob, private_key
 from tokend.client import Client
 from tokend.errors import (
     DeviceRemovedError,
@@ -76,8 +76,8 @@ def test_reinserting_the_same_card_restores_nothing(piv) -> None:
 
         plug.remove()
         plug.insert(card)
-        assert client.next_event()["event"] == "left"
-        arrived = client.next_event()
+        assert client.next_event(SWAP_EVENT_WAIT)["event"] == "left"
+        arrived = client.next_event(SWAP_EVENT_WAIT)
         assert arrived["event"] == "arrived" and arrived["serial"] == demo.guid.hex()
 
         with pytest.raises(DeviceRemovedError):
@@ -108,7 +108,7 @@ def test_a_different_card_in_the_same_slot_inherits_nothing(piv) -> None:
         session = logged_in_session(client, piv.extras["slot"])
         _decrypt_ok(client, session, demo)
         plug.insert(other)  # a swap: insert() pulls the first card
-        events = [client.next_event(), client.next_event()]
+        events = [client.next_event(SWAP_EVENT_WAIT), client.next_event(SWAP_EVENT_WAIT)]
         assert [e["event"] for e in events] == ["left", "arrived"]
         assert events[1]["serial"] == other_demo.guid.hex()
         with pytest.raises(DeviceRemovedError):

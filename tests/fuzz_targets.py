@@ -287,17 +287,13 @@ class _CorruptingCard:
         return self.answer if self.count == self.index else real
 
 
-def piv_driver(data: bytes) -> None:
-    """The PIV driver opening a card (SELECT, version, serial, CHUID, every certificate
-    and metadata) and logging in, when one answer is replaced by ``data[1:]``: it opens,
-    declines the card, or raises a TokendError; never anything else."""
+def _open_piv(card) -> None:  # type: ignore[no-untyped-def]
+    """What the daemon does with a new card: open it, list its objects, read its PIN state."""
     from tokend.drivers.piv import PivToken
     from tokend.simulators.memory import MemoryReader
 
-    if not data:
-        return
     reader = MemoryReader("Fuzz Reader")
-    reader.insert(_CorruptingCard(_demo_card(), 1 + data[0] % 48, bytes(data[1:])))
+    reader.insert(card)
     transport = reader.connect()
     try:
         token = PivToken.open(transport)
@@ -305,10 +301,29 @@ def piv_driver(data: bytes) -> None:
             _ = token.objects(), token.identity, token.info
             with contextlib.suppress(TokendError):
                 token.pin_status()
-    except TokendError:
-        return
     finally:
         transport.close()
+
+
+@cache
+def _piv_open_apdus() -> int:
+    """How many APDUs opening the unchanged demo card takes."""
+    card = _CorruptingCard(_demo_card(), 0, b"")
+    _open_piv(card)
+    return card.count
+
+
+def piv_driver(data: bytes) -> None:
+    """The PIV driver opening a card (SELECT, version, serial, CHUID, every certificate
+    and metadata) and reading its PIN state, when one answer is replaced by ``data[1:]``:
+    it opens, declines the card, or raises a TokendError; never anything else."""
+    if not data:
+        return
+    # data[0] picks which answer to replace, among those the driver really asks for (an
+    # index past the last one would run the card unchanged and waste the input).
+    index = 1 + data[0] % _piv_open_apdus()
+    with contextlib.suppress(TokendError):
+        _open_piv(_CorruptingCard(_demo_card(), index, bytes(data[1:])))
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -41,3 +41,9 @@ def oaep_blob(public_key, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes
     secret = os.urandom(32)
     pad = padding.OAEP(mgf=padding.MGF1(algorithm), algorithm=algorithm, label=None)
     return public_key.encrypt(secret, pad), secret
+
+
+#: How long to wait for the events of a re-insertion or swap. Through pcscd each is seen
+#: only at a reader poll, and on a loaded machine a swap's two events once took over 5 s
+#: (the Client default); this is a bound against a hang, not a latency claim.
+SWAP_EVENT_WAIT = 15.0

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.helpers import OAEP_SHA256, oaep_blob, pkcs1_blob
+from tests.helpers import OAEP_SHA256, SWAP_EVENT_WAIT, oaep_blob, pkcs1_blob
 from tests.sim_fixtures import SIM_PIN
 from tokend.client import Client
 from tokend.errors import (
@@ -219,8 +219,8 @@ def test_reinserted_sim_is_a_new_instance_without_login(sim) -> None:
         old_key = _decrypt_ok(client, session, demo)
         plug.remove()
         plug.insert(card)
-        assert client.next_event()["event"] == "left"
-        arrived = client.next_event()
+        assert client.next_event(SWAP_EVENT_WAIT)["event"] == "left"
+        arrived = client.next_event(SWAP_EVENT_WAIT)
         assert arrived["event"] == "arrived" and arrived["serial"] == demo.iccid
         fresh = client.open_session(sim.extras["slot"])
         with pytest.raises(KeyHandleInvalidError):
@@ -243,7 +243,7 @@ def test_a_sim_with_another_iccid_is_a_new_token(sim) -> None:
         session = _session(client, sim.extras["slot"])
         _decrypt_ok(client, session, demo)
         plug.insert(other)  # a swap: insert() pulls the first card
-        events = [client.next_event(), client.next_event()]
+        events = [client.next_event(SWAP_EVENT_WAIT), client.next_event(SWAP_EVENT_WAIT)]
         assert [e["event"] for e in events] == ["left", "arrived"]
         assert events[1]["serial"] == "8949000000000000017" != demo.iccid
         with pytest.raises(DeviceRemovedError):

@@ -211,6 +211,7 @@ def test_token_pulled_at_each_apdu(piv, name: str) -> None:  # type: ignore[no-u
         outcome, end = _run_op(piv, name, pull_at_k)
         elapsed = end - pulled_at  # from the pull to the caller's answer: the hang bound
         where = f"{name}, token pulled at APDU {k}/{len(seen)} (INS {seen[k - 1][1]:02X})"
+        print(f"  {where}: {outcome} after {elapsed:.2f} s")
         assert outcome in REMOVAL_ERRORS, f"{where}: {outcome}"  # never 'ok' nor another error
         assert elapsed < HANG_LIMIT, f"{where}: took {elapsed:.2f} s"
         assert _pin_tries_left(card) == tries, f"{where}: a PIN try was consumed"
