@@ -376,8 +376,16 @@ def provision_demo(
     return material
 
 
-def _write_files(material: DemoMaterial, out_dir: Path) -> None:
+def write_demo_files(out_dir: Path, certs: dict[str, x509.Certificate], readme: str) -> None:
+    """What `tokend simulate --out DIR` leaves for a user: the certificates as PEM files
+    and a README with the credentials and two commands to try."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, cert in certs.items():
+        (out_dir / name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out_dir / "README.txt").write_text(readme)
+
+
+def _write_files(material: DemoMaterial, out_dir: Path) -> None:
     files = {
         "ca.pem": material.ca_cert,
         "encryption.pem": material.encryption_cert,
@@ -386,14 +394,14 @@ def _write_files(material: DemoMaterial, out_dir: Path) -> None:
     }
     if material.authentication_cert is not None:
         files["authentication.pem"] = material.authentication_cert
-    for name, cert in files.items():
-        (out_dir / name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out_dir / "README.txt").write_text(
+    write_demo_files(
+        out_dir,
+        files,
         f"Demo PIV token {material.serial} (GUID {material.guid.hex()}), "
         f"PIN {DEFAULT_PIN.decode()}, PUK {DEFAULT_PUK.decode()}.\n"
         "Encrypt a mail to the token (decrypt it with the key in slot 9D):\n"
         "  openssl cms -encrypt -aes256 -recip encryption.pem -in message.txt "
         "-out message.p7m\n"
         "Verify a signature made with slot 9C:\n"
-        "  openssl cms -verify -CAfile ca.pem -in signed.p7m\n"
+        "  openssl cms -verify -CAfile ca.pem -in signed.p7m\n",
     )

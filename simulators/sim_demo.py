@@ -33,6 +33,7 @@ from tokend.simulators.demo import (
     _EncryptionKeys,
     _host_material,
     _user_cert,
+    write_demo_files,
 )
 from tokend.simulators.sim import VirtualSim
 from tokend.wipe import wipe
@@ -254,21 +255,20 @@ def provision_sim_demo(
 
 
 def _write_files(material: SimDemoMaterial, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "ca.pem": material.ca_cert,
         "encryption.pem": material.encryption_cert,
         "signing.pem": material.signing_cert,
         "retired-1.pem": material.retired_cert,
     }
-    for name, cert in files.items():
-        (out_dir / name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out_dir / "README.txt").write_text(
+    write_demo_files(
+        out_dir,
+        files,
         f"Demo SIM (ICCID {material.iccid}), IsoApplet PIN {DEMO_PIN.decode()}, "
         f"PUK {DEMO_PUK.decode()}.\n"
         "Encrypt a mail to the SIM (PKCS#1 v1.5 key transport, the OpenSSL default):\n"
         "  openssl cms -encrypt -aes256 -recip encryption.pem -in message.txt "
         "-out message.p7m\n"
         "Verify a signature made with the SIM's signing key:\n"
-        "  openssl cms -verify -CAfile ca.pem -in signed.p7m\n"
+        "  openssl cms -verify -CAfile ca.pem -in signed.p7m\n",
     )
