@@ -6,11 +6,20 @@ with its own dispatcher; it never sees chain blocks or GET RESPONSE."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
 
 from tokend.iso7816 import SW, CommandApdu
 
-__all__ = ["GET_RESPONSE", "CardIo", "CardStatus"]
+__all__ = ["GET_RESPONSE", "CardIo", "CardStatus", "PersistentCard"]
+
+log = logging.getLogger(__name__)
 
 #: GET RESPONSE (ISO 7816-4 §7.6.1).
 GET_RESPONSE = 0xC0
@@ -121,3 +130,99 @@ class CardIo:
         if rest:
             return chunk + bytes((0x61, min(rest, 256) & 0xFF))
         return chunk + sw_bytes(SW.SW_OK)
+
+
+class PersistentCard(ABC):
+    """What every virtual card does around its applet: power and reset clear the volatile
+    state, `process` never raises (an internal error answers 6F00, like a card's OS), and
+    state a command changed is saved to the card's file afterwards.
+
+    A card calls `_init_card` first in its constructor and `_load_state` once its factory
+    state is built; it provides the hooks below.
+    """
+
+    #: How log lines name the card.
+    CARD_NAME: ClassVar[str] = "virtual card"
+
+    _lock: threading.RLock
+    _atr: bytes
+    _state_file: Path | None
+
+    def _init_card(self, atr: bytes, state_file: str | os.PathLike[str] | None) -> None:
+        self._lock = threading.RLock()
+        self._atr = bytes(atr)
+        self._state_file = Path(state_file) if state_file is not None else None
+
+    def _load_state(self) -> None:
+        """Restore from the state file, or create it with the factory state."""
+        if self._state_file is None:
+            return
+        if self._state_file.exists():
+            self._restore(json.loads(self._state_file.read_text()))
+        else:
+            self._write(self._state_file)
+
+    # --- VirtualCard ---------------------------------------------------------------------
+
+    @property
+    def atr(self) -> bytes:
+        return self._atr
+
+    def power_on(self) -> None:
+        with self._lock:
+            self._clear_volatile()
+
+    def power_off(self) -> None:
+        with self._lock:
+            self._clear_volatile()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._clear_volatile()
+
+    def process(self, apdu: bytes) -> bytes:
+        """One command APDU in, one response APDU out; never raises (internal errors 6F00)."""
+        with self._lock:
+            try:
+                response = self._process(bytes(apdu))
+            except Exception as exc:  # the card must answer, whatever went wrong inside
+                log.error("%s: internal error (%s)", self.CARD_NAME, type(exc).__name__)
+                self._drop_pending()
+                response = sw_bytes(SW.SW_UNKNOWN)
+            if self._state_changed() and self._state_file is not None:
+                try:
+                    self._write(self._state_file)
+                except OSError as exc:
+                    log.error("%s: cannot save state: %s", self.CARD_NAME, exc)
+            self._state_saved()
+            return response
+
+    # --- hooks -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _process(self, apdu: bytes) -> bytes:
+        """The card's command dispatch: one command APDU, its response APDU."""
+
+    @abstractmethod
+    def _clear_volatile(self) -> None:
+        """Forget what a card forgets when it loses power: selection, verified PINs."""
+
+    @abstractmethod
+    def _drop_pending(self) -> None:
+        """Forget a half-sent answer after an internal error."""
+
+    @abstractmethod
+    def _state_changed(self) -> bool:
+        """Whether the last command changed what the state file holds."""
+
+    @abstractmethod
+    def _state_saved(self) -> None:
+        """The changes are saved (or there is no file): start tracking afresh."""
+
+    @abstractmethod
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Load the persistent state from the file's JSON."""
+
+    @abstractmethod
+    def _write(self, path: Path) -> None:
+        """Save the persistent state to ``path`` (0600)."""

@@ -35,7 +35,6 @@ import logging
 import os
 import secrets
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,7 @@ from tokend.piv.commands import (
     encode_public_key,
     mgmt_cipher,
 )
-from tokend.simulators.iso7816_card import CardIo, CardStatus, sw_bytes
+from tokend.simulators.iso7816_card import CardIo, CardStatus, PersistentCard, sw_bytes
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +205,15 @@ def _policies(fields: dict[int, bytes], slot: int) -> tuple[PinPolicy, TouchPoli
     return pin, touch
 
 
-class VirtualPivCard:
+class VirtualPivCard(PersistentCard):
     """A PIV card (SP 800-73-4 + YubiKey vendor extensions) behind `VirtualCard`.
 
     ``serial``/``guid``: factory identity (random unless given). ``state_file``: load the
     state from this file if it exists and save it there (0600) after every state change.
     All methods may be called from any thread.
     """
+
+    CARD_NAME = "virtual PIV card"
 
     def __init__(
         self,
@@ -222,10 +223,8 @@ class VirtualPivCard:
         state_file: str | os.PathLike[str] | None = None,
         atr: bytes = DEFAULT_ATR,
     ) -> None:
-        self._lock = threading.RLock()
+        self._init_card(atr, state_file)
         self._io = CardIo(max_chain=MAX_CHAIN_SIZE)
-        self._atr = bytes(atr)
-        self._state_file = Path(state_file) if state_file is not None else None
         self._serial = serial if serial is not None else 10_000_000 + secrets.randbelow(80_000_000)
         if guid is not None and len(guid) != 16:
             raise ValueError("GUID must be 16 bytes")
@@ -233,46 +232,18 @@ class VirtualPivCard:
         self._factory_reset()
         self._clear_volatile()
         self._dirty = False
-        if self._state_file is not None:
-            if self._state_file.exists():
-                self._restore(json.loads(self._state_file.read_text()))
-            else:
-                self._write(self._state_file)
+        self._load_state()
 
-    # --- VirtualCard -----------------------------------------------------------------------
+    # --- PersistentCard hooks --------------------------------------------------------------
 
-    @property
-    def atr(self) -> bytes:
-        return self._atr
+    def _drop_pending(self) -> None:
+        self._io.drop_pending()
 
-    def power_on(self) -> None:
-        with self._lock:
-            self._clear_volatile()
+    def _state_changed(self) -> bool:
+        return self._dirty
 
-    def power_off(self) -> None:
-        with self._lock:
-            self._clear_volatile()
-
-    def reset(self) -> None:
-        with self._lock:
-            self._clear_volatile()
-
-    def process(self, apdu: bytes) -> bytes:
-        """One command APDU in, one response APDU out; never raises (internal errors 6F00)."""
-        with self._lock:
-            try:
-                response = self._process(bytes(apdu))
-            except Exception as exc:  # the card must answer, whatever went wrong inside
-                log.error("virtual PIV card: internal error (%s)", type(exc).__name__)
-                self._io.drop_pending()
-                response = SW.SW_UNKNOWN.to_bytes(2, "big")
-            if self._dirty and self._state_file is not None:
-                try:
-                    self._write(self._state_file)
-                except OSError as exc:
-                    log.error("virtual PIV card: cannot save state: %s", exc)
-            self._dirty = False
-            return response
+    def _state_saved(self) -> None:
+        self._dirty = False
 
     # --- identity, persistence -------------------------------------------------------------
 

@@ -26,7 +26,6 @@ import logging
 import os
 import secrets
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from tokend.sim.codes import (
     encode_iccid,
     luhn_digit,
 )
+from tokend.simulators.iso7816_card import PersistentCard
 from tokend.simulators.isoapplet import CURVES, IsoApplet
 
 __all__ = ["CURVES", "DEFAULT_ATR", "USIM_AID_PREFIX", "VirtualSim", "random_iccid"]
@@ -83,11 +83,13 @@ def _uicc_fcp(fid: int, *, df: bool, size: int = 0) -> bytes:
     return encode_tlv(0x62, body + encode_tlv(0x8A, b"\x05"))
 
 
-class VirtualSim:
+class VirtualSim(PersistentCard):
     """A UICC with the PKI applet behind `VirtualCard`. All methods may be called from any
     thread. ``iccid``: the card's ICCID digits (random unless given). ``import_allowed``:
     the applet build accepts PUT DATA key import (the real default build does not).
     ``state_file``: load from it if it exists, save to it (0600) after each change."""
+
+    CARD_NAME = "virtual SIM"
 
     def __init__(
         self,
@@ -97,60 +99,30 @@ class VirtualSim:
         import_allowed: bool = True,
         atr: bytes = DEFAULT_ATR,
     ) -> None:
-        self._lock = threading.RLock()
-        self._atr = bytes(atr)
+        self._init_card(atr, state_file)
         self._iccid = iccid if iccid is not None else random_iccid()
         encode_iccid(self._iccid)  # validate
         self.applet = IsoApplet(import_allowed=import_allowed)
         #: tries left on the USIM's PIN1 (volatile in this simulator)
         self.usim_pin1_tries = 3
-        self._state_file = Path(state_file) if state_file is not None else None
         self._clear_volatile()
-        if self._state_file is not None:
-            if self._state_file.exists():
-                self._restore(json.loads(self._state_file.read_text()))
-            else:
-                self._write(self._state_file)
-
-    # --- VirtualCard ---------------------------------------------------------------------
-
-    @property
-    def atr(self) -> bytes:
-        return self._atr
+        self._load_state()
 
     @property
     def protocol(self) -> CardProtocol:
         """T=0, as the ATR says: the in-process reader then behaves like pcscd's."""
         return CardProtocol.T0
 
-    def power_on(self) -> None:
-        with self._lock:
-            self._clear_volatile()
+    # --- PersistentCard hooks --------------------------------------------------------------
 
-    def power_off(self) -> None:
-        with self._lock:
-            self._clear_volatile()
+    def _drop_pending(self) -> None:
+        self._os_pending = None
 
-    def reset(self) -> None:
-        with self._lock:
-            self._clear_volatile()
+    def _state_changed(self) -> bool:
+        return self.applet.dirty
 
-    def process(self, apdu: bytes) -> bytes:
-        """One command APDU in, one response APDU out; never raises (internal errors 6F00)."""
-        with self._lock:
-            try:
-                response = self._process(bytes(apdu))
-            except Exception as exc:  # the card must answer, whatever went wrong inside
-                log.error("virtual SIM: internal error (%s)", type(exc).__name__)
-                self._os_pending = None
-                response = SW.SW_UNKNOWN.to_bytes(2, "big")
-            if self.applet.dirty and self._state_file is not None:
-                try:
-                    self._write(self._state_file)
-                except OSError as exc:
-                    log.error("virtual SIM: cannot save state: %s", exc)
-            self.applet.dirty = False
-            return response
+    def _state_saved(self) -> None:
+        self.applet.dirty = False
 
     # --- identity, persistence -------------------------------------------------------------
 
