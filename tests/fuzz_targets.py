@@ -225,6 +225,99 @@ def smime_input(data: bytes) -> None:
         verify(data, [])
 
 
+#: Test-only keys, certificates and messages made with OpenSSL (tests/vectors/smime-fuzz/
+#: README.md says how): the seeds of the S/MIME targets and the keys of `smime_decrypt`.
+SMIME_VECTORS = Path(__file__).resolve().parent / "vectors" / "smime-fuzz"
+
+
+class _SoftwareKeyring:
+    """`tokend.smime`'s keyring seam with the token's part done in software with the
+    vectors' keys, so the fuzzer reaches what runs after it: recipient matching, the X9.63
+    KDF, AES key unwrap, content decryption and the GCM tag check (all product code)."""
+
+    def __init__(self) -> None:
+        from asn1crypto import x509 as ax509
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+
+        from tokend.smime.keys import TokenCert, TokenRef
+
+        token = TokenRef(0, "fuzz", "fuzz vectors", 1)
+        self._keys = {}
+        self._certs = []
+        for i, name in enumerate(("rsa", "ec")):
+            pem = (SMIME_VECTORS / f"{name}.pem").read_bytes()
+            der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+            cert = TokenCert(token, bytes([i + 1]), name, ax509.Certificate.load(der))
+            self._certs.append(cert)
+            key_pem = (SMIME_VECTORS / f"{name}.key").read_bytes()
+            self._keys[cert.key_id] = load_pem_private_key(key_pem, None)
+
+    def certificates(self, *, refresh: bool = False) -> list:  # type: ignore[type-arg]
+        return list(self._certs)
+
+    def unwrap(self, cert, mechanism, encrypted_key: bytes) -> bytearray:  # type: ignore[no-untyped-def]
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        from tokend.errors import (
+            EncryptedDataInvalidError,
+            MechanismInvalidError,
+            MechanismParamInvalidError,
+        )
+        from tokend.pkcs11 import CKG, CKM
+
+        hash_of = {CKM.CKM_SHA_1: hashes.SHA1,
+                   CKM.CKM_SHA256: hashes.SHA256, CKM.CKM_SHA384: hashes.SHA384,
+                   CKM.CKM_SHA512: hashes.SHA512}  # fmt: skip
+        mgf_of = {CKG.CKG_MGF1_SHA1: hashes.SHA1,
+                  CKG.CKG_MGF1_SHA256: hashes.SHA256, CKG.CKG_MGF1_SHA384: hashes.SHA384,
+                  CKG.CKG_MGF1_SHA512: hashes.SHA512}  # fmt: skip
+        if mechanism.mechanism == CKM.CKM_RSA_PKCS:
+            pad = padding.PKCS1v15()
+        elif mechanism.mechanism == CKM.CKM_RSA_PKCS_OAEP:
+            p = mechanism.params
+            if p.hash_alg not in hash_of or p.mgf not in mgf_of:
+                raise MechanismParamInvalidError()
+            pad = padding.OAEP(
+                padding.MGF1(mgf_of[p.mgf]()), hash_of[p.hash_alg](), p.source_data or None
+            )
+        else:
+            raise MechanismInvalidError()
+        try:
+            return bytearray(self._keys[cert.key_id].decrypt(encrypted_key, pad))
+        except ValueError:  # what a token answers to a bad padding or length
+            raise EncryptedDataInvalidError() from None
+
+    def agree(self, cert, peer_point: bytes) -> bytearray:  # type: ignore[no-untyped-def]
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from tokend.errors import MechanismParamInvalidError
+
+        key = self._keys[cert.key_id]
+        try:
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, peer_point)
+        except ValueError:  # a point not on the curve: the token refuses the parameter
+            raise MechanismParamInvalidError() from None
+        return bytearray(key.exchange(ec.ECDH(), peer))
+
+
+@cache
+def _software_keyring() -> _SoftwareKeyring:
+    return _SoftwareKeyring()
+
+
+def smime_decrypt(data: bytes) -> None:
+    """A message handed to `tokenctl smime-decrypt`, decrypted all the way when it is for
+    one of the vectors' keys: only SmimeError (what the CLI prints) or a TokendError (the
+    token's answer) may come out, and a GCM message whose tag fails never yields content."""
+    from tokend.smime.envelope import decrypt
+    from tokend.smime.errors import SmimeError
+
+    with contextlib.suppress(SmimeError, TokendError):
+        decrypt(_software_keyring(), data)  # type: ignore[arg-type]
+
+
 def pinentry_data(data: bytes) -> None:
     """Assuan data lines from pinentry (the PIN comes back percent-escaped)."""
     try:
@@ -338,9 +431,15 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "p11kit": p11kit_rpc,
     "pkcs15": pkcs15,
     "smime": smime_input,
+    "smime_decrypt": smime_decrypt,
     "pinentry": pinentry_data,
     "config": config_file,
 }
+
+
+def _smime_seeds() -> list[bytes]:
+    return [p.read_bytes() for p in sorted(SMIME_VECTORS.iterdir()) if p.suffix in (".der", ".eml")]
+
 
 #: Seeds: one valid input per target, so mutation starts from the interesting shapes.
 SEEDS: dict[str, list[bytes]] = {
@@ -373,7 +472,11 @@ SEEDS: dict[str, list[bytes]] = {
     "ble": [b"\x00\x83\x00\x05\x00\xa4\x04\x00\x00"],
     "p11kit": [bytes.fromhex("0000000b000000027575") + bytes(16) + bytes([1, 1, 0, 0, 0, 0])],
     "pkcs15": [bytes.fromhex("a00a300804065f504b43533135")],
-    "smime": [b"-----BEGIN PKCS7-----\nMAA=\n-----END PKCS7-----\n"],
+    "smime": [
+        b"-----BEGIN PKCS7-----\nMAA=\n-----END PKCS7-----\n",
+        *_smime_seeds(),
+    ],
+    "smime_decrypt": _smime_seeds(),
     "pinentry": [b"D 12%253456"],
     "config": [b'log_level = "info"\n[[policy]]\nprogram = "/usr/bin/x"\n'],
 }

@@ -30,6 +30,7 @@ from tokend.errors import EncryptedDataInvalidError, MechanismInvalidError, Toke
 from tokend.model import Mechanism, OaepParams
 from tokend.pkcs11 import CKG, CKM
 from tokend.smime.errors import (
+    MALFORMED,
     CorruptMessageError,
     DecryptionFailedError,
     RecipientNotPresentError,
@@ -275,7 +276,7 @@ def recipients(enveloped: cms.EnvelopedData | cms.AuthEnvelopedData) -> list[Rec
             elif ri.name == "kari":
                 out.extend(_key_agreements(ri.chosen))
             # kekri / pwri / ori: keys tokens do not hold
-    except (ValueError, TypeError, KeyError) as exc:
+    except MALFORMED as exc:
         raise CorruptMessageError(f"corrupt message: bad recipient info ({exc})") from None
     return out
 
@@ -503,7 +504,7 @@ def decrypt(keyring: Keyring, data: bytes) -> Decrypted:
         _check_content_algorithm(info)
     except SmimeError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
+    except MALFORMED as exc:
         raise CorruptMessageError(f"corrupt message: {exc}") from None
     wanted = recipients(info["content"])
     if not wanted:
@@ -533,7 +534,7 @@ def decrypt(keyring: Keyring, data: bytes) -> Decrypted:
             continue
         except NoPrivateKey:
             continue  # a certificate without a usable private key next to it
-        except (ValueError, TypeError, KeyError) as exc:
+        except MALFORMED as exc:
             if isinstance(exc, SmimeError | TokendError):
                 raise
             raise CorruptMessageError(f"corrupt message: {exc}") from None

@@ -35,3 +35,9 @@ class SignerError(SmimeError):
 
 class VerificationError(SmimeError):
     """The signature or the signer's chain does not verify (the text is the verdict)."""
+
+
+#: What asn1crypto raises on a malformed structure. It parses lazily and is not hardened
+#: against hostile DER: besides ValueError it can end in IndexError or AttributeError deep
+#: inside (both found by fuzzing, docs/reliability.md); all of them mean "corrupt message".
+MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)

@@ -22,7 +22,7 @@ from email.message import Message
 
 from asn1crypto import cms, pem
 
-from tokend.smime.errors import CorruptMessageError, SmimeError
+from tokend.smime.errors import MALFORMED, CorruptMessageError, SmimeError
 
 CRLF = b"\r\n"
 _PKCS7_MIME = ("application/pkcs7-mime", "application/x-pkcs7-mime")
@@ -62,7 +62,7 @@ def load_cms(der: bytes) -> cms.ContentInfo:
         info = cms.ContentInfo.load(der, strict=False)
         info["content_type"].native  # noqa: B018  (parses now, so corruption shows here)
         info["content"].native  # noqa: B018
-    except (ValueError, TypeError, KeyError) as exc:
+    except MALFORMED as exc:
         raise CorruptMessageError(f"corrupt message: not a CMS structure ({exc})") from None
     return info
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from asn1crypto import cms, pem
 from asn1crypto import x509 as ax509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import verification as xv
 
-from tokend.smime.errors import CorruptMessageError, SmimeError, VerificationError
+from tokend.smime.errors import MALFORMED, CorruptMessageError, SmimeError, VerificationError
 from tokend.smime.message import Header, canonical, unwrap, with_envelope
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
@@ -95,13 +95,24 @@ def _certificates_in(data: bytes) -> list[x509.Certificate]:
             if kind in ("CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE"):
                 try:
                     found.append(x509.load_der_x509_certificate(der))
-                except ValueError:
+                except (ValueError, x509.InvalidVersion):
                     continue
         return found
     try:
         return [x509.load_der_x509_certificate(data)]
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         return []
+
+
+def _message_certificate(cert: ax509.Certificate) -> x509.Certificate:
+    """A certificate the message carries, for cryptography; a malformed one (OpenSSL's
+    parser is stricter than asn1crypto's) is a corrupt message."""
+    try:
+        return x509.load_der_x509_certificate(cert.dump())
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion: found by fuzzing
+        raise CorruptMessageError(
+            f"corrupt message: a certificate in it is malformed ({exc})"
+        ) from None
 
 
 def _ee_key_usage(policy: object, cert: x509.Certificate, ku: x509.KeyUsage | None) -> None:
@@ -189,7 +200,10 @@ def _find_signer(sid: cms.SignerIdentifier, certs: list[ax509.Certificate]) -> a
 
 def _check_signature(cert: x509.Certificate, si: cms.SignerInfo, signed: bytes, digest: str) -> str:
     """Verify the SignerInfo's signature over ``signed``; returns the algorithm's name."""
-    public = cert.public_key()
+    try:
+        public = cert.public_key()
+    except UnsupportedAlgorithm as exc:  # e.g. a curve OpenSSL lacks (found by fuzzing)
+        raise VerificationError(f"verification failed: the signer's key: {exc}") from None
     sig = bytes(si["signature"].native)
     alg = si["signature_algorithm"]
     name = alg["algorithm"].native
@@ -241,7 +255,7 @@ def _verify_signer(
             f"verification failed: digest {digest} is not accepted (SHA-224 to SHA-512 are)"
         )
     signer_a = _find_signer(si["sid"], certs)
-    signer = x509.load_der_x509_certificate(signer_a.dump())
+    signer = _message_certificate(signer_a)
     signing_time = None
     matched: bytes | None = None
     if si["signed_attrs"].native is not None:
@@ -275,7 +289,7 @@ def _verify_signer(
         if matched is None:
             assert last is not None
             raise last
-    others = [x509.load_der_x509_certificate(c.dump()) for c in certs if c is not signer_a]
+    others = [_message_certificate(c) for c in certs if c is not signer_a]
     chain = _chain(signer, others, anchors, when)
     subject, email = _subject(signer)
     verdict = SignerVerdict(
@@ -317,7 +331,7 @@ def verify(
             )
         certs = [c.chosen for c in (sd["certificates"] or []) if c.name == "certificate"]
         signer_infos = list(sd["signer_infos"])
-    except (ValueError, TypeError, KeyError) as exc:
+    except MALFORMED as exc:
         raise CorruptMessageError(f"corrupt message: {exc}") from None
     if not signer_infos:
         raise VerificationError("verification failed: the message has no signature")
@@ -327,7 +341,7 @@ def verify(
     for si in signer_infos:
         try:
             verdict, content = _verify_signer(si, certs, contents, content_type, anchors, when)
-        except (ValueError, TypeError, KeyError) as exc:
+        except MALFORMED as exc:
             if isinstance(exc, SmimeError):
                 raise
             raise CorruptMessageError(f"corrupt message: {exc}") from None
