@@ -75,6 +75,19 @@ def _mech(mechanism: Mechanism | str) -> Any:
     return mechanism if isinstance(mechanism, str) else encode_mechanism(mechanism)
 
 
+def _one_shot(
+    session: int, key: int, mechanism: Mechanism | str, context_pin: str | None, op: str
+) -> Batch:
+    """C_<op>Init, and for a PIN-always key the context-specific login that must come with
+    this very operation; the caller appends the operation itself (one round trip in all)."""
+    init = {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
+    calls = Batch([(f"C_{op}Init", init)])
+    if context_pin is not None:
+        login = {"h_session": session, "user_type": "CKU_CONTEXT_SPECIFIC", "p_pin": context_pin}
+        calls.append(("C_Login", login))
+    return calls
+
+
 class _Plans:
     """The API as plans. Each yields (method, params) and gets the result object back."""
 
@@ -124,15 +137,7 @@ class _Plans:
     def decrypt(
         session: int, key: int, mechanism: Mechanism | str, data: bytes, context_pin: str | None
     ) -> Plan[bytes]:
-        init = {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
-        calls = Batch([("C_DecryptInit", init)])
-        if context_pin is not None:  # PIN-always key: the PIN goes with this very operation
-            login = {
-                "h_session": session,
-                "user_type": "CKU_CONTEXT_SPECIFIC",
-                "p_pin": context_pin,
-            }
-            calls.append(("C_Login", login))
+        calls = _one_shot(session, key, mechanism, context_pin, "Decrypt")
         calls.append(("C_Decrypt", {"h_session": session, "p_encrypted_data": b64(data)}))
         results = yield calls
         return unb64(results[-1]["data"])
@@ -141,15 +146,7 @@ class _Plans:
     def sign(
         session: int, key: int, mechanism: Mechanism | str, data: bytes, context_pin: str | None
     ) -> Plan[bytes]:
-        init = {"h_session": session, "p_mechanism": _mech(mechanism), "h_key": key}
-        calls = Batch([("C_SignInit", init)])
-        if context_pin is not None:
-            login = {
-                "h_session": session,
-                "user_type": "CKU_CONTEXT_SPECIFIC",
-                "p_pin": context_pin,
-            }
-            calls.append(("C_Login", login))
+        calls = _one_shot(session, key, mechanism, context_pin, "Sign")
         calls.append(("C_Sign", {"h_session": session, "p_data": b64(data)}))
         results = yield calls
         return unb64(results[-1]["signature"])
