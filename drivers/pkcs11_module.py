@@ -68,7 +68,6 @@ from pkcs11 import exceptions as p11x
 from tokend.drivers.base import ReaderEvent, ReaderEventKind
 from tokend.errors import (
     CardNotVerifiedError,
-    FunctionNotSupportedError,
     KeyFunctionNotPermittedError,
     MechanismParamInvalidError,
     PinIncorrectError,
@@ -168,10 +167,26 @@ _C_Initialize = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_void_p)
 _C_Finalize = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_void_p)
 _C_Login = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong)
 _C_Logout = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong)
+#: C_DecryptInit / C_SignInit (hSession, pMechanism, hKey)
+_C_OpInit = ctypes.CFUNCTYPE(_CK_RV, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong)
+#: C_Decrypt / C_Sign (hSession, pData, ulDataLen, pOut, pulOutLen)
+_C_Op = ctypes.CFUNCTYPE(
+    _CK_RV,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_ulong),
+)
+
+
+def _unused(*names: str) -> list[tuple[str, type]]:
+    return [(name, ctypes.c_void_p) for name in names]
 
 
 class _FunctionList(ctypes.Structure):
-    # CK_FUNCTION_LIST up to C_Logout, in the order of pkcs11f.h.
+    # CK_FUNCTION_LIST up to C_Sign, in the order of pkcs11f.h; only the typed entries are
+    # called (the rest go through python-pkcs11).
     _fields_ = [
         ("version", ctypes.c_ubyte * 2),
         ("C_Initialize", _C_Initialize),
@@ -199,7 +214,63 @@ class _FunctionList(ctypes.Structure):
         ),
         ("C_Login", _C_Login),
         ("C_Logout", _C_Logout),
+        *_unused(
+            "C_CreateObject",
+            "C_CopyObject",
+            "C_DestroyObject",
+            "C_GetObjectSize",
+            "C_GetAttributeValue",
+            "C_SetAttributeValue",
+            "C_FindObjectsInit",
+            "C_FindObjects",
+            "C_FindObjectsFinal",
+            "C_EncryptInit",
+            "C_Encrypt",
+            "C_EncryptUpdate",
+            "C_EncryptFinal",
+        ),
+        ("C_DecryptInit", _C_OpInit),
+        ("C_Decrypt", _C_Op),
+        *_unused(
+            "C_DecryptUpdate",
+            "C_DecryptFinal",
+            "C_DigestInit",
+            "C_Digest",
+            "C_DigestUpdate",
+            "C_DigestKey",
+            "C_DigestFinal",
+        ),
+        ("C_SignInit", _C_OpInit),
+        ("C_Sign", _C_Op),
     ]
+
+
+class _CkMechanism(ctypes.Structure):
+    _fields_ = [
+        ("mechanism", ctypes.c_ulong),
+        ("pParameter", ctypes.c_void_p),
+        ("ulParameterLen", ctypes.c_ulong),
+    ]
+
+
+class _CkOaepParams(ctypes.Structure):
+    _fields_ = [
+        ("hashAlg", ctypes.c_ulong),
+        ("mgf", ctypes.c_ulong),
+        ("source", ctypes.c_ulong),  # CKZ_DATA_SPECIFIED
+        ("pSourceData", ctypes.c_void_p),
+        ("ulSourceDataLen", ctypes.c_ulong),
+    ]
+
+
+class _CkPssParams(ctypes.Structure):
+    _fields_ = [("hashAlg", ctypes.c_ulong), ("mgf", ctypes.c_ulong), ("sLen", ctypes.c_ulong)]
+
+
+CKZ_DATA_SPECIFIED = 1
+#: Output buffer of one context-login operation: a signature or an RSA plaintext of a key
+#: up to 8192 bits fits, so one call does it (no length query, no CKR_BUFFER_TOO_SMALL).
+_OP_OUTPUT = 1024
 
 
 class _InitArgs(ctypes.Structure):
@@ -476,6 +547,53 @@ class ModuleLibrary:
             rv = self._functions.C_Logout(session_handle)
         if rv not in (0, CKR.CKR_USER_NOT_LOGGED_IN):
             raise _RawCkr(rv, "C_Logout")
+
+    def context_operation(
+        self,
+        session_handle: int,
+        key_handle: int,
+        sign: bool,
+        mechanism: Mechanism,
+        pin: bytearray,
+        data: bytes,
+    ) -> bytes:
+        """C_DecryptInit/C_SignInit, C_Login(CKU_CONTEXT_SPECIFIC) with ``pin``, then
+        C_Decrypt/C_Sign: what a key with CKA_ALWAYS_AUTHENTICATE needs, and what
+        python-pkcs11 (Init and the operation in one call) has no place for."""
+        f = self._functions
+        assert f is not None
+        init, operate = (f.C_SignInit, f.C_Sign) if sign else (f.C_DecryptInit, f.C_Decrypt)
+        what = "C_Sign" if sign else "C_Decrypt"
+        mech, _keep = _raw_mechanism(mechanism)
+        data_buf = ctypes.create_string_buffer(bytes(data), max(1, len(data)))
+        out = (ctypes.c_ubyte * _OP_OUTPUT)()
+        out_len = ctypes.c_ulong(_OP_OUTPUT)
+        pin_buf = (ctypes.c_ubyte * max(1, len(pin))).from_buffer(pin) if pin else None
+        try:
+            with self.guard():
+                rv = init(session_handle, ctypes.addressof(mech), key_handle)
+                if rv != 0:
+                    raise _RawCkr(rv, f"{what}Init")
+                rv = f.C_Login(
+                    session_handle,
+                    CKU.CKU_CONTEXT_SPECIFIC,
+                    ctypes.addressof(pin_buf) if pin_buf else None,
+                    len(pin),
+                )
+                if rv != 0:
+                    # A failed login leaves the operation active; the operation call ends
+                    # it (it fails: the key was not unlocked), so the session stays usable.
+                    end_len = ctypes.c_ulong(_OP_OUTPUT)
+                    operate(session_handle, data_buf, len(data), out, ctypes.byref(end_len))
+                    raise _RawCkr(rv, "C_Login")
+                rv = operate(session_handle, data_buf, len(data), out, ctypes.byref(out_len))
+                if rv != 0:
+                    raise _RawCkr(rv, what)
+                return bytes(out[: out_len.value])
+        finally:
+            del pin_buf  # releases the export of the bytearray so the caller can wipe it
+            ctypes.memset(out, 0, _OP_OUTPUT)  # a plaintext never outlives the call
+            ctypes.memset(data_buf, 0, ctypes.sizeof(data_buf))
 
     def slot(self, slot_id: int) -> Any:
         with self.guard():
@@ -1170,7 +1288,8 @@ class ModuleToken:
         *,
         context_pin: bytearray | None = None,
     ) -> bytes:
-        self._no_context_login(context_pin)
+        if context_pin is not None:
+            return self._context_operation(key, False, mechanism, context_pin, data)
         mech, param = _mechanism(mechanism)
         return self._operate(
             key, lambda obj: obj.decrypt(data, mechanism=mech, mechanism_param=param)
@@ -1184,10 +1303,11 @@ class ModuleToken:
         *,
         context_pin: bytearray | None = None,
     ) -> bytes:
-        self._no_context_login(context_pin)
         if mechanism.mechanism in self._emulated:
             data = hashlib.new(ECDSA_HASHED[mechanism.mechanism], data).digest()
             mechanism = Mechanism(CKM.CKM_ECDSA)
+        if context_pin is not None:
+            return self._context_operation(key, True, mechanism, context_pin, data)
         mech, param = _mechanism(mechanism)
         return self._operate(key, lambda obj: obj.sign(data, mechanism=mech, mechanism_param=param))
 
@@ -1232,14 +1352,17 @@ class ModuleToken:
                         return _EC_FIELD_BYTES[str(curve)]
         raise MechanismParamInvalidError("the key's curve is not one tokend knows")
 
-    @staticmethod
-    def _no_context_login(context_pin: bytearray | None) -> None:
-        if context_pin is not None:
-            # python-pkcs11 runs Init and the operation in one call, so there is no place
-            # for C_Login(CKU_CONTEXT_SPECIFIC) between them.
-            raise FunctionNotSupportedError(
-                "always-authenticate keys of PKCS#11 modules are not supported"
-            )
+    def _context_operation(
+        self, key: ObjectKey, sign: bool, mechanism: Mechanism, pin: bytearray, data: bytes
+    ) -> bytes:
+        """A key with CKA_ALWAYS_AUTHENTICATE: the PIN goes with this very operation,
+        through the module's own function list on the worker's session."""
+        return self._operate(
+            key,
+            lambda obj: self._library.context_operation(
+                obj.session.handle, obj.handle, sign, mechanism, pin, data
+            ),
+        )
 
     def _operate(self, key: ObjectKey, fn: Callable[[Any], T]) -> T:
         with self._rw.shared():
@@ -1362,6 +1485,33 @@ def _mechanism(mechanism: Mechanism) -> tuple[Any, Any]:
             int(params.s_len),
         )
     return mech, None
+
+
+def _raw_mechanism(mechanism: Mechanism) -> tuple[_CkMechanism, object]:
+    """tokend's mechanism value → a CK_MECHANISM for the function list, and the parameter
+    structure it points to (keep it alive as long as the mechanism)."""
+    params = mechanism.params
+    param: ctypes.Structure | None = None
+    source = None
+    if isinstance(params, OaepParams):
+        source = ctypes.create_string_buffer(params.source_data, max(1, len(params.source_data)))
+        param = _CkOaepParams(
+            int(params.hash_alg),
+            int(params.mgf),
+            CKZ_DATA_SPECIFIED,
+            ctypes.addressof(source) if params.source_data else None,
+            len(params.source_data),
+        )
+    elif isinstance(params, PssParams):
+        param = _CkPssParams(int(params.hash_alg), int(params.mgf), int(params.s_len))
+    elif params is not None:
+        raise MechanismParamInvalidError(f"{mechanism.mechanism.name}: unexpected parameters")
+    mech = _CkMechanism(
+        int(mechanism.mechanism),
+        ctypes.addressof(param) if param is not None else None,
+        ctypes.sizeof(param) if param is not None else 0,
+    )
+    return mech, (param, source)
 
 
 def module_configs(paths: Sequence[str], tables: Sequence[dict[str, Any]]) -> list[ModuleConfig]:
