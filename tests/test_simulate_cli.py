@@ -1,4 +1,5 @@
-"""`tokend simulate piv`: a virtual card on pcscd's vpcd reader, in the foreground."""
+"""`tokend simulate piv|sim`: a virtual card on pcscd's vpcd reader, in the foreground,
+controlled on stdin (design §6.1)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,23 @@ pytestmark = pytest.mark.pcsc
 def _simulate(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "piv", "--reader", "0", *args],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def _ask(proc: subprocess.Popen[str], command: str) -> str:
+    """One control command on stdin; the answer line (skipping the NAME=value lines and
+    the notes on stderr, which share the pipe here)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    for line in proc.stdout:
+        if line.startswith(("ok ", "error ")):
+            return line.strip()
+    raise AssertionError(f"no answer to {command!r}")
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
@@ -56,6 +70,7 @@ def test_simulate_plugs_a_card_and_keeps_its_state(vpcd, tmp_path) -> None:
 def _simulate_sim(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "sim", "--reader", "1", *args],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -104,3 +119,37 @@ def test_simulate_sim_blank_then_demo(vpcd, tmp_path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert refused.returncode == 1 and "already holds a SIM" in refused.stderr
+
+
+def test_simulate_takes_plug_unplug_status_quit_on_stdin(vpcd) -> None:
+    """Design §6.1: another project's CI pulls the card and puts it back through stdin,
+    one answer line per command; EOF stops the simulator and unplugs the card."""
+    reader = vpcd.reader(0)
+    proc = _simulate()
+    try:
+        assert proc.stdout is not None
+        names = {}
+        for line in proc.stdout:
+            if "=" in line and line.split("=", 1)[0].isupper():
+                key, value = line.strip().split("=", 1)
+                names[key] = value
+            if {"PCSC_READER", "PIV_SERIAL"} <= names.keys():
+                break
+        assert names["PCSC_READER"] == reader
+        wait_present(reader, timeout=15)
+        assert _ask(proc, "status") == f"ok plugged {reader}"
+        assert _ask(proc, "unplug") == "ok unplug"
+        wait_absent(reader, timeout=5)
+        assert _ask(proc, "unplug") == "error not plugged"
+        assert _ask(proc, "status") == f"ok unplugged {reader}"
+        assert _ask(proc, "plug") == "ok plug"
+        wait_present(reader, timeout=15)
+        assert _ask(proc, "dance").startswith("error unknown command 'dance'")
+        assert proc.stdin is not None
+        proc.stdin.close()  # EOF = quit
+        assert proc.wait(timeout=10) == 0
+        wait_absent(reader, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,5 +1,6 @@
 """`tokend simulate piv|sim`: a virtual PIV card or a virtual SIM plugged into pcscd through
-vpcd, in the foreground until interrupted. The same building blocks as the test harness."""
+vpcd, in the foreground; `plug`/`unplug`/`status`/`quit` on stdin, one answer line each
+(design §6.1). The same building blocks as the test harness."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import argparse
 import re
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from tokend.simulators.base import VirtualCard
@@ -62,23 +62,69 @@ def run_simulator(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     what = "demo-provisioned " if provisioned else ""
     name = "SIM" if kind == "sim" else "PIV card"
-    print(f"virtual {what}{name} plugged into {vpcd_reader_name(args.reader)!r}", flush=True)
+    reader = vpcd_reader_name(args.reader)
+    print(f"virtual {what}{name} plugged into {reader!r}", file=sys.stderr, flush=True)
+    if args.state:
+        print(f"state file: {args.state} (unprotected test keys)", file=sys.stderr, flush=True)
+    if args.export_dir and provisioned:
+        print(f"demo certificates written to {args.export_dir}", file=sys.stderr, flush=True)
+    print(
+        f"commands on stdin, one per line: {', '.join(CARD_COMMANDS)} (EOF or Ctrl-C: unplug "
+        "and stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    # What other programs read (design §6.1): NAME=value lines on stdout.
+    print(f"PCSC_READER={reader}", flush=True)
     if kind == "sim":
         print(f"ICCID={card.iccid}", flush=True)  # type: ignore[attr-defined]
-    if args.state:
-        print(f"state file: {args.state} (unprotected test keys)", flush=True)
-    if args.export_dir and provisioned:
-        print(f"demo certificates written to {args.export_dir}", flush=True)
-    print("Ctrl-C unplugs it.", flush=True)
-    stop.wait()
-    connection.unplug()
-    print("unplugged", flush=True)
+    else:
+        print(f"PIV_SERIAL={card.serial}", flush=True)  # type: ignore[attr-defined]
+
+    def _stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for line in sys.stdin:
+            command = line.strip()
+            if not command:
+                continue
+            print(_card_command(connection, reader, command), flush=True)
+            if command == "quit":
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        connection.unplug()
+        print("unplugged", file=sys.stderr, flush=True)
     return 0
+
+
+#: `tokend simulate piv|sim` control commands (design §6.1).
+CARD_COMMANDS = ("plug", "unplug", "status", "quit")
+
+
+def _card_command(connection: VpcdCardConnection, reader: str, command: str) -> str:
+    """One control command, one answer line: ``ok …`` or ``error …``."""
+    try:
+        if command == "plug":
+            if connection.is_plugged:
+                return "error already plugged"
+            connection.plug()
+        elif command == "unplug":
+            if not connection.is_plugged:
+                return "error not plugged"
+            connection.unplug()
+        elif command == "status":
+            return f"ok {'plugged' if connection.is_plugged else 'unplugged'} {reader}"
+        elif command != "quit":
+            return f"error unknown command {command!r} (known: {', '.join(CARD_COMMANDS)})"
+    except OSError as exc:  # vpcd went away (pcscd stopped)
+        return f"error {exc}"
+    return f"ok {command}"
 
 
 #: `tokend simulate ble` control commands (design §6.1): plug/unplug are the BLE range.

@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(SIMULATORS),
         metavar="KIND",
         help="attach an in-process, demo-provisioned virtual token (repeatable): "
-        "piv = a card in an in-memory reader, usb = a CCID token on a simulated USB bus "
-        "driven through pyusb; named piv0, usb0, … on the control socket",
+        "piv = a card in an in-memory reader, sim = a SIM (IsoApplet PKI applet, T=0) in an "
+        "in-memory reader, usb = a CCID token on a simulated USB bus driven through pyusb; "
+        "named piv0, sim0, usb0, … on the control socket",
     )
     p.add_argument(
         "--simulate-control",
@@ -277,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "simulate",
         help="run virtual tokens (foreground, Ctrl-C stops them)",
-        description="`tokend simulate KIND`: one virtual token for a daemon you run yourself. "
+        description="`tokend simulate piv|sim`: one virtual card on a vpcd reader, for a "
+        "daemon you run yourself; prints PCSC_READER=… (and PIV_SERIAL=… or ICCID=…), then "
+        "takes plug, unplug, status, quit on stdin (EOF = quit), one line of answer each. "
         "`tokend simulate --piv [--sim …]`: those tokens, the services they need and a daemon "
         "on a private socket; prints `export NAME=value` lines and READY, then takes list, "
         "unplug NAME, plug NAME, status, quit on stdin (and on --control PATH). EOF, Ctrl-C or "
