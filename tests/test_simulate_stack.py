@@ -131,3 +131,39 @@ def test_usb_and_ble_tokens_side_by_side_and_pulled_one_at_a_time() -> None:
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         assert proc.wait(30) == 0
+
+
+def test_control_socket_answers_the_moment_ready_is_printed(tmp_path: Path) -> None:
+    """`--control PATH`: another program connects as soon as it reads READY (no retry
+    loop); a 0600 socket taking the same commands as stdin, `quit` stopping everything."""
+    import socket
+    import stat
+
+    path = tmp_path / "control.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "simulate", "--usb",
+         "--control", str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.strip() == "READY":
+                break
+        else:
+            raise AssertionError("tokend simulate stopped before READY")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(path))
+            answers = conn.makefile("r")
+            conn.sendall(b"list\n")
+            assert answers.readline().startswith("usb0 usb plugged")
+            conn.sendall(b"unplug usb0\n")
+            assert answers.readline().strip() == "ok unplug usb0"
+            conn.sendall(b"quit\n")
+            assert answers.readline().strip().startswith("ok")
+        assert proc.wait(30) == 0
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.wait(30)

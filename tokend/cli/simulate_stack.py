@@ -518,12 +518,13 @@ def run_stack(args: argparse.Namespace) -> int:
         print(f"# daemon log: {workdir / 'tokend.log'}")
         if banner:
             print("\n".join(_banner(kinds, socket_path, env)))
-        print("READY", flush=True)
         machine = Stack(kinds, ctx)
         if args.control:
+            # Listening before READY: a CI script may connect the moment it reads it.
             server = _serve_control(args.control, machine, stop)
             stack.callback(server.close)
             stack.callback(lambda: args.control.unlink(missing_ok=True))
+        print("READY", flush=True)
         _read_commands(machine, stop)
     return 0
 
