@@ -42,7 +42,9 @@ def test_unplug_left_event_within_50_ms_of_enodev(piv) -> None:
             assert event["event"] == "left" and event["slot_id"] == slot
             assert token.first_enodev_at is not None, "the driver never saw ENODEV"
             latencies.append(received - token.first_enodev_at)
-            with pytest.raises((DeviceRemovedError, SessionHandleInvalidError)):
+            with pytest.raises(
+                DeviceRemovedError
+            ):  # the first use after the pull (disconnect.md §2)
                 client.decrypt(session, key, "CKM_RSA_PKCS", blob)
             plug.insert(piv.extras["card"])
             assert watcher.next_event(timeout=5)["event"] == "arrived"
@@ -62,7 +64,7 @@ def test_replug_is_a_new_instance_and_needs_a_new_login(piv) -> None:
         plug.insert(card)
         arrived = client.next_event(timeout=5)
         assert arrived["event"] == "arrived" and arrived["generation"] > generation
-        with pytest.raises((DeviceRemovedError, SessionHandleInvalidError)):
+        with pytest.raises(DeviceRemovedError):  # first use after the pull: disconnect.md
             client.find_objects(session, {})
         fresh = client.open_session(slot)
         info = client.call("C_GetSessionInfo", {"h_session": fresh})["info"]
