@@ -417,3 +417,31 @@ def test_tokenctl_policy_shows_rules_and_refusals(daemon, tmp_path: Path) -> Non
     assert "protected authentication path): on" in result.stdout
     assert f"{ALLOWED_PROGRAM}: decrypt, derive, sign on *" in result.stdout
     assert "sneaky" in result.stdout and ": decrypt" in result.stdout
+
+
+async def test_the_pin_answer_leaves_nothing_in_the_read_buffer() -> None:
+    """The pinentry's D line (the PIN) is read into tokend's own buffer and zeroed there
+    once used: no copy of the PIN stays behind in a reader (asyncio's StreamReader would
+    keep it in immutable bytes). Lines may end in CRLF; an overlong one is refused."""
+    from tokend.pinentry import PinentryProtocolError, _LineReader
+
+    read_end, write_end = os.pipe()
+    reader = _LineReader(read_end, 64)
+    try:
+        os.write(write_end, b"OK Pleased to meet you\r\nD 12%253456\nOK\n")
+        assert await reader.readline(2) == b"OK Pleased to meet you"
+        line = await reader.readline(2)
+        assert line == b"D 12%253456"
+        assert b"3456" not in reader._buf  # zeroed as soon as it was handed out
+        assert await reader.readline(2) == b"OK"
+        assert not any(reader._buf)
+        os.write(write_end, b"S " + b"x" * 80 + b"\n")
+        with pytest.raises(PinentryProtocolError):
+            await reader.readline(2)
+        os.close(write_end)
+        write_end = -1
+    finally:
+        reader.close()
+        if write_end >= 0:
+            os.close(write_end)
+    assert not any(reader._buf)

@@ -113,12 +113,83 @@ class PinentryOptions:
     title: str = "tokend"
 
 
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _LineReader:
+    """The pinentry's answers read straight into one bytearray that is wiped as lines are
+    used, so the PIN's ``D`` line never sits in an immutable ``bytes`` (asyncio's
+    StreamReader hands out ``bytes`` and keeps freed data in its buffer)."""
+
+    def __init__(self, fd: int, capacity: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._buf = bytearray(capacity)
+        self._start = 0  # first byte not yet handed out
+        self._end = 0  # one past the last byte read
+
+    async def readline(self, timeout: float) -> bytearray:
+        """The next line without its end (a new bytearray the caller wipes); b"" at EOF."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while True:
+            newline = self._buf.find(b"\n", self._start, self._end)
+            if newline >= 0:
+                end = (
+                    newline - 1
+                    if newline > self._start and self._buf[newline - 1] == 13
+                    else newline
+                )
+                line = bytearray(memoryview(self._buf)[self._start : end])
+                self._forget(newline + 1)
+                return line
+            if self._end == len(self._buf):
+                if self._start == 0:
+                    raise PinentryProtocolError("the pinentry sent an overlong line")
+                self._compact()
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self._fd, _set_once, ready)
+            try:
+                await asyncio.wait_for(ready, max(deadline - time.monotonic(), 0.01))
+            finally:
+                loop.remove_reader(self._fd)
+            try:
+                count = os.readv(self._fd, [memoryview(self._buf)[self._end :]])
+            except BlockingIOError:
+                continue
+            if count == 0:
+                return bytearray()  # EOF
+            self._end += count
+
+    def _forget(self, upto: int) -> None:
+        """Zero what was handed out; start over at the beginning when all of it was."""
+        self._buf[self._start : upto] = bytes(upto - self._start)
+        self._start = upto
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def _compact(self) -> None:
+        rest = self._end - self._start
+        for i in range(rest):  # byte by byte: no temporary copy of what is left
+            self._buf[i] = self._buf[self._start + i]
+        self._buf[rest : self._end] = bytes(self._end - rest)
+        self._start, self._end = 0, rest
+
+    def close(self) -> None:
+        wipe(self._buf)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
 class Pinentry:
     """One pinentry process for one dialogue (a PIN or a confirmation)."""
 
     def __init__(self, options: PinentryOptions) -> None:
         self.options = options
         self._proc: asyncio.subprocess.Process | None = None
+        self._lines: _LineReader | None = None
 
     async def __aenter__(self) -> Pinentry:
         program = find_pinentry(self.options.program)
@@ -126,17 +197,21 @@ class Pinentry:
             raise FunctionCanceledError("no pinentry program found (install pinentry-curses)")
         env = dict(os.environ)
         tty = self.options.tty or env.get("GPG_TTY")
+        read_end, write_end = os.pipe()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 program,
                 stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=write_end,
                 stderr=asyncio.subprocess.DEVNULL,
                 env=env,
-                limit=_MAX_LINE * 4,
             )
         except OSError as exc:
+            os.close(read_end)
             raise FunctionCanceledError(f"cannot start {program}: {exc.strerror}") from None
+        finally:
+            os.close(write_end)  # the child has its copy: EOF when it exits
+        self._lines = _LineReader(read_end, _MAX_LINE * 4)
         await self._expect_ok("greeting")
         if tty:
             await self.command(f"OPTION ttyname={tty}")
@@ -148,6 +223,8 @@ class Pinentry:
 
     async def __aexit__(self, *exc: object) -> None:
         proc = self._proc
+        if self._lines is not None:
+            self._lines.close()
         if proc is None:
             return
         if proc.returncode is None and proc.stdin is not None:
@@ -161,18 +238,15 @@ class Pinentry:
                     proc.kill()
                 await proc.wait()
 
-    async def _read_line(self, deadline: float) -> bytes:
-        assert self._proc is not None and self._proc.stdout is not None
-        remaining = deadline - time.monotonic()
+    async def _read_line(self, deadline: float) -> bytearray:
+        assert self._lines is not None
         try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(), max(remaining, 0.01))
+            line = await self._lines.readline(deadline - time.monotonic())
         except TimeoutError:
             raise FunctionCanceledError("the PIN prompt timed out") from None
-        except ValueError:  # longer than the stream limit
-            raise PinentryProtocolError("the pinentry sent an overlong line") from None
         if not line:
             raise FunctionCanceledError("the pinentry program went away")
-        return line.rstrip(b"\r\n")
+        return line
 
     async def _expect_ok(self, what: str, data: bytearray | None = None) -> None:
         # The pinentry enforces its own timeout (SETTIMEOUT); ours is the backstop for a
@@ -180,24 +254,32 @@ class Pinentry:
         deadline = time.monotonic() + self.options.timeout + 5.0
         while True:
             line = await self._read_line(deadline)
-            if line == b"OK" or line.startswith(b"OK "):
-                return
-            if line.startswith(b"D ") and data is not None:
-                decoded = unescape_into(line[2:])
-                data += decoded
-                wipe(decoded)
-                continue
-            if line.startswith((b"S ", b"#")) or line in (b"S", b"D"):
-                continue
-            if line.startswith(b"ERR "):
-                code_text = line[4:].split(b" ", 1)[0]
-                code = int(code_text) if code_text.isdigit() else 0
-                if code & 0xFFFF == _GPG_ERR_TIMEOUT:
-                    raise FunctionCanceledError("the PIN prompt timed out")
-                if code & 0xFFFF in (_GPG_ERR_CANCELED, _GPG_ERR_NOT_CONFIRMED):
-                    raise FunctionCanceledError("canceled at the prompt")
-                raise FunctionCanceledError(f"the pinentry refused {what} (error {code})")
-            raise PinentryProtocolError(f"unexpected pinentry answer to {what}")
+            try:
+                if self._answer(line, what, data):
+                    return
+            finally:
+                wipe(line)  # a D line holds the PIN
+
+    def _answer(self, line: bytearray, what: str, data: bytearray | None) -> bool:
+        """One answer line: True at OK; collects D data; raises at ERR or nonsense."""
+        if line == b"OK" or line.startswith(b"OK "):
+            return True
+        if line.startswith(b"D ") and data is not None:
+            decoded = unescape_into(memoryview(line)[2:])
+            data += decoded
+            wipe(decoded)
+            return False
+        if line.startswith((b"S ", b"#")) or line in (b"S", b"D"):
+            return False
+        if line.startswith(b"ERR "):
+            code_text = line[4:].split(b" ", 1)[0]
+            code = int(code_text) if code_text.isdigit() else 0
+            if code & 0xFFFF == _GPG_ERR_TIMEOUT:
+                raise FunctionCanceledError("the PIN prompt timed out")
+            if code & 0xFFFF in (_GPG_ERR_CANCELED, _GPG_ERR_NOT_CONFIRMED):
+                raise FunctionCanceledError("canceled at the prompt")
+            raise FunctionCanceledError(f"the pinentry refused {what} (error {code})")
+        raise PinentryProtocolError(f"unexpected pinentry answer to {what}")
 
     async def command(self, line: str) -> None:
         assert self._proc is not None and self._proc.stdin is not None
