@@ -306,3 +306,28 @@ def test_the_sims_own_pin1_is_never_touched(sim) -> None:
             assert info.value.retries == expected
         client.login(session, SIM_PIN)
     assert card.usim_pin1_tries == 3 and card.pin_tries_left == 3
+
+
+def test_oaep_mail_to_a_sim_says_what_the_sender_must_use(sim, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The applet strips PKCS#1 v1.5 padding itself and has no OAEP: `tokenctl
+    smime-decrypt` names the token and tells what the sender must use, in one line."""
+    import subprocess
+
+    from tests.test_provisioning import ctl
+
+    demo = sim.extras["demo"]
+    recipient = tmp_path / "encryption.pem"
+    recipient.write_bytes(demo.encryption_cert.public_bytes(Encoding.PEM))
+    message, mail = tmp_path / "message.txt", tmp_path / "mail.p7m"
+    message.write_text("Subject: oaep\n\nsent with RSA-OAEP key transport\n")
+    subprocess.run(
+        ["openssl", "cms", "-encrypt", "-aes256", "-recip", str(recipient),
+         "-keyopt", "rsa_padding_mode:oaep", "-in", str(message), "-out", str(mail)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    ran = ctl(sim, "smime-decrypt", str(mail), "--pin-fd", "{fd}", secrets=(SIM_PIN,))
+    lines = ran.err.strip().splitlines()
+    assert ran.rc == 1 and len(lines) == 1, ran.err
+    assert "cannot decrypt RSA-OAEP key transport" in lines[0]
+    assert demo.iccid in lines[0]  # the token, by its identity
+    assert "RSA PKCS#1 v1.5" in lines[0] and b"sent with" not in ran.out
