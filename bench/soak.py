@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_ds
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bench.common import REPO, child_env, rss_kib, short_tempdir, wait_for_socket
+from tokend.p11kit import socket_path as p11kit_socket_path
 
 PIN = "123456"
 ID_9C, ID_9D = b"\x02", b"\x03"
@@ -61,10 +62,18 @@ class Token:
     transport: str
     encryption: x509.Certificate
     signing: x509.Certificate
+    authentication: x509.Certificate
     plug: object = None
     unplug: object = None
     epoch: int = 0  # incremented at every unplug
     present: bool = True
+    #: monotonic [unplug began, replug done] per cycle (the p11-kit clients' errors are
+    #: classified with these afterwards; their process shares the clock)
+    away: list[list[float | None]] = field(default_factory=list)
+
+    def away_during(self, began: float, seen: float) -> bool:
+        """Was the token unplugged at some moment of [began, seen]?"""
+        return any(start <= seen and (end is None or end >= began) for start, end in self.away)
 
 
 @dataclass
@@ -87,7 +96,9 @@ def _der_of(value: str) -> bytes:
 
 
 class Soak:
-    def __init__(self, tokens: list[Token], sock: Path, seconds: float, clients: int) -> None:
+    def __init__(
+        self, tokens: list[Token], sock: Path, seconds: float, clients: int, p11kit_clients: int = 0
+    ) -> None:
         self.tokens = tokens
         # The demo encryption key is imported (the same on every demo token); the signing key is
         # generated on each token, so its certificate tells the tokens apart.
@@ -95,7 +106,12 @@ class Soak:
         self.sock = sock
         self.seconds = seconds
         self.clients = clients
-        self.tally = Tally()
+        #: of ``clients``, how many are p11-kit-client.so processes (the rest: native)
+        self.p11kit_clients = min(p11kit_clients, clients)
+        self.tally = Tally()  # native clients
+        self.p11kit = Tally()
+        #: native clients close a session that failed (a tidy program) instead of leaving it
+        self.tidy = False
         self.rng = random.Random(18)
         self.stop_at = 0.0
 
@@ -126,10 +142,14 @@ class Soak:
         # unplug): count it as moved, like one unplugged while we work.
         epochs = {t.name: t.epoch if t.present else -1 for t in self.tokens}
         token: Token | None = None
+        session: int | None = None
         try:
             session = await client.open_session(slot)
             token = await self._identify(client, session)
             if epochs[token.name] != token.epoch:
+                if self.tidy:
+                    with contextlib.suppress(Exception):
+                        await client.call("C_CloseSession", {"h_session": session})
                 return  # unplugged and back while we looked: start again
             try:
                 await client.login(session, PIN)
@@ -182,6 +202,9 @@ class Soak:
             else:
                 where = token.name if token else f"slot {slot}"
                 self.tally.unexpected.append(f"{where}: {name}: {exc}")
+            if self.tidy and session is not None:
+                with contextlib.suppress(Exception):  # CKR_DEVICE_REMOVED, then it is gone
+                    await client.call("C_CloseSession", {"h_session": session})
 
     async def _client(self, index: int) -> None:
         from tokend.client import AsyncClient
@@ -202,24 +225,113 @@ class Soak:
             await client.close()
 
     async def _chaos(self) -> None:
+        from tokend.client import AsyncClient
+
         rng = random.Random(180)
+        watcher = await AsyncClient.connect(self.sock)
+        try:
+            await self._chaos_loop(rng, watcher)
+        finally:
+            await watcher.close()
+
+    async def _chaos_loop(self, rng: random.Random, watcher) -> None:  # type: ignore[no-untyped-def]
         while time.monotonic() < self.stop_at - 1.5:
             await asyncio.sleep(rng.uniform(0.5, 2.0))
             token = rng.choice(self.tokens)
             token.epoch += 1
             token.present = False
+            cycle: list[float | None] = [time.monotonic(), None]
+            token.away.append(cycle)
             await asyncio.to_thread(token.unplug)  # type: ignore[arg-type]
             self.tally.unplugs += 1
             await asyncio.sleep(rng.uniform(0.2, 1.0))
             await asyncio.to_thread(token.plug)  # type: ignore[arg-type]
+            # Back once the daemon lists it again (it probes the token after the plug):
+            # until then a client may rightly find its slot empty or the slot list growing.
+            deadline = time.monotonic() + 10
+            while len(await watcher.slot_list(token_present=True)) < len(self.tokens):
+                if time.monotonic() > deadline:
+                    self.tally.unexpected.append(f"{token.name}: not listed 10 s after replug")
+                    break
+                await asyncio.sleep(0.02)
             token.present = True
+            cycle[1] = time.monotonic()
 
-    async def run(self, pid: int) -> dict[str, object]:
+    async def _p11kit_client(self, index: int, tokens_file: Path) -> None:
+        """A p11-kit-client.so process (bench/soak_p11kit.py); its errors are classified
+        here, by the times its session began and the error was seen."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.soak_p11kit",
+            "--address",
+            f"unix:path={p11kit_socket_path(self.sock)}",
+            "--tokens",
+            str(tokens_file),
+            "--until",
+            repr(self.stop_at),
+            "--seed",
+            str(1850 + index),
+            cwd=REPO,
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        tally = self.p11kit
+        if proc.returncode != 0:
+            tally.unexpected.append(
+                f"p11-kit client {index} exited with {proc.returncode}: {err.decode()[-500:]}"
+            )
+            return
+        report = json.loads(out)
+        for key, n in report["ops"].items():
+            tally.ops[key] = tally.ops.get(key, 0) + n
+        for key, n in report["per_token"].items():
+            tally.per_token[key] = tally.per_token.get(key, 0) + n
+        tally.wrong += [f"p11-kit: {w}" for w in report["wrong"]]
+        by_name = {t.name: t for t in self.tokens}
+        for began, seen, name, kind, message in report["errors"]:
+            token = by_name.get(name)
+            expected = (
+                token.away_during(began, seen)
+                if token is not None
+                # before the token was identified: any token may have been the one
+                else any(t.away_during(began, seen) for t in self.tokens)
+            )
+            if expected:
+                tally.count(tally.expected_errors, kind)
+            else:
+                tally.unexpected.append(f"p11-kit {name or 'slot'}: {kind}: {message}")
+
+    async def run(self, pid: int, workdir: Path) -> dict[str, object]:
         samples: list[tuple[float, int, int]] = []
         fds_before = fd_count(pid)
+        tokens_file = workdir / "soak-tokens.json"
+        tokens_file.write_text(
+            json.dumps(
+                {
+                    t.name: {
+                        kind: cert.public_bytes(Encoding.PEM).decode()
+                        for kind, cert in (
+                            ("signing", t.signing),
+                            ("encryption", t.encryption),
+                            ("authentication", t.authentication),
+                        )
+                    }
+                    for t in self.tokens
+                }
+            )
+        )
         self.stop_at = time.monotonic() + self.seconds
         start = time.monotonic()
-        tasks = [asyncio.create_task(self._client(i)) for i in range(self.clients)]
+        native = self.clients - self.p11kit_clients
+        tasks = [asyncio.create_task(self._client(i)) for i in range(native)]
+        tasks += [
+            asyncio.create_task(self._p11kit_client(i, tokens_file))
+            for i in range(self.p11kit_clients)
+        ]
         chaos = asyncio.create_task(self._chaos())
         while time.monotonic() < self.stop_at:
             await asyncio.sleep(1.0)
@@ -231,18 +343,31 @@ class Soak:
         warm = [s for s in samples if s[0] >= min(5.0, self.seconds / 3)] or samples
         rss = [s[1] for s in warm]
         fds = [s[2] for s in warm]
+        kinds = {"native": self.tally, "p11kit": self.p11kit}
+        unexpected = self.tally.unexpected + self.p11kit.unexpected
+        wrong = self.tally.wrong + self.p11kit.wrong
         return {
             "seconds": round(time.monotonic() - start, 1),
             "clients": self.clients,
+            "clients_by_kind": {"native": native, "p11kit": self.p11kit_clients},
             "tokens": {t.name: t.transport for t in self.tokens},
-            "ops": dict(sorted(self.tally.ops.items())),
-            "private_key_ops_per_token": dict(sorted(self.tally.per_token.items())),
+            # per client kind: native = the daemon's JSON-RPC socket (asyncio, one connection
+            # each); p11kit = Debian's p11-kit-client.so in its own process
+            "ops": {k: dict(sorted(t.ops.items())) for k, t in kinds.items()},
+            "private_key_ops_per_token": {
+                t.name: sum(k.per_token.get(t.name, 0) for k in kinds.values()) for t in self.tokens
+            },
+            "private_key_ops_per_token_by_kind": {
+                k: dict(sorted(t.per_token.items())) for k, t in kinds.items()
+            },
             "unplugs": self.tally.unplugs,
-            "expected_errors": dict(sorted(self.tally.expected_errors.items())),
-            "unexpected_errors": self.tally.unexpected[:50],
-            "unexpected_count": len(self.tally.unexpected),
-            "wrong_results": self.tally.wrong[:50],
-            "wrong_count": len(self.tally.wrong),
+            "expected_errors": {
+                k: dict(sorted(t.expected_errors.items())) for k, t in kinds.items()
+            },
+            "unexpected_errors": unexpected[:50],
+            "unexpected_count": len(unexpected),
+            "wrong_results": wrong[:50],
+            "wrong_count": len(wrong),
             "rss_kib": {"start": rss[0], "end": rss[-1], "peak": max(rss)},
             # every ~30 s: (seconds, RSS KiB, fds), to tell a plateau from a slow leak
             "trajectory": [list(x) for x in samples[:: max(1, len(samples) // 10)]]
@@ -285,20 +410,34 @@ def verdicts(result: dict) -> dict[str, bool]:  # type: ignore[type-arg]
         "RSS flat": rss["end"] <= rss["start"] * 1.10 + 10 * 1024,
         "fds flat": fds["end"] <= fds["start"] + 4,
         "fds back after clients": fds["after_clients"] <= fds["before_clients"] + 2,
-        "every operation ran": all(result["ops"].get(k, 0) > 0 for k in ("decrypt", "sign")),
+        "every operation ran": all(
+            ops.get(k, 0) > 0
+            for kind, ops in result["ops"].items()
+            if result["clients_by_kind"][kind]
+            for k in ("decrypt", "sign")
+        ),
         "every token served": all(
             result["private_key_ops_per_token"].get(name, 0) > 0 for name in result["tokens"]
         ),
     }
 
 
-def run(seconds: float, clients: int, transports: tuple[str, ...]) -> dict:  # type: ignore[type-arg]
+def run(
+    seconds: float,
+    clients: int,
+    transports: tuple[str, ...],
+    p11kit_clients: int = 0,
+    *,
+    tidy: bool = False,
+    trace: Path | None = None,
+) -> dict:  # type: ignore[type-arg]
     from tokend.client import Client
 
     workdir = short_tempdir("tokend-soak-")
     sock, ctl, exports = workdir / "tokend.sock", workdir / "control.sock", workdir / "export"
     simulate = [t for t in transports if t in ("memory", "usb")]
-    args = [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--socket", str(sock)]
+    entry = ["bench.soak_trace", str(trace.resolve())] if trace else ["tokend.cli.tokend_main"]
+    args = [sys.executable, "-m", *entry, "serve", "--socket", str(sock)]
     for kind in simulate:
         args += ["--simulate", "piv" if kind == "memory" else "usb"]
     if simulate:
@@ -331,6 +470,7 @@ def run(seconds: float, clients: int, transports: tuple[str, ...]) -> dict:  # t
                     "pcsc",
                     _load(workdir / "pcsc0" / "encryption.pem"),
                     _load(workdir / "pcsc0" / "signing.pem"),
+                    _load(workdir / "pcsc0" / "authentication.pem"),
                     pcsc_plug,
                     conn.unplug,
                 )
@@ -361,6 +501,7 @@ def run(seconds: float, clients: int, transports: tuple[str, ...]) -> dict:  # t
                     kind,
                     _load(folder / "encryption.pem"),
                     _load(folder / "signing.pem"),
+                    _load(folder / "authentication.pem"),
                     lambda n=name: _control(ctl, f"plug {n}"),
                     lambda n=name: _control(ctl, f"unplug {n}"),
                 )
@@ -371,8 +512,9 @@ def run(seconds: float, clients: int, transports: tuple[str, ...]) -> dict:  # t
                 if time.monotonic() > deadline:
                     raise RuntimeError("the daemon did not list every soak token")
                 time.sleep(0.05)
-        soak = Soak(tokens, sock, seconds, clients)
-        result = asyncio.run(soak.run(proc.pid))
+        soak = Soak(tokens, sock, seconds, clients, p11kit_clients)
+        soak.tidy = tidy
+        result = asyncio.run(soak.run(proc.pid, workdir))
         result["daemon_alive"] = proc.poll() is None
         result["verdicts"] = verdicts(result)
         result["verdicts"]["daemon alive"] = result["daemon_alive"]
@@ -392,6 +534,25 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("SOAK_TRANSPORTS", ",".join(TRANSPORTS)),
         help="comma-separated: memory, usb, pcsc (default all three)",
     )
+    parser.add_argument(
+        "--p11kit-clients",
+        type=int,
+        default=int(os.environ.get("SOAK_P11KIT_CLIENTS", 8)),
+        help="of the clients, how many are PKCS#11 programs loading Debian's p11-kit-client.so "
+        "(one process each) talking to the daemon's p11-kit front end (default 8)",
+    )
+    parser.add_argument(
+        "--tidy",
+        action="store_true",
+        help="native clients close a session that failed (default: they leave it, like a "
+        "sloppy program)",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="debugging: run the daemon under bench/soak_trace.py, appending memory samples "
+        "(object counts; the Python heap too with SOAK_TRACEMALLOC=1) to this file",
+    )
     parser.add_argument("--json", type=Path, help="write the result here too")
     args = parser.parse_args(argv)
     transports = tuple(t for t in args.transports.split(",") if t)
@@ -402,7 +563,14 @@ def main(argv: list[str] | None = None) -> int:
         f"soak: {args.clients} clients, {args.seconds:g} s, tokens over {', '.join(transports)}",
         flush=True,
     )
-    result = run(args.seconds, args.clients, transports)
+    result = run(
+        args.seconds,
+        args.clients,
+        transports,
+        args.p11kit_clients,
+        tidy=args.tidy,
+        trace=args.trace,
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -1,0 +1,106 @@
+"""`tokend serve` with a memory tracer beside it, for finding what grows in a soak
+(bench/soak.py ``--trace FILE``). Debugging only: the product's entry point is untouched;
+this runs the same ``main`` with a sampler thread in the same process.
+
+    python -m bench.soak_trace FILE serve …      # same arguments as `tokend serve`
+
+Every ``SOAK_TRACE_EVERY`` seconds (default 15) it appends one JSON line to FILE: RSS, the
+number of gc-tracked objects, the live count of the daemon's own classes that hold token
+state (token instances, sessions, applications, drivers), the types whose counts grew most
+since the first sample, and with ``SOAK_TRACEMALLOC=1`` the Python heap (tracemalloc) and
+the source lines whose allocations grew most. A last line comes at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import gc
+import json
+import os
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+from bench.common import rss_kib
+
+WATCH = (
+    "TokenInstance",
+    "Session",
+    "Application",
+    "Operation",
+    "PivToken",
+    "SimToken",
+    "TokenObject",
+    "ThreadPoolExecutor",
+    "Thread",
+)
+
+
+def _counts() -> collections.Counter[str]:
+    return collections.Counter(type(o).__name__ for o in gc.get_objects())
+
+
+def sampler(out: Path, every: float, use_tracemalloc: bool) -> None:
+    started = time.monotonic()
+    first_counts: collections.Counter[str] | None = None
+    first_snapshot = None
+    lock = threading.Lock()
+
+    def sample() -> None:
+        nonlocal first_counts, first_snapshot
+        with lock:
+            gc.collect()
+            counts = _counts()
+            line: dict[str, object] = {
+                "t": round(time.monotonic() - started, 1),
+                "rss_kib": rss_kib(os.getpid()),
+                "gc_objects": sum(counts.values()),
+                "watch": {name: counts.get(name, 0) for name in WATCH},
+                "threads": threading.active_count(),
+            }
+            if first_counts is None:
+                first_counts = counts
+            else:
+                grown = counts.copy()
+                grown.subtract(first_counts)
+                line["grown_types"] = [[k, n] for k, n in grown.most_common(15) if n > 0]
+            if use_tracemalloc:
+                snap = tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(False, tracemalloc.__file__)]
+                )
+                line["traced_kib"] = tracemalloc.get_traced_memory()[0] // 1024
+                if first_snapshot is None:
+                    first_snapshot = snap
+                else:
+                    line["grown_lines"] = [
+                        [str(st.traceback[0]), st.size_diff // 1024, st.count_diff]
+                        for st in snap.compare_to(first_snapshot, "lineno")[:15]
+                    ]
+            with out.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    atexit.register(sample)
+    while True:
+        sample()
+        time.sleep(every)
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    use_tracemalloc = os.environ.get("SOAK_TRACEMALLOC") == "1"
+    if use_tracemalloc:
+        tracemalloc.start(1)
+    every = float(os.environ.get("SOAK_TRACE_EVERY", "15"))
+    threading.Thread(
+        target=sampler, args=(out, every, use_tracemalloc), daemon=True, name="soak-trace"
+    ).start()
+    from tokend.cli.tokend_main import main as tokend_main
+
+    return tokend_main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
