@@ -3,8 +3,10 @@ module (test_disconnect_<transport>.py) runs them with its own ``piv`` fixture."
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -186,3 +188,34 @@ def test_card_reset_by_another_program_loses_the_login(piv) -> None:
         # Same instance: the session survives, the login must be redone.
         client.login(session, PIN)
         assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+
+
+def test_a_session_left_open_on_a_removed_token_keeps_no_driver(piv) -> None:
+    """Found by the soak (docs/reliability.md §3): a session that died with its token and
+    that the client never closes kept the retired instance's driver (certificates, keys,
+    object table, transport) alive, so the daemon grew with every unplug. The session
+    still answers as before: CKR_DEVICE_REMOVED once, then CKR_SESSION_HANDLE_INVALID."""
+    demo, plug, slot = piv.extras["demo"], piv.extras["plug"], piv.extras["slot"]
+    registry = piv.daemon.engine.registry
+    with Client(piv.socket) as client:
+        session = logged_in_session(client, slot)
+        key = _decrypt_ok(client, session, demo)
+        instance = registry.slot(slot).instance
+        driver = weakref.ref(instance.token)
+        plug.remove()
+        deadline = time.monotonic() + 5
+        while driver() is not None and time.monotonic() < deadline:
+            gc.collect()  # the driver closes on its own thread; then nothing holds it
+            time.sleep(0.02)
+        assert driver() is None, gc.get_referrers(driver())
+        assert instance.retired  # the dead session still holds its (now light) instance
+        engine = piv.daemon.engine
+        # nor does the connection keep the handles of the private objects it was shown
+        assert all(
+            not app.known_private - engine._token_objects.keys() for app in engine.apps.values()
+        )
+        blob, _ = pkcs1_blob(demo.encryption_public_key)
+        with pytest.raises(DeviceRemovedError):
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        with pytest.raises(SessionHandleInvalidError):
+            client.call("C_GetSessionInfo", {"h_session": session})

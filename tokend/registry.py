@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from tokend.drivers.base import (
     IdentityCheck,
@@ -35,7 +35,7 @@ from tokend.errors import (
     TokenNotPresentError,
     TransportError,
 )
-from tokend.model import Token, TokenObject
+from tokend.model import Token, TokenIdentity, TokenInfo, TokenObject
 from tokend.pkcs11 import CKM
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,30 @@ class SlotEvent:
     monotonic: float
 
 
+class RetiredToken:
+    """What a retired instance keeps of its token: who it was (for logs, events and
+    prompts). The driver — parsed certificates, public keys, the object table, key
+    handles, the transport — is let go at retirement, so a session that died with the
+    token and that its client never closes costs a few hundred bytes, not the token
+    (found by the soak: docs/reliability.md §3). Nothing may use a retired token: every
+    other attribute is a call that answers CKR_DEVICE_REMOVED, as `TokenInstance.run`
+    does for a retired instance."""
+
+    def __init__(self, identity: TokenIdentity, info: TokenInfo) -> None:
+        self.identity = identity
+        self.info = info
+
+    def close(self) -> None:
+        pass  # the driver was closed at retirement
+
+    def __getattr__(self, name: str) -> Callable[..., NoReturn]:
+        def gone(*args: object, **kwargs: object) -> NoReturn:
+            raise DeviceRemovedError(f"token {self.identity.serial} was removed")
+
+        gone.__name__ = name
+        return gone
+
+
 class TokenInstance:
     """What is present in a slot now. All card I/O for it goes through `run`, on the
     instance's own threads, so blocking drivers never touch the event loop: one thread (one
@@ -106,8 +130,9 @@ class TokenInstance:
         self.registry = registry
         self.slot_id = slot.slot_id
         self.generation = generation
-        self.token = token
-        self.transport = transport
+        #: the driver; a `RetiredToken` once the instance is retired (see `shutdown`)
+        self.token: Token = token
+        self.transport: Transport | None = transport
         self.retired = False
         self.retire_reason = ""
         self._mechanisms: frozenset[CKM] | None = None
@@ -173,16 +198,26 @@ class TokenInstance:
 
     def shutdown(self) -> Future[None]:
         """Close token and transport on the instance's own thread; returns when that is
-        done (the registry waits for it when the daemon stops)."""
+        done (the registry waits for it when the daemon stops). From now on the instance
+        holds no driver state: sessions that died with it may live on (until their
+        client touches or closes them) and must not keep the token's objects alive."""
+        token, transport = self.token, self.transport
 
         def _close() -> None:
             with contextlib.suppress(Exception):
-                self.token.close()
+                token.close()
             with contextlib.suppress(Exception):
-                self.transport.close()
+                if transport is not None:
+                    transport.close()
 
         done = self._executor.submit(_close)
         self._executor.shutdown(wait=False)
+        # A call already on the executor keeps the driver alive until it returns (its
+        # result is dropped: `run` sees `retired`); nothing else reaches it through here.
+        self.token = RetiredToken(token.identity, token.info)  # type: ignore[assignment]
+        self.transport = None
+        self._object_index = {}
+        self._objects_seen = None
         return done
 
 

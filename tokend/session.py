@@ -330,10 +330,16 @@ class Engine:
         self._login_locks.pop(key, None)
         self._pin_failures.pop(key, None)
         self._mechanism_flags.pop(key, None)
+        gone: set[int] = set()
         for handle, (inst_key, obj_key) in list(self._token_objects.items()):
             if inst_key == key:
                 del self._token_objects[handle]
                 self._token_handles.pop((inst_key, obj_key), None)
+                gone.add(handle)
+        for app in self.apps.values():
+            # Handles are never reused, so a long-lived connection would otherwise keep
+            # every private handle of every insertion it ever saw (found by the soak).
+            app.known_private -= gone
 
     def _on_slot_event(self, event: SlotEvent) -> None:
         for app in list(self.apps.values()):
@@ -436,6 +442,8 @@ class Engine:
             if ikey == instance.key and (not wanted or okey.ref in wanted):
                 del self._token_handles[(ikey, okey)]
                 self._token_objects.pop(handle, None)
+                for app in self.apps.values():
+                    app.known_private.discard(handle)
 
     async def _card(self, session: Session, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         instance = session.instance
