@@ -112,6 +112,8 @@ class Soak:
         self.p11kit = Tally()
         #: native clients close a session that failed (a tidy program) instead of leaving it
         self.tidy = False
+        #: False: no token is unplugged (to tell per-operation from per-unplug growth)
+        self.unplug = True
         self.rng = random.Random(18)
         self.stop_at = 0.0
 
@@ -235,7 +237,7 @@ class Soak:
             await watcher.close()
 
     async def _chaos_loop(self, rng: random.Random, watcher) -> None:  # type: ignore[no-untyped-def]
-        while time.monotonic() < self.stop_at - 1.5:
+        while self.unplug and time.monotonic() < self.stop_at - 1.5:
             await asyncio.sleep(rng.uniform(0.5, 2.0))
             token = rng.choice(self.tokens)
             token.epoch += 1
@@ -341,6 +343,7 @@ class Soak:
         await asyncio.sleep(0.5)  # the daemon closes the connections' applications
         fds_after = fd_count(pid)
         warm = [s for s in samples if s[0] >= min(5.0, self.seconds / 3)] or samples
+        at_60s = [s for s in samples if s[0] >= 60.0] if self.seconds >= 90 else []
         rss = [s[1] for s in warm]
         fds = [s[2] for s in warm]
         kinds = {"native": self.tally, "p11kit": self.p11kit}
@@ -368,12 +371,16 @@ class Soak:
             "unexpected_count": len(unexpected),
             "wrong_results": wrong[:50],
             "wrong_count": len(wrong),
-            "rss_kib": {"start": rss[0], "end": rss[-1], "peak": max(rss)},
-            # every ~30 s: (seconds, RSS KiB, fds), to tell a plateau from a slow leak
-            "trajectory": [list(x) for x in samples[:: max(1, len(samples) // 10)]]
-            + [list(samples[-1])]
-            if samples
-            else [],
+            "rss_kib": {
+                "start": rss[0],
+                # the first sample after 60 s: the reference of the RSS-flat verdict
+                **({"at_60s": at_60s[0][1]} if at_60s else {}),
+                "end": rss[-1],
+                "peak": max(rss),
+            },
+            # every 30 s (a tenth of a shorter run): (seconds, RSS KiB, fds), to tell a
+            # plateau from a slow leak
+            "trajectory": _every(samples, 30.0 if self.seconds >= 150 else self.seconds / 10),
             "fds": {
                 "before_clients": fds_before,
                 "start": fds[0],
@@ -382,6 +389,19 @@ class Soak:
                 "after_clients": fds_after,
             },
         }
+
+
+def _every(samples: list[tuple[float, int, int]], step: float) -> list[list[float | int]]:
+    """The first sample at or after each multiple of ``step`` seconds, and the last one."""
+    out: list[list[float | int]] = []
+    mark = 0.0
+    for sample in samples:
+        if sample[0] >= mark:
+            out.append(list(sample))
+            mark = (sample[0] // step + 1) * step
+    if samples and out[-1] != list(samples[-1]):
+        out.append(list(samples[-1]))
+    return out
 
 
 def _load(path: Path) -> x509.Certificate:
@@ -422,6 +442,63 @@ def verdicts(result: dict) -> dict[str, bool]:  # type: ignore[type-arg]
     }
 
 
+def table(result: dict) -> str:  # type: ignore[type-arg]
+    """The figures of a run as the plain-text table docs/reliability.md §3 quotes."""
+
+    def mib(kib: int) -> str:
+        return f"{kib / 1024:.1f}"
+
+    kinds = [k for k, n in result["clients_by_kind"].items() if n]
+    rows = [("duration, clients", f"{result['seconds']:g} s, {result['clients']} clients")]
+    for kind in kinds:
+        ops = result["ops"][kind]
+        rows.append(
+            (
+                f"{kind} clients ({result['clients_by_kind'][kind]}): operations",
+                ", ".join(f"{n} {k}" for k, n in ops.items()),
+            )
+        )
+    for kind in kinds:
+        per = result["private_key_ops_per_token_by_kind"][kind]
+        rows.append(
+            (
+                f"{kind}: private-key operations per token",
+                ", ".join(f"{t} ({result['tokens'][t]}) {per.get(t, 0)}" for t in result["tokens"]),
+            )
+        )
+    rows.append(("unplug/replug cycles", str(result["unplugs"])))
+    for kind in kinds:
+        errs = result["expected_errors"][kind]
+        rows.append(
+            (f"{kind}: expected errors", ", ".join(f"{n} {k}" for k, n in errs.items()) or "0")
+        )
+    rows += [
+        ("wrong results", str(result["wrong_count"])),
+        ("unexpected errors", str(result["unexpected_count"])),
+    ]
+    rss, fds = result["rss_kib"], result["fds"]
+    rows.append(
+        (
+            "daemon RSS start / at 60 s / end / peak (MiB)",
+            " / ".join(mib(rss[k]) for k in ("start", "at_60s", "end", "peak") if k in rss),
+        )
+    )
+    rows.append(
+        ("daemon RSS every ~30 s (MiB)", ", ".join(mib(x[1]) for x in result["trajectory"]))
+    )
+    rows.append(
+        (
+            "daemon fds before clients / start / end / peak / after clients",
+            " / ".join(
+                str(fds[k]) for k in ("before_clients", "start", "end", "peak", "after_clients")
+            ),
+        )
+    )
+    rows += [(f"verdict: {k}", "pass" if ok else "FAIL") for k, ok in result["verdicts"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def run(
     seconds: float,
     clients: int,
@@ -430,6 +507,7 @@ def run(
     *,
     tidy: bool = False,
     trace: Path | None = None,
+    unplug: bool = True,
 ) -> dict:  # type: ignore[type-arg]
     from tokend.client import Client
 
@@ -513,7 +591,7 @@ def run(
                     raise RuntimeError("the daemon did not list every soak token")
                 time.sleep(0.05)
         soak = Soak(tokens, sock, seconds, clients, p11kit_clients)
-        soak.tidy = tidy
+        soak.tidy, soak.unplug = tidy, unplug
         result = asyncio.run(soak.run(proc.pid, workdir))
         result["daemon_alive"] = proc.poll() is None
         result["verdicts"] = verdicts(result)
@@ -548,6 +626,11 @@ def main(argv: list[str] | None = None) -> int:
         "sloppy program)",
     )
     parser.add_argument(
+        "--no-unplug",
+        action="store_true",
+        help="debugging: unplug nothing (tells growth per operation from growth per unplug)",
+    )
+    parser.add_argument(
         "--trace",
         type=Path,
         help="debugging: run the daemon under bench/soak_trace.py, appending memory samples "
@@ -570,11 +653,13 @@ def main(argv: list[str] | None = None) -> int:
         args.p11kit_clients,
         tidy=args.tidy,
         trace=args.trace,
+        unplug=not args.no_unplug,
     )
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    print(table(result))
     failed = [k for k, ok in result["verdicts"].items() if not ok]
     print("soak: " + ("PASS" if not failed else "FAIL: " + ", ".join(failed)))
     return 1 if failed else 0

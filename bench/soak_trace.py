@@ -7,8 +7,9 @@ this runs the same ``main`` with a sampler thread in the same process.
 Every ``SOAK_TRACE_EVERY`` seconds (default 15) it appends one JSON line to FILE: RSS, the
 number of gc-tracked objects, the live count of the daemon's own classes that hold token
 state (token instances, sessions, applications, drivers), the types whose counts grew most
-since the first sample, and with ``SOAK_TRACEMALLOC=1`` the Python heap (tracemalloc) and
-the source lines whose allocations grew most. A last line comes at exit.
+since the second sample (the first after start-up), and with ``SOAK_TRACEMALLOC=1`` the
+Python heap (tracemalloc) and the source lines whose allocations grew most since then. A
+last line comes at exit.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ def sampler(out: Path, every: float, use_tracemalloc: bool) -> None:
     started = time.monotonic()
     first_counts: collections.Counter[str] | None = None
     first_snapshot = None
+    samples = 0
     lock = threading.Lock()
 
     def sample() -> None:
-        nonlocal first_counts, first_snapshot
+        nonlocal first_counts, first_snapshot, samples
         with lock:
             gc.collect()
             counts = _counts()
@@ -61,9 +63,10 @@ def sampler(out: Path, every: float, use_tracemalloc: bool) -> None:
                 "watch": {name: counts.get(name, 0) for name in WATCH},
                 "threads": threading.active_count(),
             }
-            if first_counts is None:
+            # The reference is the second sample (the first after start-up and warm-up).
+            if samples == 1:
                 first_counts = counts
-            else:
+            elif first_counts is not None:
                 grown = counts.copy()
                 grown.subtract(first_counts)
                 line["grown_types"] = [[k, n] for k, n in grown.most_common(15) if n > 0]
@@ -72,15 +75,16 @@ def sampler(out: Path, every: float, use_tracemalloc: bool) -> None:
                     [tracemalloc.Filter(False, tracemalloc.__file__)]
                 )
                 line["traced_kib"] = tracemalloc.get_traced_memory()[0] // 1024
-                if first_snapshot is None:
+                if samples == 1:
                     first_snapshot = snap
-                else:
+                elif first_snapshot is not None:
                     line["grown_lines"] = [
                         [str(st.traceback[0]), st.size_diff // 1024, st.count_diff]
                         for st in snap.compare_to(first_snapshot, "lineno")[:15]
                     ]
             with out.open("a") as f:
                 f.write(json.dumps(line) + "\n")
+            samples += 1
 
     atexit.register(sample)
     while True:
