@@ -165,8 +165,9 @@ class VirtualCcidToken:
         self._command = bytearray()  # extended-level command being assembled
         self._response_parts: deque[tuple[bytes, int]] = deque()
         self.attachment: _Attachment | None = None
-        #: Counters tests read.
-        self.commands: list[int] = []
+        #: Counters tests read. The newest command types only: a simulated device lives as
+        #: long as the daemon that simulates it (the soak's RSS must not count its log).
+        self.commands: deque[int] = deque(maxlen=1024)
         self.aborts = 0
         self.unplugged_at: float | None = None
         self.first_enodev_at: float | None = None

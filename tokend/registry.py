@@ -140,7 +140,7 @@ class TokenInstance:
         self._object_index: dict[str, TokenObject] = {}
         workers = max(1, int(getattr(token, "workers", 1)))
         self.call_timeout: float | None = getattr(token, "call_timeout", None)
-        self._executor = ThreadPoolExecutor(
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix=f"slot{slot.slot_id}"
         )
 
@@ -171,9 +171,12 @@ class TokenInstance:
         """Run a blocking token call. A transport failure retires the instance (§5.1); a
         result that arrives after the instance was retired is dropped (§5.2)."""
         self.ensure_live()
+        executor = self._executor
+        if executor is None:  # only a retired instance has none (never the loop's default)
+            raise DeviceRemovedError(f"token in slot {self.slot_id} was removed")
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+            future = loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
             if self.call_timeout is None:
                 result = await future
             else:
@@ -210,14 +213,18 @@ class TokenInstance:
                 if transport is not None:
                     transport.close()
 
-        done = self._executor.submit(_close)
-        self._executor.shutdown(wait=False)
+        executor = self._executor
+        assert executor is not None, "shutdown twice"  # retire is idempotent: it calls once
+        done = executor.submit(_close)
+        executor.shutdown(wait=False)
         # A call already on the executor keeps the driver alive until it returns (its
         # result is dropped: `run` sees `retired`); nothing else reaches it through here.
         self.token = RetiredToken(token.identity, token.info)  # type: ignore[assignment]
         self.transport = None
         self._object_index = {}
         self._objects_seen = None
+        self._mechanisms = None  # asked again, the retired token answers DEVICE_REMOVED
+        self._executor = None  # its thread ends after _close; `run` refuses before this
         return done
 
 
