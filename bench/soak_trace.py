@@ -9,13 +9,16 @@ number of gc-tracked objects, the live count of the daemon's own classes that ho
 state (token instances, sessions, applications, drivers), the types whose counts grew most
 since the second sample (the first after start-up), and with ``SOAK_TRACEMALLOC=1`` the
 Python heap (tracemalloc) and the source lines whose allocations grew most since then. A
-last line comes at exit.
+last line comes at exit. With ``SOAK_TRACE_TRIM=1`` each sample also calls glibc's
+``malloc_trim(0)`` and records the RSS after it (free heap memory glibc had kept: what
+remains is live or pinned by live data).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import ctypes
 import gc
 import json
 import os
@@ -44,7 +47,7 @@ def _counts() -> collections.Counter[str]:
     return collections.Counter(type(o).__name__ for o in gc.get_objects())
 
 
-def sampler(out: Path, every: float, use_tracemalloc: bool) -> None:
+def sampler(out: Path, every: float, use_tracemalloc: bool, trim: bool) -> None:
     started = time.monotonic()
     first_counts: collections.Counter[str] | None = None
     first_snapshot = None
@@ -63,6 +66,12 @@ def sampler(out: Path, every: float, use_tracemalloc: bool) -> None:
                 "watch": {name: counts.get(name, 0) for name in WATCH},
                 "threads": threading.active_count(),
             }
+            if trim:
+                # Free heap memory glibc kept: what is left is live (or pinned) data.
+                began = time.perf_counter()
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                line["trim_ms"] = round((time.perf_counter() - began) * 1000, 2)
+                line["rss_after_trim_kib"] = rss_kib(os.getpid())
             # The reference is the second sample (the first after start-up and warm-up).
             if samples == 1:
                 first_counts = counts
@@ -99,7 +108,10 @@ def main() -> int:
         tracemalloc.start(1)
     every = float(os.environ.get("SOAK_TRACE_EVERY", "15"))
     threading.Thread(
-        target=sampler, args=(out, every, use_tracemalloc), daemon=True, name="soak-trace"
+        target=sampler,
+        args=(out, every, use_tracemalloc, os.environ.get("SOAK_TRACE_TRIM") == "1"),
+        daemon=True,
+        name="soak-trace",
     ).start()
     from tokend.cli.tokend_main import main as tokend_main
 

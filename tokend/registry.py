@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import logging
 import threading
@@ -47,6 +48,21 @@ PROBE_RETRY_DELAYS: tuple[float | None, ...] = (0.05, 0.2, 0.5, None)
 
 #: How long a stopping daemon waits for its tokens to close.
 STOP_CLOSE_TIMEOUT = 5.0
+
+#: After a token retires, how long to wait before handing free heap memory back to the
+#: system (its driver closes on its own thread first); retirements in between share one.
+TRIM_DELAY = 5.0
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on a C library without it."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
 
 #: Opens the applet on a fresh transport: a Token, or None if this applet is not there.
 AppletOpener = Callable[[Transport], Token | None]
@@ -261,6 +277,7 @@ class SlotRegistry:
         self._subscribers: list[Callable[[SlotEvent], None]] = []
         self._probes: set[asyncio.Task[None]] = set()
         self._closing: list[Future[None]] = []
+        self._trim: asyncio.TimerHandle | None = None
 
     # --- wiring ------------------------------------------------------------------------
 
@@ -300,6 +317,9 @@ class SlotRegistry:
         for slot in self._slots.values():
             if slot.instance is not None:
                 self.retire(slot.instance, "daemon stopping", emit=False)
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
         # Let the tokens close (a module logs out and is finalised) before the daemon is
         # gone; a token that does not answer is not waited for long.
         closing = [asyncio.wrap_future(f) for f in self._closing if not f.done()]
@@ -447,6 +467,7 @@ class SlotRegistry:
                 log.exception("retire listener failed")
         self._closing = [f for f in self._closing if not f.done()]
         self._closing.append(instance.shutdown())
+        self._schedule_trim()
         if emit:
             self._emit(
                 SlotEvent(
@@ -471,6 +492,22 @@ class SlotRegistry:
         await asyncio.sleep(0.2)
         if ticket == slot.pending and slot.instance is not None and slot.instance.retired:
             await self._probe(slot, ticket)
+
+    def _schedule_trim(self) -> None:
+        """Hand the heap memory glibc keeps after frees back to the system, a little after
+        a token retired. Its driver's memory (certificates, objects, buffers) is freed
+        then, but glibc keeps freed memory in its heaps, so a daemon that sees tokens come
+        and go grows in RSS without holding more: the soak measured about 0.7 MiB a
+        minute of it, all of it returned by ``malloc_trim`` (docs/reliability.md §3)."""
+        if _MALLOC_TRIM is None or self._trim is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # no loop: nothing retires in bulk there
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._run_trim)
+
+    def _run_trim(self) -> None:
+        self._trim = None
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
     def _emit(self, event: SlotEvent) -> None:
         for callback in list(self._subscribers):
