@@ -48,8 +48,9 @@ FUZZ_INPUTS ?= 1000000
 fuzz: venv
 	$(PY) tools/fuzz.py --inputs $(FUZZ_INPUTS)
 
-# 64 clients, tokens unplugged and replugged, over the in-process, USB and PC/SC transports;
-# stops by itself after SOAK_SECONDS (default 300). docs/reliability.md.
+# 64 clients (8 of them PKCS#11 programs through p11-kit-client.so: SOAK_P11KIT_CLIENTS),
+# tokens unplugged and replugged, over the in-process, USB and PC/SC transports; stops by
+# itself after SOAK_SECONDS (default 300). docs/reliability.md.
 SOAK_SECONDS ?= 300
 soak: deps venv
 	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) --json soak-results.json

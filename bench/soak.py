@@ -1,22 +1,31 @@
 """`make soak`: many clients mixing list / login / decrypt / sign / logout while tokens are
 unplugged and plugged again, for a fixed time, against one `tokend serve` child process.
 
-    python -m bench.soak [--seconds 300] [--clients 64] [--transports memory,usb,pcsc]
-                         [--json FILE]
+    python -m bench.soak [--seconds 300] [--clients 64] [--p11kit-clients 8]
+                         [--transports memory,usb,pcsc] [--json FILE]
 
 Tokens: ``memory`` = a virtual PIV card in the daemon's in-process reader (``--simulate
 piv``), ``usb`` = a virtual CCID token on the simulated USB bus driven through pyusb and the
 CCID driver (``--simulate usb``) — both plugged through ``--simulate-control`` —, and
 ``pcsc`` = a virtual PIV card behind the real pcscd + vpcd (a vpcd lease is held for the
-run). A chaos task unplugs one token at a time for 0.2 to 1 s.
+run). A chaos task unplugs one token at a time for 0.2 to 1 s; the token counts as back
+once the daemon lists it again.
+
+Clients: ``--clients`` in all, of which ``--p11kit-clients`` are PKCS#11 programs (Debian's
+p11-kit-client.so through python-pkcs11, one process each: bench/soak_p11kit.py) talking
+to the daemon's p11-kit front end; the others are native asyncio clients of its socket.
 
 Verdicts: **wrong results** (a plaintext or signature that does not match the token's own
 certificate, a token answering with another token's certificate) must be 0; **unexpected
-errors** — any error on a token that was not unplugged since the session was opened —
-must be 0; the daemon's RSS and open fds are sampled each second: start (after warm-up),
-end, peak; "flat" = end RSS within 10 MiB + 10 % of start and end fds within 4 of start;
-once every client has gone, the fds return to what they were before the clients came.
+errors** — any error on a token that was not unplugged at some point since the session was
+opened — must be 0; the daemon's RSS and open fds are sampled each second: start (after
+5 s of warm-up), at 60 s, end, peak; "RSS flat" = end within 2 MiB of the RSS at 60 s
+(runs under 90 s: within 10 MiB + 10 % of start); "fds flat" = end within 4 of start, and
+once every client has gone the fds return to what they were before the clients came.
 Exit status 1 on any failed verdict. It stops by itself.
+
+Debugging the daemon's memory: ``--tidy`` (native clients close the sessions that failed),
+``--no-unplug``, ``--trace FILE`` (bench/soak_trace.py samples inside the daemon).
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ PIN = "123456"
 ID_9C, ID_9D = b"\x02", b"\x03"
 DIGEST = hashlib.sha256(b"tokend soak").digest()
 TRANSPORTS = ("memory", "usb", "pcsc")
+#: The RSS-flat verdict of runs of 90 s and more: end ≤ RSS at 60 s + this (KiB).
+RSS_AFTER_60S_KIB = 2 * 1024
 
 
 def fd_count(pid: int) -> int:
@@ -427,7 +438,13 @@ def verdicts(result: dict) -> dict[str, bool]:  # type: ignore[type-arg]
     return {
         "0 wrong results": result["wrong_count"] == 0,
         "0 unexpected errors": result["unexpected_count"] == 0,
-        "RSS flat": rss["end"] <= rss["start"] * 1.10 + 10 * 1024,
+        # After the first minute's warm-up (pools, caches, allocator arenas fill), the end
+        # is within 2 MiB of the RSS at 60 s: the leak this soak found (about 1 MiB a
+        # minute) would exceed it within three minutes. Runs under 90 s have no 60 s
+        # reference: then the loose start-based bound only catches gross growth.
+        "RSS flat": rss["end"] <= rss["at_60s"] + RSS_AFTER_60S_KIB
+        if "at_60s" in rss
+        else rss["end"] <= rss["start"] * 1.10 + 10 * 1024,
         "fds flat": fds["end"] <= fds["start"] + 4,
         "fds back after clients": fds["after_clients"] <= fds["before_clients"] + 2,
         "every operation ran": all(
