@@ -262,9 +262,12 @@ class Soak:
             # Back once the daemon lists it again (it probes the token after the plug):
             # until then a client may rightly find its slot empty or the slot list growing.
             deadline = time.monotonic() + 10
-            while len(await watcher.slot_list(token_present=True)) < len(self.tokens):
+            while len(listed := await watcher.slot_list(token_present=True)) < len(self.tokens):
                 if time.monotonic() > deadline:
-                    self.tally.unexpected.append(f"{token.name}: not listed 10 s after replug")
+                    self.tally.unexpected.append(
+                        f"{token.name}: 10 s after its replug the daemon lists tokens in "
+                        f"slots {listed} only"
+                    )
                     break
                 await asyncio.sleep(0.02)
             token.present = True
@@ -525,6 +528,7 @@ def run(
     tidy: bool = False,
     trace: Path | None = None,
     unplug: bool = True,
+    daemon_log: Path | None = None,
 ) -> dict:  # type: ignore[type-arg]
     from tokend.client import Client
 
@@ -613,9 +617,11 @@ def run(
         result["daemon_alive"] = proc.poll() is None
         result["verdicts"] = verdicts(result)
         result["verdicts"]["daemon alive"] = result["daemon_alive"]
-    with contextlib.suppress(OSError):
-        import shutil
+    import shutil
 
+    if daemon_log is not None:
+        shutil.copyfile(workdir / "daemon.log", daemon_log)
+    with contextlib.suppress(OSError):
         shutil.rmtree(workdir)
     return result
 
@@ -653,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         help="debugging: run the daemon under bench/soak_trace.py, appending memory samples "
         "(object counts; the Python heap too with SOAK_TRACEMALLOC=1) to this file",
     )
+    parser.add_argument("--daemon-log", type=Path, help="keep the daemon's log here")
     parser.add_argument("--json", type=Path, help="write the result here too")
     args = parser.parse_args(argv)
     transports = tuple(t for t in args.transports.split(",") if t)
@@ -671,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         tidy=args.tidy,
         trace=args.trace,
         unplug=not args.no_unplug,
+        daemon_log=args.daemon_log,
     )
     text = json.dumps(result, indent=2)
     print(text)

@@ -44,6 +44,13 @@ def _count(table: dict[str, int], key: str) -> None:
     table[key] = table.get(key, 0) + 1
 
 
+def _kind(exc: Exception) -> str:
+    """The error's class; python-pkcs11 raises its base class for the return codes it has
+    no class for (CKR_BUFFER_TOO_SMALL …), so then its message tells which."""
+    name = type(exc).__name__
+    return f"{name}: {exc}" if name == "PKCS11Error" else name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak_p11kit")
     parser.add_argument("--address", required=True, help="the p11-kit front end (unix:path=…)")
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         except pkcs11.PKCS11Error as exc:
             # python-pkcs11 asks for the count, then the list: a token that arrives in
             # between makes the second call CKR_BUFFER_TOO_SMALL (PKCS#11 §5.5).
-            errors.append([began, time.monotonic(), None, type(exc).__name__, str(exc)[:200]])
+            errors.append([began, time.monotonic(), None, _kind(exc), str(exc)[:200]])
             return None
         _count(ops, "list")
         return slots
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             session.close()  # C_Logout + C_CloseSession
             _count(ops, "logout")
         except Exception as exc:  # classified by the parent, by time
-            errors.append([began, time.monotonic(), name, type(exc).__name__, str(exc)[:200]])
+            errors.append([began, time.monotonic(), name, _kind(exc), str(exc)[:200]])
 
     while time.monotonic() < args.until:
         if rng.random() < 0.1:
