@@ -41,7 +41,7 @@ def test_make_soak_short_run_has_no_wrong_result_and_no_leak() -> None:
 
     transports = ("memory", "usb") + (("pcsc",) if pcscd_unavailable_reason() is None else ())
     # 4 of the 16 clients are PKCS#11 programs through Debian's p11-kit-client.so
-    result = run(seconds=7, clients=16, transports=transports, p11kit_clients=4)
+    result = run(seconds=6, clients=16, transports=transports, p11kit_clients=4)
     assert result["unplugs"] >= 2
     assert result["clients_by_kind"] == {"native": 12, "p11kit": 4}
     assert result["ops"]["p11kit"].get("decrypt", 0) > 0, result["ops"]
