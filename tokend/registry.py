@@ -121,6 +121,9 @@ class RetiredToken:
         pass  # the driver was closed at retirement
 
     def __getattr__(self, name: str) -> Callable[..., NoReturn]:
+        if name.startswith("_"):  # private and special names are simply not there
+            raise AttributeError(name)
+
         def gone(*args: object, **kwargs: object) -> NoReturn:
             raise DeviceRemovedError(f"token {self.identity.serial} was removed")
 
@@ -497,7 +500,7 @@ class SlotRegistry:
         """Hand the heap memory glibc keeps after frees back to the system, a little after
         a token retired. Its driver's memory (certificates, objects, buffers) is freed
         then, but glibc keeps freed memory in its heaps, so a daemon that sees tokens come
-        and go grows in RSS without holding more: the soak measured about 0.7 MiB a
+        and go grows in RSS without holding more: the soak measured about 0.5 MiB a
         minute of it, all of it returned by ``malloc_trim`` (docs/reliability.md §3)."""
         if _MALLOC_TRIM is None or self._trim is not None:
             return
