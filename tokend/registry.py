@@ -109,19 +109,34 @@ class RetiredToken:
     prompts). The driver — parsed certificates, public keys, the object table, key
     handles, the transport — is let go at retirement, so a session that died with the
     token and that its client never closes costs a few hundred bytes, not the token
-    (found by the soak: docs/reliability.md §3). Nothing may use a retired token: every
-    other attribute is a call that answers CKR_DEVICE_REMOVED, as `TokenInstance.run`
-    does for a retired instance."""
+    (found by the soak: docs/reliability.md §3). Nothing may use a retired token: each of
+    the driver's methods answers CKR_DEVICE_REMOVED, as `TokenInstance.run` does for a
+    retired instance; anything else (a property such as a provisioning profile, a private
+    name) is simply not there, so ``getattr(token, name, default)`` still gives the
+    default."""
 
-    def __init__(self, identity: TokenIdentity, info: TokenInfo) -> None:
+    def __init__(
+        self, identity: TokenIdentity, info: TokenInfo, methods: frozenset[str] = frozenset()
+    ) -> None:
         self.identity = identity
         self.info = info
+        self._methods = methods
+
+    @classmethod
+    def of(cls, token: Token) -> RetiredToken:
+        kind = type(token)
+        methods = frozenset(
+            name
+            for name in dir(kind)
+            if not name.startswith("_") and callable(getattr(kind, name, None))
+        )
+        return cls(token.identity, token.info, methods)
 
     def close(self) -> None:
         pass  # the driver was closed at retirement
 
     def __getattr__(self, name: str) -> Callable[..., NoReturn]:
-        if name.startswith("_"):  # private and special names are simply not there
+        if name.startswith("_") or name not in self._methods:
             raise AttributeError(name)
 
         def gone(*args: object, **kwargs: object) -> NoReturn:
@@ -238,7 +253,7 @@ class TokenInstance:
         executor.shutdown(wait=False)
         # A call already on the executor keeps the driver alive until it returns (its
         # result is dropped: `run` sees `retired`); nothing else reaches it through here.
-        self.token = RetiredToken(token.identity, token.info)  # type: ignore[assignment]
+        self.token = RetiredToken.of(token)  # type: ignore[assignment]
         self.transport = None
         self._object_index = {}
         self._objects_seen = None
