@@ -285,9 +285,7 @@ def _sim_login(client: Client, session: int, demo) -> None:  # type: ignore[no-u
 
 
 def _sim_private(client: Client, session: int, public_key) -> int:  # type: ignore[no-untyped-def]
-    n = public_key.public_numbers().n
-    key_id = hashlib.sha1(n.to_bytes((n.bit_length() + 7) // 8, "big")).digest()
-    return private_key(client, session, key_id)
+    return private_key(client, session, _sim_key_id(public_key))
 
 
 def _sim_decrypt(client: Client, session: int, demo) -> None:  # type: ignore[no-untyped-def]
@@ -374,35 +372,48 @@ _CLIENT = textwrap.dedent(
     """
     import sys
     from tokend.client import Client
-    from tests.helpers import ID_9D, PIN, private_key
-    with Client(sys.argv[1]) as c:
+    from tests.helpers import private_key
+    socket, pin, key_id, blob = sys.argv[1:]
+    with Client(socket) as c:
         slot = c.slot_list(token_present=True)[0]
         s = c.open_session(slot)
-        c.login(s, PIN)
-        key = private_key(c, s, ID_9D)
+        c.login(s, pin)
+        key = private_key(c, s, bytes.fromhex(key_id))
         print("ready", flush=True)
         sys.stdin.readline()
-        c.decrypt(s, key, "CKM_RSA_PKCS", bytes.fromhex(sys.argv[2]))
+        c.decrypt(s, key, "CKM_RSA_PKCS", bytes.fromhex(blob))
         print("finished", flush=True)
     """
 )
 
 
-@pytest.mark.parametrize("transport", ["memory", "usb"])
+def _sim_key_id(public_key) -> bytes:  # type: ignore[no-untyped-def]
+    n = public_key.public_numbers().n
+    return hashlib.sha1(n.to_bytes((n.bit_length() + 7) // 8, "big")).digest()
+
+
+@pytest.mark.parametrize("transport", ["memory", "usb", "ble", "sim"])
 def test_client_killed_mid_operation(transport: str, request, sock_path: Path) -> None:  # type: ignore[no-untyped-def]
-    if transport == "memory":
-        piv = request.getfixturevalue("memory_piv")
-        gen = None
-    else:
+    """A client SIGKILLed while its decryption is at the card (the command on its way): the
+    card's security state is reset once the daemon has noticed (it was the only client
+    logged in), no PIN try is used, and everyone else is served."""
+    gen = None
+    if transport == "usb":
         gen = usb_piv_daemon(sock_path)
-        piv = next(gen)
+        token = next(gen)
+    else:
+        token = request.getfixturevalue(f"{transport}_piv" if transport != "sim" else "memory_sim")
+    applet = SIM if transport == "sim" else PIV
     try:
-        card, plug, demo = piv.extras["card"], piv.extras["plug"], piv.extras["demo"]
-        tries = _pin_tries_left(card)
+        card, plug, demo = token.extras["card"], token.extras["plug"], token.extras["demo"]
+        key_id = _sim_key_id(demo.encryption_public_key) if applet is SIM else ID_9D
+        operation_ins = 0x2A if applet is SIM else 0x87  # PSO DECIPHER; GENERAL AUTHENTICATE
+        tries = applet.tries_left(card)
         blob, secret = pkcs1_blob(demo.encryption_public_key)
         root = Path(__file__).resolve().parent.parent
+        args = [str(token.socket), applet.pin, key_id.hex(), blob.hex()]
         child = subprocess.Popen(
-            [sys.executable, "-c", _CLIENT, str(piv.socket), blob.hex()],
+            [sys.executable, "-c", _CLIENT, *args],
             cwd=root,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -410,15 +421,16 @@ def test_client_killed_mid_operation(transport: str, request, sock_path: Path) -
         )
         assert child.stdout is not None and child.stdin is not None
         assert child.stdout.readline().strip() == "ready"
+        assert applet.verified(card)
         killed = threading.Event()
 
-        def kill_on_general_authenticate(apdu: bytes) -> None:
-            if apdu[1] == 0x87 and not killed.is_set():
+        def kill_on_the_operation(apdu: bytes) -> None:
+            if apdu[1] == operation_ins and not killed.is_set():
                 os.kill(child.pid, signal.SIGKILL)
                 child.wait()
                 killed.set()
 
-        plug.on_transmit.append(kill_on_general_authenticate)
+        plug.on_transmit.append(kill_on_the_operation)
         child.stdin.write("go\n")
         child.stdin.flush()
         assert killed.wait(5), "the decryption never reached the card"
@@ -426,15 +438,15 @@ def test_client_killed_mid_operation(transport: str, request, sock_path: Path) -
         # The killed client was the only one logged in: the daemon resets the card's
         # security state once it has noticed the connection is gone.
         deadline = time.monotonic() + HANG_LIMIT
-        while _card_says_verified(card):
+        while applet.verified(card):
             assert time.monotonic() < deadline, "the card stayed verified after the client died"
             time.sleep(0.02)
-        assert _pin_tries_left(card) == tries
-        with Client(piv.socket) as other:  # the daemon serves everyone else
+        assert applet.tries_left(card) == tries
+        with Client(token.socket) as other:  # the daemon serves everyone else
             slot = other.slot_list(token_present=True)[0]
             session = other.open_session(slot)
-            other.login(session, PIN)
-            key = private_key(other, session, ID_9D)
+            other.login(session, applet.pin)
+            key = private_key(other, session, key_id)
             assert other.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
     finally:
         if gen is not None:
