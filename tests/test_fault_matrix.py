@@ -453,6 +453,131 @@ def test_client_killed_mid_operation(transport: str, request, sock_path: Path) -
             gen.close()
 
 
+# -- p11-kit clients (Debian's p11-kit-client.so through python-pkcs11) -------------------------
+
+
+@pytest.fixture
+def p11kit_piv(sock_path: Path) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    """The daemon with its p11-kit front end and the demo card in the in-process reader."""
+    from tests.conftest import MemoryPlug
+    from tokend.simulators.demo import provision_demo
+    from tokend.simulators.memory import MemoryReader, MemoryWatcher
+    from tokend.simulators.piv import VirtualPivCard
+    from tokend.testing import start_thread_daemon
+
+    card = VirtualPivCard()
+    demo = provision_demo(card, key_agreement=True)
+    reader = MemoryReader("Memory Reader 0")
+    plug = MemoryPlug(reader)
+    plug.insert(card)
+    running = start_thread_daemon(sock_path, [MemoryWatcher(reader)], p11kit=True)
+    try:
+        slot = wait_for_token(running)
+        running.extras.update(card=card, demo=demo, plug=plug, slot=slot)
+        yield running
+    finally:
+        running.stop()
+
+
+def _p11kit_consumer(running) -> subprocess.Popen[str]:  # type: ignore[no-untyped-def]
+    """tests/p11kit_consumer.py ``hold``: logged in through p11-kit-client.so, ready."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["P11_KIT_SERVER_ADDRESS"] = f"unix:path={running.p11kit_socket}"
+    env["PYTHONPATH"] = str(root)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.p11kit_consumer", "hold"],
+        cwd=root,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline().strip()
+    if line != "ready":
+        child.kill()
+        raise AssertionError(f"p11-kit consumer did not start: {line!r} {child.stderr.read()}")  # type: ignore[union-attr]
+    return child
+
+
+def test_p11kit_client_killed_while_its_decryption_is_at_the_card(p11kit_piv) -> None:  # type: ignore[no-untyped-def]
+    card, plug, demo = (p11kit_piv.extras[k] for k in ("card", "plug", "demo"))
+    tries = _pin_tries_left(card)
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    child = _p11kit_consumer(p11kit_piv)
+    try:
+        assert _card_says_verified(card)
+        killed = threading.Event()
+
+        def kill_on_general_authenticate(apdu: bytes) -> None:
+            if apdu[1] == 0x87 and not killed.is_set():
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait()
+                killed.set()
+
+        plug.on_transmit.append(kill_on_general_authenticate)
+        child.stdin.write(blob.hex() + "\n")  # type: ignore[union-attr]
+        child.stdin.flush()  # type: ignore[union-attr]
+        assert killed.wait(5), "the decryption never reached the card"
+        plug.on_transmit.clear()
+        deadline = time.monotonic() + HANG_LIMIT
+        while _card_says_verified(card):
+            assert time.monotonic() < deadline, "the card stayed verified after the client died"
+            time.sleep(0.02)
+        assert _pin_tries_left(card) == tries
+        with Client(p11kit_piv.socket) as other:
+            session = other.open_session(p11kit_piv.extras["slot"])
+            other.login(session, PIN)
+            key = private_key(other, session, ID_9D)
+            assert other.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
+def test_token_pulled_under_a_p11kit_client_mid_decryption(p11kit_piv) -> None:  # type: ignore[no-untyped-def]
+    card, plug, demo = (p11kit_piv.extras[k] for k in ("card", "plug", "demo"))
+    tries = _pin_tries_left(card)
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    child = _p11kit_consumer(p11kit_piv)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        child.stdin.write(blob.hex() + "\n")  # without a fault: the plaintext
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "ok " + secret.hex()
+        pulled_at = 0.0
+
+        def pull_on_general_authenticate(apdu: bytes) -> None:
+            nonlocal pulled_at
+            if apdu[1] == 0x87 and not pulled_at:
+                pulled_at = time.monotonic()
+                plug.remove()
+
+        plug.on_transmit.append(pull_on_general_authenticate)
+        child.stdin.write(blob.hex() + "\n")
+        child.stdin.flush()
+        answer = child.stdout.readline().strip()
+        answered = time.monotonic()
+        plug.on_transmit.clear()
+        assert pulled_at, "the decryption never reached the card"
+        print("p11-kit client, token pulled mid-decryption:", answer)
+        assert answer in ("error DeviceRemoved", "error SessionHandleInvalid"), answer
+        assert answered - pulled_at < HANG_LIMIT, f"answered {answered - pulled_at:.2f} s after"
+        assert _pin_tries_left(card) == tries
+        _reinsert(p11kit_piv)
+        assert not _card_says_verified(card)
+        child.stdin.write(blob.hex() + "\n")  # the old session stays dead on the new token
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "error SessionHandleInvalid"
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
 # -- the daemon killed and restarted ----------------------------------------------------------
 
 
