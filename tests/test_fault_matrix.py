@@ -453,6 +453,47 @@ def test_client_killed_mid_operation(transport: str, request, sock_path: Path) -
             gen.close()
 
 
+# -- BLE: BlueZ itself dies while a decryption is at the key ----------------------------------
+
+
+def test_bluez_killed_while_a_decryption_is_at_the_key(ble_piv) -> None:  # type: ignore[no-untyped-def]
+    """bluetoothd dies (its bus name goes, no Device1 signal) as GENERAL AUTHENTICATE is on
+    its way: the caller is told the token left within 2 s, no PIN try is used, and after
+    BlueZ returns the key is a new instance whose card is not verified."""
+    card, plug, demo, fake = (ble_piv.extras[k] for k in ("card", "plug", "demo", "fake"))
+    tries = _pin_tries_left(card)
+    blob, secret = pkcs1_blob(demo.encryption_public_key)
+    killed_at = 0.0
+
+    def kill_bluez(apdu: bytes) -> None:
+        nonlocal killed_at
+        if apdu[1] == 0x87 and not killed_at:
+            killed_at = time.monotonic()
+            fake.kill_bluez()
+
+    with Client(ble_piv.socket) as client:
+        session = client.open_session(ble_piv.extras["slot"])
+        client.login(session, PIN)
+        key = private_key(client, session, ID_9D)
+        plug.on_transmit.append(kill_bluez)
+        with pytest.raises(TokendError) as caught:
+            client.decrypt(session, key, "CKM_RSA_PKCS", blob)
+        answered = time.monotonic()
+        plug.on_transmit.clear()
+    assert killed_at, "the decryption never reached the key"
+    assert type(caught.value).__name__ in REMOVAL_ERRORS, repr(caught.value)
+    assert answered - killed_at < HANG_LIMIT
+    assert _pin_tries_left(card) == tries
+    fake.start_bluez()
+    wait_for_token(ble_piv)
+    assert not _card_says_verified(card)
+    with Client(ble_piv.socket) as client:
+        session = client.open_session(client.slot_list(token_present=True)[0])
+        client.login(session, PIN)
+        key = private_key(client, session, ID_9D)
+        assert client.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+
+
 # -- p11-kit clients (Debian's p11-kit-client.so through python-pkcs11) -------------------------
 
 
