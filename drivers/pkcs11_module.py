@@ -19,7 +19,11 @@ How the parts map onto a module:
   disappeared or appeared) is a *different* token instance (LEFT, then ARRIVED), the way an
   identity mismatch is for a card (§5.1). A module call failing with a "gone" code
   (CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_SESSION_CLOSED, ...) retires the instance at
-  once and wakes the poller.
+  once and wakes the poller. An operation failing with a code that a token deleted or
+  re-initialised under the call also gives (CKR_OBJECT_HANDLE_INVALID,
+  CKR_KEY_HANDLE_INVALID, CKR_GENERAL_ERROR) first asks the token whether it is still this
+  instance's (present, same serial, same public objects, the key still there): if not, it
+  is a removal too, so the caller hears CKR_DEVICE_REMOVED, not a code about its key.
 * **Isolation.** Every module call from the daemon has a timeout (`CALL_TIMEOUT_S`): a call
   that does not return retires the token, and the watcher reports all of the module's
   tokens gone until the stuck call returns; nothing else waits on it. A module that is
@@ -1423,18 +1427,17 @@ class ModuleToken:
         if code in GONE_CKRS:
             self._slot.wake()
             return TransportError(message)
-        if (
-            code in MAYBE_GONE_CKRS
-            and session is not None
-            and key is not None
-            and not self._still_ours(session, key)
-        ):
+        if code in MAYBE_GONE_CKRS and session is not None and not self._still_ours(session, key):
             # Found by the fault matrix: without this, clients whose token was deleted or
             # re-initialised mid-operation were told CKR_OBJECT_HANDLE_INVALID, not that it
             # left (docs/reliability.md, Findings).
             self._slot.wake()
             return TransportError(f"{message}: the token left or changed under the call")
         if code == CKR.CKR_USER_NOT_LOGGED_IN:
+            if session is not None and not self._still_ours(session, None):
+                # SoftHSM2's answer mid-operation while its token is being deleted.
+                self._slot.wake()
+                return TransportError(f"{message}: the token left or changed under the call")
             # The module lost the login tokend believed in (another application's wrong
             # PIN logged it out, or the module reset): the engine forgets every login.
             return CardNotVerifiedError(message)
@@ -1449,12 +1452,13 @@ class ModuleToken:
         template = {pkcs11.Attribute.PRIVATE: False, pkcs11.Attribute.TOKEN: True}
         return frozenset(obj.handle for obj in session.get_objects(template))
 
-    def _still_ours(self, session: Any, key: ObjectKey) -> bool:
+    def _still_ours(self, session: Any, key: ObjectKey | None) -> bool:
         """Is the token in our slot still the one this instance opened (present,
-        initialised, same serial, same public objects) and does it still hold ``key``?
-        Called from `_operate`, under the shared lock and logged in: no login or logout of
-        ours can happen meanwhile, so the private keys are visible unless the token changed
-        (the objects go one by one while another process re-initialises it). Asked on
+        initialised, same serial, same public objects) and does it still hold ``key`` (when
+        given)? Called from `_operate`, under the shared lock and logged in: no login or
+        logout of ours can happen meanwhile, so the private keys are visible unless the
+        token changed (the objects go one by one while another process re-initialises it;
+        a module that says it is not logged in is asked without ``key``). Asked on
         ``session`` (the failing worker's: a module session runs one search at a time).
         CKR_GENERAL_ERROR is asked again, as the watcher does: SoftHSM2 gives it for an
         instant while another process holds the token's files."""
@@ -1472,6 +1476,8 @@ class ModuleToken:
                         return False
                     if self._public_objects(session) != self._public:
                         return False
+                    if key is None:
+                        return True
                     search = {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
                     found = [self._attributes(o, _COMMON) for o in session.get_objects(search)]
                     return key in self._object_keys(found)

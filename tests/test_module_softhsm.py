@@ -823,32 +823,73 @@ with token.open() as session:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["deleted", "reinitialised"])
-def test_token_gone_during_an_operation_storm(softhsm, sock_path: Path, fault: str) -> None:  # type: ignore[no-untyped-def]
-    """Six clients decrypt and sign in a loop, each on its own connection; softhsm2-util
-    (another process, as an admin would) deletes or re-initialises the token under them.
-    Every answer given is right, every client's loop ends with a removal error, within the
-    poll interval plus 2 s of the fault, and the token that comes back (re-initialised)
-    is a new instance nobody is logged in to.
+def test_token_gone_during_an_operation_storm(
+    softhsm, sock_path: Path, tmp_path: Path, fault: str
+) -> None:
+    """Six clients decrypt and sign in a loop, each on its own connection, against
+    `tokend serve` (four module workers, the default); softhsm2-util (another process, as an
+    admin would) deletes or re-initialises the token under them. Every answer given is
+    right, every client's loop ends with a removal error within 2 s of the fault (a call
+    SoftHSM2 hangs meanwhile is ended by the module call timeout, 1.5 s here), and the
+    token that comes back (re-initialised) is a new instance nobody is logged in to.
 
-    Re-initialisation runs with one module worker: with four, SoftHSM2 2.6.1 itself crashes
-    the process (SIGSEGV in C_Decrypt, about one run in four here; upstream
-    softhsm/SoftHSMv2#688). docs/reliability.md, Findings."""
-
+    Two SoftHSM2 2.6.1 failures are recorded as expected failures (docs/reliability.md,
+    Findings), after the checks above: it may crash the daemon (SIGSEGV in the module during
+    the change; upstream softhsm/SoftHSMv2#688), which is why the daemon runs in a process
+    of its own here, and it may keep a token re-initialised under load unusable inside the
+    daemon (CKR_GENERAL_ERROR) while every other process sees it."""
     hsm, material = softhsm
-    running = start_daemon(sock_path, [_watcher(workers=4 if fault == "deleted" else 1)])
+    config = tmp_path / "tokend.toml"
+    # A module call that does not return within 1.5 s counts as the token gone (SoftHSM2 can
+    # hang a call while its token is deleted under it): the bound the clients are held to.
+    config.write_text(
+        f'modules = [{{path = "{SOFTHSM_MODULE}", label = "softhsm", timeout = 1.5}}]\n'
+    )
+    log = (tmp_path / "tokend.log").open("w")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc", "--no-p11kit",
+         "--config", str(config), "--socket", str(sock_path)],
+        cwd=Path(__file__).resolve().parent.parent, env=hsm.env(),
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
     try:
-        wait_slots(running, 1)
-        _storm(running, hsm, material, fault)
+        deadline = time.monotonic() + 30
+        while True:
+            assert daemon.poll() is None, "tokend serve exited"
+            assert time.monotonic() < deadline, "tokend did not list the module token"
+            if sock_path.exists():
+                with Client(sock_path) as client:
+                    if client.slot_list(token_present=True):
+                        break
+            time.sleep(0.05)
+        _storm(sock_path, daemon, hsm, material, fault)
+    except BaseException:
+        print("tokend's log:\n" + (tmp_path / "tokend.log").read_text()[-4000:])
+        raise
     finally:
-        stop_daemon(running)
+        log.close()
+        if daemon.poll() is None:
+            daemon.terminate()
+            try:
+                daemon.wait(20)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
 
 
-def _storm(running: RunningDaemon, hsm: SoftHsm, material: SoftHsmMaterial, fault: str) -> None:
+def _storm(  # the clients' side of test_token_gone_during_an_operation_storm
+    socket: Path,
+    daemon: subprocess.Popen[bytes],
+    hsm: SoftHsm,
+    material: SoftHsmMaterial,
+    fault: str,
+) -> None:
+    import contextlib
     import threading
 
     encryption = material.encryption_cert.public_key()
     signing = material.signing_cert.public_key()
-    with Client(running.socket) as probe:
+    with Client(socket) as probe:
         slot = module_slot(probe)
     go, faulted = threading.Event(), threading.Event()
     wrong: list[str] = []
@@ -856,7 +897,7 @@ def _storm(running: RunningDaemon, hsm: SoftHsm, material: SoftHsmMaterial, faul
     done = [0] * 6
 
     def storm(n: int) -> None:
-        with Client(running.socket, timeout=10) as client:
+        with Client(socket, timeout=10) as client:
             try:
                 session = _login(client, slot, material.pin)
                 key = _key(client, session, ENCRYPTION_ID)
@@ -885,6 +926,13 @@ def _storm(running: RunningDaemon, hsm: SoftHsm, material: SoftHsmMaterial, faul
                 ended[n] = (type(exc).__name__, time.monotonic())
                 if not isinstance(exc, _REMOVAL):
                     wrong.append(f"client {n}: {type(exc).__name__}: {exc}")
+            except OSError as exc:  # ConnectionError included: the daemon died
+                ended[n] = ("connection lost", time.monotonic())
+                if faulted.is_set():
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        daemon.wait(5)
+                        return  # the daemon died: judged below, with its exit status
+                wrong.append(f"client {n}: {exc!r}")
 
     threads = [threading.Thread(target=storm, args=(n,)) for n in range(6)]
     for thread in threads:
@@ -894,44 +942,48 @@ def _storm(running: RunningDaemon, hsm: SoftHsm, material: SoftHsmMaterial, faul
     while not all(n >= 3 for n in done):  # the storm is on: every client is operating
         assert time.monotonic() < deadline and not wrong, (done, wrong)
         time.sleep(0.01)
+    faulted.set()
     if fault == "deleted":
         hsm.delete_token(LABEL)
     else:
         hsm.reinit_token(material.slot_id, LABEL, material.pin)
     faulted_at = time.monotonic()  # softhsm2-util is done (clients may be told during it)
-    faulted.set()
     for thread in threads:
         thread.join(30)
         assert not thread.is_alive(), "a client hangs"
     assert not wrong, wrong
     assert sorted(ended) == list(range(6)), f"clients that never saw the fault: {ended}"
+    if daemon.poll() is not None:
+        assert daemon.returncode == -signal.SIGSEGV, f"tokend exited {daemon.returncode}"
+        pytest.xfail("SoftHSM2 crashed the daemon (SIGSEGV) while its token changed")
     latest = max(t for _, t in ended.values()) - faulted_at
-    assert latest < POLL_INTERVAL_S + 2.0, f"the last client was told {latest:.2f} s after"
+    assert latest < 2.0, f"the last client was told {latest:.2f} s after"
     print(
         f"module token {fault} under 6 clients: {sum(done)} decrypt+sign rounds before, "
         f"errors {sorted({e for e, _ in ended.values()})}, last told {latest * 1000:.0f} ms "
         "after softhsm2-util returned"
     )
-    with Client(running.socket) as client:
+    with Client(socket) as client:
         if fault == "deleted":  # (a token half deleted may show for one poll: no logins)
             deadline = time.monotonic() + POLL_INTERVAL_S + 2.0
             while slot in client.slot_list(token_present=True):
                 assert time.monotonic() < deadline, "the deleted token is still listed"
                 time.sleep(0.02)
             return
-        try:
-            wait_slots(running, 1, timeout=5)
-        except AssertionError:
-            # The new token is there for every other process, but SoftHSM2 inside the daemon
-            # answers CKR_GENERAL_ERROR for it from now on (its cached token failed its
-            # integrity check mid-change): absent is all tokend can show without reloading
-            # the module. Nothing wrong was answered, nobody is logged in.
-            other = subprocess.run(
-                [sys.executable, "-c", _PROBE_OTHER_PROCESS, str(SOFTHSM_MODULE), LABEL],
-                env=hsm.env(), capture_output=True, text=True, timeout=60, check=True,
-            )  # fmt: skip
-            assert other.stdout.strip() == "0"  # re-initialised: present, empty
-            pytest.xfail("SoftHSM2 keeps its re-initialised token unusable in the daemon")
+        deadline = time.monotonic() + 5
+        while slot not in client.slot_list(token_present=True):
+            if time.monotonic() > deadline:
+                # The new token is there for every other process, but SoftHSM2 inside the
+                # daemon answers CKR_GENERAL_ERROR for it from now on (its cached token
+                # failed its integrity check mid-change): absent is all tokend can show
+                # without reloading the module. Nothing wrong was answered.
+                other = subprocess.run(
+                    [sys.executable, "-c", _PROBE_OTHER_PROCESS, str(SOFTHSM_MODULE), LABEL],
+                    env=hsm.env(), capture_output=True, text=True, timeout=60, check=True,
+                )  # fmt: skip
+                assert other.stdout.strip() == "0"  # re-initialised: present, empty
+                pytest.xfail("SoftHSM2 keeps its re-initialised token unusable in the daemon")
+            time.sleep(0.05)
         fresh = client.open_session(slot)
         state = client.call("C_GetSessionInfo", {"h_session": fresh})["info"]["state"]
         assert state == "CKS_RO_PUBLIC_SESSION"
