@@ -1,6 +1,9 @@
 """Fault injection (docs/reliability.md, the fault matrix): the token is pulled at each APDU
-of login, decrypt, sign, derive and import, on the in-process, USB and PC/SC transports; a
-client is killed in the middle of an operation; the daemon is killed and restarted.
+of login, decrypt, sign, derive and import, on the in-process, USB, BLE and PC/SC
+transports, for the PIV applet and the SIM PKI applet; a client (native or p11-kit) is
+killed in the middle of an operation; a token is pulled under a p11-kit client; BlueZ is
+killed mid-decryption; the daemon is killed and restarted. The vendor-module faults are in
+tests/test_module_softhsm.py.
 
 Every case expects what a user must be able to rely on: no wrong result (the operation
 either returns the right answer or fails), no hang over 2 s, no PIN retry consumed that
