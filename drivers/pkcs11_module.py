@@ -19,7 +19,11 @@ How the parts map onto a module:
   disappeared or appeared) is a *different* token instance (LEFT, then ARRIVED), the way an
   identity mismatch is for a card (§5.1). A module call failing with a "gone" code
   (CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_SESSION_CLOSED, ...) retires the instance at
-  once and wakes the poller.
+  once and wakes the poller. An operation failing with a code that a token deleted or
+  re-initialised under the call also gives (CKR_OBJECT_HANDLE_INVALID,
+  CKR_KEY_HANDLE_INVALID, CKR_GENERAL_ERROR) first asks the token whether it is still this
+  instance's (present, same serial, same public objects, the key still there): if not, it
+  is a removal too, so the caller hears CKR_DEVICE_REMOVED, not a code about its key.
 * **Isolation.** Every module call from the daemon has a timeout (`CALL_TIMEOUT_S`): a call
   that does not return retires the token, and the watcher reports all of the module's
   tokens gone until the stuck call returns; nothing else waits on it. A module that is
@@ -362,6 +366,14 @@ GONE_CKRS = frozenset(
         CKR.CKR_SESSION_HANDLE_INVALID,
         CKR.CKR_CRYPTOKI_NOT_INITIALIZED,
     }
+)
+
+#: Return values that also come back when the token was deleted or re-initialised under the
+#: call (SoftHSM2 answers CKR_OBJECT_HANDLE_INVALID for a key whose token went away, and
+#: CKR_GENERAL_ERROR for a deleted token): the token is asked whether it is still the one
+#: this instance opened before the code is passed on (`ModuleToken._still_ours`).
+MAYBE_GONE_CKRS = frozenset(
+    {CKR.CKR_OBJECT_HANDLE_INVALID, CKR.CKR_KEY_HANDLE_INVALID, CKR.CKR_GENERAL_ERROR}
 )
 
 
@@ -1082,6 +1094,8 @@ class ModuleToken:
         self._refs: dict[str, int] = {}
         self._refs_lock = threading.Lock()
         self._pkcs11_token: Any = None
+        #: the handles of the token's public token objects when this instance opened it
+        self._public: frozenset[int] = frozenset()
 
     @classmethod
     def open(cls, slot: ModuleSlot, config: ModuleConfig) -> ModuleToken:
@@ -1124,6 +1138,7 @@ class ModuleToken:
             )
             self._mechanisms = tuple(self._read_mechanisms(slot))
             self._objects = self._read_objects()
+            self._public = self._public_objects(self._control)
 
     # --- Token: identity and contents ---------------------------------------------------
 
@@ -1376,7 +1391,7 @@ class ModuleToken:
                     obj = self._key_object(worker, key)
                     return fn(obj)
             except p11x.PKCS11Error as exc:
-                raise self._error(exc) from None
+                raise self._error(exc, worker.session, key) from None
             except AttributeError:
                 # python-pkcs11 gives an object only the methods its CKA_SIGN/... allow.
                 raise KeyFunctionNotPermittedError("the module does not allow that") from None
@@ -1400,19 +1415,78 @@ class ModuleToken:
         except KeyError:
             raise p11x.KeyHandleInvalid() from None
 
-    def _error(self, exc: BaseException) -> TokendError:
+    def _error(
+        self, exc: BaseException, session: Any = None, key: ObjectKey | None = None
+    ) -> TokendError:
+        """The tokend error for a module error. ``session`` and ``key``: the module session
+        an operation with ``key`` failed on, to ask whether the token is still this
+        instance's when the code is one a token deleted or re-initialised under the call
+        also gives."""
         code = ckr_of(exc)
         message = f"module {self._config.label}: {_ckr_name(code)}"
         if code in GONE_CKRS:
             self._slot.wake()
             return TransportError(message)
+        if code in MAYBE_GONE_CKRS and session is not None and not self._still_ours(session, key):
+            # Found by the fault matrix: without this, clients whose token was deleted or
+            # re-initialised mid-operation were told CKR_OBJECT_HANDLE_INVALID, not that it
+            # left (docs/reliability.md, Findings).
+            self._slot.wake()
+            return TransportError(f"{message}: the token left or changed under the call")
         if code == CKR.CKR_USER_NOT_LOGGED_IN:
+            if session is not None and not self._still_ours(session, None):
+                # SoftHSM2's answer mid-operation while its token is being deleted.
+                self._slot.wake()
+                return TransportError(f"{message}: the token left or changed under the call")
             # The module lost the login tokend believed in (another application's wrong
             # PIN logged it out, or the module reset): the engine forgets every login.
             return CardNotVerifiedError(message)
         if code == CKR.CKR_GENERAL_ERROR:
             self._slot.wake()  # SoftHSM2's answer for a deleted token: check presence now
         return TokendError.from_ckr(code, message)
+
+    @staticmethod
+    def _public_objects(session: Any) -> frozenset[int]:
+        """The handles of the token's public token objects, as the watcher's fingerprint: a
+        re-initialised or re-provisioned token has other ones."""
+        template = {pkcs11.Attribute.PRIVATE: False, pkcs11.Attribute.TOKEN: True}
+        return frozenset(obj.handle for obj in session.get_objects(template))
+
+    def _still_ours(self, session: Any, key: ObjectKey | None) -> bool:
+        """Is the token in our slot still the one this instance opened (present,
+        initialised, same serial, same public objects) and does it still hold ``key`` (when
+        given)? Called from `_operate`, under the shared lock and logged in: no login or
+        logout of ours can happen meanwhile, so the private keys are visible unless the
+        token changed (the objects go one by one while another process re-initialises it;
+        a module that says it is not logged in is asked without ``key``). Asked on
+        ``session`` (the failing worker's: a module session runs one search at a time).
+        CKR_GENERAL_ERROR is asked again, as the watcher does: SoftHSM2 gives it for an
+        instant while another process holds the token's files."""
+        lib = self._library
+        for attempt in range(SCAN_ATTEMPTS):
+            try:
+                with lib.guard():
+                    slot = lib.slot(self._slot.slot_id)
+                    if not slot.flags & pkcs11.SlotFlag.TOKEN_PRESENT:
+                        return False
+                    token = slot.get_token()
+                    if not token.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+                        return False
+                    if _text(token.serial) != self._identity.serial:
+                        return False
+                    if self._public_objects(session) != self._public:
+                        return False
+                    if key is None:
+                        return True
+                    search = {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY}
+                    found = [self._attributes(o, _COMMON) for o in session.get_objects(search)]
+                    return key in self._object_keys(found)
+            except p11x.GeneralError:
+                if attempt + 1 < SCAN_ATTEMPTS:
+                    time.sleep(SCAN_RETRY_S)
+            except (p11x.PKCS11Error, KeyError):
+                return False
+        return False
 
     # --- Token: the rest -----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ P11_KIT_SERVER_ADDRESS once per process, and a crash must show as a dead process
 
     python -m tests.p11kit_consumer basic       # prints one JSON line of results
     python -m tests.p11kit_consumer unplug      # line protocol on stdin/stdout
+    python -m tests.p11kit_consumer hold        # logs in, then decrypts the hex lines given
 """
 
 from __future__ import annotations
@@ -115,8 +116,27 @@ def unplug() -> None:
             break
 
 
+def hold() -> None:
+    """Log in and find the 9D key, say ``ready``; then for each line of hex ciphertext
+    from the test, decrypt it (PKCS#1 v1.5) and answer ``ok HEX`` or ``error NAME``. The
+    fault tests pull the token, or kill this process, while such a decryption is at the
+    card."""
+    lib = pkcs11.lib(CLIENT)
+    session = lib.get_slots(token_present=True)[0].get_token().open(user_pin=PIN)
+    key = _key_for(session, _cert(session, "(9D)"))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        try:
+            plain = key.decrypt(bytes.fromhex(line.strip()), mechanism=Mechanism.RSA_PKCS)
+            print("ok " + plain.hex(), flush=True)
+        except pkcs11.PKCS11Error as exc:
+            print("error " + type(exc).__name__, flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "basic":
         print(json.dumps(basic()), flush=True)
+    elif sys.argv[1] == "hold":
+        hold()
     else:
         unplug()

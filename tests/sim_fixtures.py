@@ -33,9 +33,12 @@ class SimMemoryPlug:
         self.on_transmit: list = []
 
     def insert(self, card) -> None:  # type: ignore[no-untyped-def]
-        self.reader.insert(SimHookedCard(card, self.on_transmit))
+        self.hooked = SimHookedCard(card, self.on_transmit)
+        self.reader.insert(self.hooked)
 
     def remove(self) -> None:
+        if getattr(self, "hooked", None) is not None:
+            self.hooked.pulled = True  # a command on its way when pulled never reaches it
         self.reader.remove()
 
     def reset_by_other_program(self) -> None:
@@ -62,11 +65,12 @@ class SimVpcdPlug:
 
     def insert(self, card) -> None:  # type: ignore[no-untyped-def]
         self.remove()
-        self.connection = self.harness.plug(
-            SimHookedCard(card, self.on_transmit), reader=self.index, wait=False
-        )
+        self.hooked = SimHookedCard(card, self.on_transmit)
+        self.connection = self.harness.plug(self.hooked, reader=self.index, wait=False)
 
     def remove(self) -> None:
+        if getattr(self, "hooked", None) is not None:
+            self.hooked.pulled = True  # a command on its way when pulled never reaches it
         if self.connection is not None:
             connection, self.connection = self.connection, None
             connection.unplug()

@@ -28,14 +28,17 @@ from tests.conftest import MemoryPlug, RunningDaemon, start_daemon, stop_daemon
 from tests.helpers import OAEP_SHA1, OAEP_SHA256, oaep_blob, pkcs1_blob
 from tests.test_provisioning import ctl, ok, openssl
 from tokend.client import AsyncClient, Client
+from tokend.drivers.pkcs11_module import POLL_INTERVAL_S
 from tokend.errors import (
     ArgumentsBadError,
+    DeviceError,
     DeviceRemovedError,
     FunctionFailedError,
     KeyHandleInvalidError,
     PinIncorrectError,
     SessionHandleInvalidError,
     TokendError,
+    TokenNotPresentError,
     UserNotLoggedInError,
 )
 from tokend.model import Ecdh1DeriveParams, Mechanism, PssParams
@@ -800,3 +803,249 @@ def test_hanging_module_times_out_and_the_daemon_serves_the_rest(
         stop_daemon(running)
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("did not return within 1 s" in m for m in messages), messages
+
+
+# --- faults (docs/reliability.md, the fault matrix) ------------------------------------------
+
+#: What a client may be told when the module's token went away under its call: the removal
+#: as tokend reports it, or the dead session afterwards.
+_REMOVAL = (DeviceRemovedError, SessionHandleInvalidError, TokenNotPresentError, DeviceError)
+
+
+_PROBE_OTHER_PROCESS = """
+import sys, pkcs11
+lib = pkcs11.lib(sys.argv[1])
+token = lib.get_token(token_label=sys.argv[2])
+with token.open() as session:
+    print(len(list(session.get_objects({pkcs11.Attribute.PRIVATE: False}))))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["deleted", "reinitialised"])
+def test_token_gone_during_an_operation_storm(
+    softhsm, sock_path: Path, tmp_path: Path, fault: str
+) -> None:
+    """Six clients decrypt and sign in a loop, each on its own connection, against
+    `tokend serve` (four module workers, the default); softhsm2-util (another process, as an
+    admin would) deletes or re-initialises the token under them. Every answer given is
+    right, every client's loop ends with a removal error within 2 s of the fault (a call
+    SoftHSM2 hangs meanwhile is ended by the module call timeout, 1.5 s here), and the
+    token that comes back (re-initialised) is a new instance nobody is logged in to.
+
+    Two SoftHSM2 2.6.1 failures are recorded as expected failures (docs/reliability.md,
+    Findings), after the checks above: it may crash the daemon (SIGSEGV in the module during
+    the change; upstream softhsm/SoftHSMv2#688), which is why the daemon runs in a process
+    of its own here, and it may keep a token re-initialised under load unusable inside the
+    daemon (CKR_GENERAL_ERROR) while every other process sees it."""
+    hsm, material = softhsm
+    config = tmp_path / "tokend.toml"
+    # A module call that does not return within 1.5 s counts as the token gone (SoftHSM2 can
+    # hang a call while its token is deleted under it): the bound the clients are held to.
+    config.write_text(
+        f'modules = [{{path = "{SOFTHSM_MODULE}", label = "softhsm", timeout = 1.5}}]\n'
+    )
+    log = (tmp_path / "tokend.log").open("w")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--no-pcsc", "--no-p11kit",
+         "--config", str(config), "--socket", str(sock_path)],
+        cwd=Path(__file__).resolve().parent.parent, env=hsm.env(),
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert daemon.poll() is None, "tokend serve exited"
+            assert time.monotonic() < deadline, "tokend did not list the module token"
+            if sock_path.exists():
+                with Client(sock_path) as client:
+                    if client.slot_list(token_present=True):
+                        break
+            time.sleep(0.05)
+        _storm(sock_path, daemon, hsm, material, fault)
+    except BaseException:
+        print("tokend's log:\n" + (tmp_path / "tokend.log").read_text()[-4000:])
+        raise
+    finally:
+        log.close()
+        if daemon.poll() is None:
+            daemon.terminate()
+            try:
+                daemon.wait(20)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+
+
+def _storm(  # the clients' side of test_token_gone_during_an_operation_storm
+    socket: Path,
+    daemon: subprocess.Popen[bytes],
+    hsm: SoftHsm,
+    material: SoftHsmMaterial,
+    fault: str,
+) -> None:
+    import contextlib
+    import threading
+
+    encryption = material.encryption_cert.public_key()
+    signing = material.signing_cert.public_key()
+    with Client(socket) as probe:
+        slot = module_slot(probe)
+    go, faulted = threading.Event(), threading.Event()
+    wrong: list[str] = []
+    ended: dict[int, tuple[str, float]] = {}
+    done = [0] * 6
+
+    def storm(n: int) -> None:
+        with Client(socket, timeout=10) as client:
+            try:
+                session = _login(client, slot, material.pin)
+                key = _key(client, session, ENCRYPTION_ID)
+                signer = _key(client, session, SIGNING_ID)
+                go.wait()
+                while True:
+                    blob, secret = pkcs1_blob(encryption)
+                    if client.decrypt(session, key, "CKM_RSA_PKCS", blob) != secret:
+                        wrong.append(f"client {n}: wrong plaintext")
+                    digest = os.urandom(32)
+                    raw = client.sign(session, signer, "CKM_ECDSA", digest)
+                    r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+                    try:
+                        signing.verify(
+                            utils.encode_dss_signature(r, s),
+                            digest,
+                            ec.ECDSA(utils.Prehashed(hashes.SHA256())),
+                        )
+                    except Exception:
+                        wrong.append(f"client {n}: a signature that does not verify")
+                    done[n] += 1
+                    if not faulted.is_set() and done[n] > 2000:
+                        wrong.append(f"client {n}: the fault never came")
+                        return
+            except TokendError as exc:
+                ended[n] = (type(exc).__name__, time.monotonic())
+                if not isinstance(exc, _REMOVAL):
+                    wrong.append(f"client {n}: {type(exc).__name__}: {exc}")
+            except OSError as exc:  # ConnectionError included: the daemon died
+                ended[n] = ("connection lost", time.monotonic())
+                if faulted.is_set():
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        daemon.wait(5)
+                        return  # the daemon died: judged below, with its exit status
+                wrong.append(f"client {n}: {exc!r}")
+
+    threads = [threading.Thread(target=storm, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    deadline = time.monotonic() + 20
+    while not all(n >= 3 for n in done):  # the storm is on: every client is operating
+        assert time.monotonic() < deadline and not wrong, (done, wrong)
+        time.sleep(0.01)
+    faulted.set()
+    if fault == "deleted":
+        hsm.delete_token(LABEL)
+    else:
+        hsm.reinit_token(material.slot_id, LABEL, material.pin)
+    faulted_at = time.monotonic()  # softhsm2-util is done (clients may be told during it)
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive(), "a client hangs"
+    assert not wrong, wrong
+    assert sorted(ended) == list(range(6)), f"clients that never saw the fault: {ended}"
+    if daemon.poll() is not None:
+        assert daemon.returncode == -signal.SIGSEGV, f"tokend exited {daemon.returncode}"
+        pytest.xfail("SoftHSM2 crashed the daemon (SIGSEGV) while its token changed")
+    latest = max(t for _, t in ended.values()) - faulted_at
+    assert latest < 2.0, f"the last client was told {latest:.2f} s after"
+    print(
+        f"module token {fault} under 6 clients: {sum(done)} decrypt+sign rounds before, "
+        f"errors {sorted({e for e, _ in ended.values()})}, last told {latest * 1000:.0f} ms "
+        "after softhsm2-util returned"
+    )
+    with Client(socket) as client:
+        if fault == "deleted":  # (a token half deleted may show for one poll: no logins)
+            deadline = time.monotonic() + POLL_INTERVAL_S + 2.0
+            while slot in client.slot_list(token_present=True):
+                assert time.monotonic() < deadline, "the deleted token is still listed"
+                time.sleep(0.02)
+            return
+        deadline = time.monotonic() + 5
+        while slot not in client.slot_list(token_present=True):
+            if time.monotonic() > deadline:
+                # The new token is there for every other process, but SoftHSM2 inside the
+                # daemon answers CKR_GENERAL_ERROR for it from now on (its cached token
+                # failed its integrity check mid-change): absent is all tokend can show
+                # without reloading the module. Nothing wrong was answered.
+                other = subprocess.run(
+                    [sys.executable, "-c", _PROBE_OTHER_PROCESS, str(SOFTHSM_MODULE), LABEL],
+                    env=hsm.env(), capture_output=True, text=True, timeout=60, check=True,
+                )  # fmt: skip
+                assert other.stdout.strip() == "0"  # re-initialised: present, empty
+                pytest.xfail("SoftHSM2 keeps its re-initialised token unusable in the daemon")
+            time.sleep(0.05)
+        fresh = client.open_session(slot)
+        state = client.call("C_GetSessionInfo", {"h_session": fresh})["info"]["state"]
+        assert state == "CKS_RO_PUBLIC_SESSION"
+        client.login(fresh, material.pin)
+        assert client.find_objects(fresh, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY"}) == []
+
+
+_KILLED_CLIENT = """
+import sys, time
+from tokend.client import Client
+from tokend.pkcs11 import CKA
+from tokend.protocol import b64, encode_request
+socket, slot, pin, blob = sys.argv[1], int(sys.argv[2]), sys.argv[3], bytes.fromhex(sys.argv[4])
+with Client(socket) as c:
+    s = c.open_session(slot)
+    c.login(s, pin)
+    (key,) = c.find_objects(s, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY", CKA.CKA_ID: b"\\x01"})
+    # Forty decryptions sent at once, none answered yet: the client dies with them in flight.
+    requests = []
+    for i in range(40):
+        init = {"h_session": s, "p_mechanism": "CKM_RSA_PKCS", "h_key": key}
+        requests.append(encode_request(1000 + 2 * i, "C_DecryptInit", init))
+        data = {"h_session": s, "p_encrypted_data": b64(blob)}
+        requests.append(encode_request(1001 + 2 * i, "C_Decrypt", data))
+    c._sock.sendall(b"".join(requests))
+    print("sent", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_client_killed_with_operations_in_flight_leaves_the_module_logged_out(
+    module_daemon,
+) -> None:
+    """The only logged-in client is SIGKILLed with forty decryptions sent and unanswered: the
+    module (asked on tokend's own session) is logged out within 2 s, and the next client
+    must log in itself."""
+    material: SoftHsmMaterial = module_daemon.extras["material"]
+    blob, secret = pkcs1_blob(material.encryption_cert.public_key())
+    with Client(module_daemon.socket) as probe:
+        slot = module_slot(probe)
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, str(module_daemon.socket), str(slot),
+         material.pin, blob.hex()],
+        cwd=root, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "sent"
+        assert module_daemon.run(_module_sees_private_keys(module_daemon))
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        killed = time.monotonic()
+        while module_daemon.run(_module_sees_private_keys(module_daemon)):
+            assert time.monotonic() - killed < 2.0, "the module stayed logged in"
+            time.sleep(0.02)
+        with Client(module_daemon.socket) as other:
+            session = other.open_session(slot)
+            assert other.find_objects(session, {CKA.CKA_CLASS: "CKO_PRIVATE_KEY"}) == []
+            other.login(session, material.pin)
+            key = _key(other, session, ENCRYPTION_ID)
+            assert other.decrypt(session, key, "CKM_RSA_PKCS", blob) == secret
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
