@@ -424,6 +424,16 @@ class PcscdService:
                 proc.wait()
         log.info("stopped pcscd pid %d (exit %s)", proc.pid, proc.returncode)
 
+    def kill(self) -> None:
+        """SIGKILL the pcscd this object started (a crash: no clean-up of its own), by PID."""
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("this object runs no pcscd; refusing to kill one")
+        self._proc = None
+        proc.kill()
+        proc.wait()
+        log.info("killed pcscd pid %d", proc.pid)
+
 
 class PrivatePcscdService(PcscdService):
     """A pcscd of this process's own, beside the machine's (which it never touches).

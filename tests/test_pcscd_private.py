@@ -24,7 +24,7 @@ from tokend.simulators.pcscd import private_pcscd_unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The pcscd_restart tests; the child must run every one of them.
-RESTART_TESTS = 2
+RESTART_TESTS = 3
 
 pytestmark = [pytest.mark.pcsc, pytest.mark.pcscd_restart_runner]
 
