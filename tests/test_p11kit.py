@@ -1,8 +1,10 @@
 """The p11-kit RPC front end, end to end through Debian's unmodified p11-kit-client.so
 (package p11-kit-modules, 0.24.1 on Debian 12) and the programs that load it: python-pkcs11,
 pkcs11-tool, NSS (modutil, certutil, cmsutil), OpenSSL's pkcs11 engine and GnuTLS p11tool.
-The daemon serves the demo virtual PIV card (in-process reader; one test behind real
-pcscd + vpcd). Raw-socket tests cover what no consumer here sends on its own."""
+The daemon serves the demo virtual PIV card: the acceptance checks run both on the
+in-process reader and behind real pcscd + vpcd (fixture `p11_card`). Raw-socket tests cover
+what no consumer here sends on its own. The SIM, BLE and pinentry runs are in
+tests/test_p11kit_tokens.py."""
 
 from __future__ import annotations
 
@@ -128,6 +130,13 @@ def p11_pcsc(request, sockdir: Path) -> Iterator[ThreadDaemon]:  # type: ignore[
     yield from _start("pcsc", request, sockdir)
 
 
+@pytest.fixture(params=["memory", pytest.param("pcsc", marks=pytest.mark.pcsc)])
+def p11_card(request, sockdir: Path) -> Iterator[ThreadDaemon]:  # type: ignore[no-untyped-def]
+    """The acceptance checks run twice: on the in-process reader, and as the issue asks,
+    with the virtual PIV card behind the real pcscd + vpcd (pyscard, the PC/SC driver)."""
+    yield from _start(request.param, request, sockdir)
+
+
 def client_env(running: ThreadDaemon, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["P11_KIT_SERVER_ADDRESS"] = f"unix:path={running.p11kit_socket}"
@@ -181,8 +190,8 @@ def test_python_pkcs11_over_pcscd_and_vpcd(p11_pcsc: ThreadDaemon) -> None:
     assert out["sign_rsa"] == 256 and out["sign_ecdsa"] == 64
 
 
-def test_pkcs11_tool_test_has_no_errors_and_lists_objects(p11: ThreadDaemon) -> None:
-    env = client_env(p11)
+def test_pkcs11_tool_test_has_no_errors_and_lists_objects(p11_card: ThreadDaemon) -> None:
+    env = client_env(p11_card)
     base = ["pkcs11-tool", "--module", str(CLIENT)]
     res = run([*base, "--login", "--pin", PIN, "--test"], env)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -213,11 +222,11 @@ def _nss_db(p11: ThreadDaemon, work: Path) -> tuple[Path, dict[str, str]]:
 
 
 def test_nss_cmsutil_decrypts_openssl_mail_and_signs_for_openssl(
-    p11: ThreadDaemon, sockdir: Path
+    p11_card: ThreadDaemon, sockdir: Path
 ) -> None:
     work = sockdir / "nss"
     work.mkdir()
-    db, env = _nss_db(p11, work)
+    db, env = _nss_db(p11_card, work)
     res = run(["certutil", "-L", "-d", f"sql:{db}", "-h", "all"], env, stdin=subprocess.DEVNULL)
     nick = next(
         line.split("  ")[0].strip()
@@ -225,8 +234,8 @@ def test_nss_cmsutil_decrypts_openssl_mail_and_signs_for_openssl(
         if "PIV Digital Signature (9C)" in line
     )
     enc_pem, ca_pem = work / "enc.pem", work / "ca.pem"
-    enc_pem.write_bytes(_pem(p11, "encryption.pem"))
-    ca_pem.write_bytes(_pem(p11, "ca.pem"))
+    enc_pem.write_bytes(_pem(p11_card, "encryption.pem"))
+    ca_pem.write_bytes(_pem(p11_card, "ca.pem"))
     msg = work / "msg.txt"
     msg.write_text("Subject: test\n\nthe body of a secret mail\n")
 
@@ -309,7 +318,7 @@ def _pem(running: ThreadDaemon, name: str) -> bytes:
 
 
 def test_openssl_engine_signs_and_decrypts_with_pkcs11_uris(
-    p11: ThreadDaemon, sockdir: Path
+    p11_card: ThreadDaemon, sockdir: Path
 ) -> None:
     engine = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
     if not engine.exists():
@@ -322,9 +331,9 @@ def test_openssl_engine_signs_and_decrypts_with_pkcs11_uris(
         "[engine_section]\npkcs11 = pkcs11_section\n[pkcs11_section]\n"
         f"engine_id = pkcs11\ndynamic_path = {engine}\nMODULE_PATH = {CLIENT}\ninit = 0\n"
     )
-    env = client_env(p11, OPENSSL_CONF=str(conf))
+    env = client_env(p11_card, OPENSSL_CONF=str(conf))
     enc_pem = work / "enc.pem"
-    enc_pem.write_bytes(_pem(p11, "encryption.pem"))
+    enc_pem.write_bytes(_pem(p11_card, "encryption.pem"))
     pub = work / "enc.pub"
     pub.write_bytes(
         x509.load_pem_x509_certificate(enc_pem.read_bytes())
@@ -396,7 +405,7 @@ def test_openssl_engine_signs_and_decrypts_with_pkcs11_uris(
         env,
     )
     assert res.returncode == 0, res.stderr
-    sig_cert = p11.extras["rsa_cert"]
+    sig_cert = p11_card.extras["rsa_cert"]
     from cryptography.hazmat.primitives.asymmetric import padding
 
     sig_cert.public_key().verify(  # type: ignore[union-attr,call-arg]
@@ -404,8 +413,8 @@ def test_openssl_engine_signs_and_decrypts_with_pkcs11_uris(
     )
 
 
-def test_p11tool_lists_the_certificates(p11: ThreadDaemon) -> None:
-    res = run(["p11tool", "--provider", str(CLIENT), "--list-all-certs"], client_env(p11))
+def test_p11tool_lists_the_certificates(p11_card: ThreadDaemon) -> None:
+    res = run(["p11tool", "--provider", str(CLIENT), "--list-all-certs"], client_env(p11_card))
     assert res.returncode == 0, res.stderr
     for label in ("PIV Key Management (9D)", "PIV Digital Signature (9C)", "Retired Key 1 (82)"):
         assert f"Label: {label}" in res.stdout
