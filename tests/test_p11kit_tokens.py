@@ -7,7 +7,9 @@ tokens"; issue 20: C_Login without a PIN through the p11-kit front end).
   decrypts what `openssl cms -encrypt` made for the SIM's encryption certificate, and a SIM
   pulled mid-session is seen by the p11-kit client (no stale session), which logs in again
   after re-insertion.
-- The BLE key (real bleak on a private dbus-daemon, fake BlueZ): the same checks.
+- The BLE key (real bleak on a private dbus-daemon, fake BlueZ): python-pkcs11 decrypts
+  (PKCS#1 v1.5, OAEP) and signs (RSA, ECDSA), pkcs11-tool's self-test passes, and the key
+  going out of range mid-session is seen the same way.
 - `tokend serve` configured with the protected authentication path and a real pinentry-tty
   on a pseudo-terminal: a p11-kit client logs in with no PIN, the PIN is typed into the
   daemon's prompt; cancel reaches the client as CKR_FUNCTION_CANCELED.
@@ -184,7 +186,10 @@ SIM_ENC, SIM_SIGN = "Encryption key", "Signing key"
 @pytest.mark.pcsc
 def test_sim_python_pkcs11_decrypts_and_signs(sim_p11: ThreadDaemon) -> None:
     out = _consumer_basic(sim_p11, "--pin", SIM_PIN, "--decrypt", SIM_ENC, "--sign", SIM_SIGN)
-    assert out["serial"] in sim_p11.extras["demo"].iccid  # the SIM, not some other token
+    iccid = sim_p11.extras["demo"].iccid
+    # The SIM, named by its ICCID (serialNumber holds 16 characters: the ICCID's tail).
+    assert iccid in out["label"]  # type: ignore[operator]
+    assert len(out["serial"]) == 16 and iccid.endswith(out["serial"])  # type: ignore[arg-type]
     assert out["decrypt_v15"] == "key transport v1.5"
     assert out["signatures"] == {SIM_SIGN: 256}  # RSA-2048, verified by the consumer
 
@@ -232,7 +237,7 @@ def test_sim_pulled_mid_session_then_relogin(sim_p11: ThreadDaemon) -> None:
 # --- the BLE key ----------------------------------------------------------------------------
 
 
-def test_ble_python_pkcs11_decrypts_and_signs(ble_p11: ThreadDaemon) -> None:
+def test_ble_python_pkcs11_and_pkcs11_tool(ble_p11: ThreadDaemon) -> None:
     out = _consumer_basic(
         ble_p11,
         *("--pin", PIN, "--decrypt", "(9D)", "--oaep"),
@@ -242,6 +247,10 @@ def test_ble_python_pkcs11_decrypts_and_signs(ble_p11: ThreadDaemon) -> None:
     assert out["decrypt_v15"] == "key transport v1.5"
     assert out["decrypt_oaep_sha256"] == "oaep sha256"
     assert out["signatures"] == {"(9E)": 256, "(9A)": 64}  # RSA-2048 and P-256, verified
+    base = ["pkcs11-tool", "--module", str(CLIENT)]
+    res = run([*base, "--login", "--pin", PIN, "--test"], client_env(ble_p11))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "No errors" in res.stdout
 
 
 def test_ble_out_of_range_mid_session_then_relogin(ble_p11: ThreadDaemon) -> None:
@@ -313,13 +322,19 @@ def _retries(sock: Path) -> int:
 
 
 def test_p11kit_login_without_a_pin_through_the_daemons_pinentry(prompting) -> None:  # type: ignore[no-untyped-def]
+    from tokend.client import Client
+
     sock, _tmp, terminal = prompting
+    with Client(sock) as native:
+        info = native.token_info(native.slot_list(token_present=True)[0])
     proc = _protected_login(sock)
     try:
         screen = terminal.wait_for(b"PIN:")
-        # The prompt names the program asking (the p11-kit client process) and the token.
-        assert f"pid {proc.pid}" in screen, screen
-        assert "PIV #" in screen, screen
+        # The prompt names the program asking (the p11-kit client process, from its peer
+        # credentials: pid and command line) and the token (label and serial).
+        assert f"(pid {proc.pid})" in screen, screen
+        assert "tests.p11kit_token_consumer protected" in screen, screen
+        assert info["label"] in screen and info["token_serial"] in screen, screen
         terminal.type(PIN + "\n")
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
