@@ -260,7 +260,9 @@ def test_ble_out_of_range_mid_session_then_relogin(ble_p11: ThreadDaemon) -> Non
 # --- the daemon's own PIN prompt (protected authentication path) -----------------------------
 
 
-def _pinentry_daemon(tmp: Path, tty: str) -> tuple[subprocess.Popen[str], Path, list[str]]:
+def _pinentry_daemon(
+    tmp: Path, tty: str
+) -> tuple[subprocess.Popen[str], Path, list[str], threading.Thread]:
     """`tokend serve --simulate piv` configured as a user would for the protected path, with
     Debian's pinentry-tty drawing on ``tty``; its log lines are collected."""
     from tests.test_pinentry import PINENTRY, _serve
@@ -275,8 +277,9 @@ def _pinentry_daemon(tmp: Path, tty: str) -> tuple[subprocess.Popen[str], Path, 
     sock = tmp / "run" / "tokend.sock"
     proc = _serve(sock, config, tmp)
     logs: list[str] = []
-    threading.Thread(target=lambda: logs.extend(proc.stdout or []), daemon=True).start()
-    return proc, sock, logs
+    reader = threading.Thread(target=lambda: logs.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    return proc, sock, logs, reader
 
 
 @pytest.fixture
@@ -286,12 +289,13 @@ def prompting(sockdir: Path) -> Iterator[tuple[Path, Path, object]]:  # type: ig
     if PINENTRY is None:
         pytest.skip("pinentry-tty not installed (Debian: pinentry-tty)")
     terminal = Terminal()
-    proc, sock, logs = _pinentry_daemon(sockdir, terminal.name)
+    proc, sock, logs, reader = _pinentry_daemon(sockdir, terminal.name)
     try:
         yield sock, sockdir, terminal
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+        reader.join(5)
         terminal.close()
     assert PIN not in "".join(logs)  # the typed PIN never reaches a log line
 
