@@ -20,39 +20,12 @@ import json
 import sys
 
 import pkcs11
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from pkcs11 import MGF, PROTECTED_AUTH, Attribute, Mechanism, ObjectClass, TokenFlag
 
-CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
-
-
-def _cert(session, label_part: str):  # type: ignore[no-untyped-def]
-    for obj in session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE}):
-        if label_part in obj[Attribute.LABEL]:
-            return obj
-    raise LookupError(label_part)
-
-
-def _key_for(session, cert):  # type: ignore[no-untyped-def]
-    """The private key whose CKA_ID is the certificate's (how mail clients pair them)."""
-    return session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=cert[Attribute.ID])
-
-
-def _public(cert):  # type: ignore[no-untyped-def]
-    return x509.load_der_x509_certificate(cert[Attribute.VALUE]).public_key()
-
-
-def _slots(lib) -> str:  # type: ignore[no-untyped-def]
-    """How many slots hold a token; "slots changing" when a token left between the two
-    C_GetSlotList calls of python-pkcs11's get_slots (0.10.1 ignores the smaller count the
-    second call returns and asks C_GetSlotInfo for an unset id: CKR_SLOT_ID_INVALID). The
-    test polls again."""
-    try:
-        return f"slots {len(lib.get_slots(token_present=True))}"
-    except pkcs11.SlotIDInvalid:
-        return "slots changing"
+# The shared pieces of the PIV consumer (it runs with the repository on sys.path, -m).
+from tests.p11kit_consumer import CLIENT, _cert, _key_for, _public, _slots
 
 
 def _decrypt(session, label: str, message: bytes, oaep: bool = False) -> bytes:  # type: ignore[no-untyped-def]
