@@ -130,8 +130,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if path is None:
         print(f"tokend: no configuration file ({default_config_path()} does not exist): defaults")
         return 0
-    ServeConfig.load(path)  # raises ConfigError, located
-    print(f"{path}: OK")
+    cfg = ServeConfig.load(path)  # raises ConfigError, located
+    for warning in cfg.warnings:  # the daemon would start, but skip something
+        print(warning, file=sys.stderr)
+    count = len(cfg.warnings)
+    print(f"{path}: OK" + (f" ({count} warning{'s' if count > 1 else ''})" if count else ""))
     return 0
 
 
