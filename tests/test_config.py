@@ -167,3 +167,20 @@ def test_module_paths_the_daemon_would_skip_are_warnings(tmp_path: Path) -> None
     path.write_text(f'[[modules]]\npath = "{module}"\n')
     result = _check(path)
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, f"{path}: OK", "")
+
+
+def test_the_documented_example_checks_clean(tmp_path: Path) -> None:
+    """The example in docs/configuration.md is a file a user may copy: check-config takes
+    it (keys after a [[table]] header belong to that table, so top-level keys come first)."""
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert example is not None
+    module = tmp_path / "libsofthsm2.so"
+    module.write_bytes(b"")  # the path must exist for no warning; its content is not read
+    path = tmp_path / "config.toml"
+    path.write_text(example.group(1).replace("/usr/lib/softhsm/libsofthsm2.so", str(module)))
+    result = _check(path)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert f"{path}: OK" in result.stdout

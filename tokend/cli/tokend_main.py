@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a configuration file without starting",
         description="Reads the file as `tokend serve` would and reports the first problem "
-        "as FILE:LINE: KEY: what is wrong (exit 1), or FILE: OK.",
+        "as FILE:LINE: KEY: what is wrong (exit 1), or FILE: OK. Values inside tables are "
+        "named by table and key (modules[1].timeout). What the daemon would start without "
+        "(a module file that does not exist) is a FILE:LINE: KEY: warning: line (exit 0).",
     )
     p.add_argument(
         "file", nargs="?", type=Path, help="default: $XDG_CONFIG_HOME/tokend/config.toml"
