@@ -43,6 +43,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface, method
 
 from tokend import ble_framing as bf
+from tokend.config_values import BLE_TRUSTED_FIELDS, check_table, normalize_address
 from tokend.drivers.base import CardProtocol, ReaderEvent, ReaderEventKind, TokenRefused
 from tokend.errors import TransportError
 from tokend.paths import state_dir
@@ -62,15 +63,6 @@ AGENT_PATH = "/org/tokend/agent"
 #: Errors that mean the link (or BlueZ, or the bus) failed under us. bleak surfaces a dying
 #: link as any of these rather than a disconnect (docs/ble.md §5).
 LINK_ERRORS = (BleakError, DBusError, BlockingIOError, EOFError, OSError, asyncio.TimeoutError)
-
-
-def normalize_address(address: str) -> str:
-    parts = address.strip().upper().replace("-", ":").split(":")
-    if len(parts) != 6 or not all(
-        len(p) == 2 and all(c in "0123456789ABCDEF" for c in p) for p in parts
-    ):
-        raise ValueError(f"not a Bluetooth address: {address!r} (expected XX:XX:XX:XX:XX:XX)")
-    return ":".join(parts)
 
 
 def reader_name(address: str) -> str:
@@ -352,8 +344,12 @@ class BleWatcher:
         #: identity, label).
         self.configured: dict[str, TrustedKey] = {}
         for entry in trusted:
-            table = {"address": entry} if isinstance(entry, str) else dict(entry)
-            address = normalize_address(str(table["address"]))
+            # The same checks as `tokend check-config` (tokend.config_values): a value that
+            # passed there is accepted here, and a bad one is a ValueError naming its key.
+            table = check_table(
+                {"address": entry} if isinstance(entry, str) else entry, BLE_TRUSTED_FIELDS
+            )
+            address = table["address"]
             identity = table.get("identity")
             self.configured[address] = TrustedKey(
                 address,

@@ -69,6 +69,7 @@ from asn1crypto import keys as asn1_keys
 from pkcs11 import _pkcs11
 from pkcs11 import exceptions as p11x
 
+from tokend.config_values import MODULE_FIELDS, check_table, module_label
 from tokend.drivers.base import ReaderEvent, ReaderEventKind
 from tokend.errors import (
     CardNotVerifiedError,
@@ -134,26 +135,22 @@ class ModuleConfig:
     @classmethod
     def from_path(cls, path: str | Path) -> ModuleConfig:
         """``--module PATH``: labelled after the file (``libsofthsm2.so`` → ``softhsm2``)."""
-        p = Path(path)
-        name = p.name.split(".so")[0]
-        return cls(p, name.removeprefix("lib") or name)
+        return cls(Path(path), module_label(str(path)))
 
     @classmethod
     def from_table(cls, table: dict[str, Any]) -> ModuleConfig:
         """One ``[[modules]]`` table: path, and optionally label, timeout (the per-call
-        timeout, s), workers, poll_interval (s)."""
-        unknown = set(table) - {"path", "label", "workers", "poll_interval", "timeout"}
-        if unknown:
-            raise ValueError(f"module entry: unknown keys {sorted(unknown)}")
-        if "path" not in table:
-            raise ValueError("module entry needs a path")
-        base = cls.from_path(str(table["path"]))
-        workers = int(table.get("workers", DEFAULT_WORKERS))
-        poll = float(table.get("poll_interval", POLL_INTERVAL_S))
-        timeout = float(table.get("timeout", CALL_TIMEOUT_S))
-        if workers < 1 or poll <= 0 or timeout <= 0:
-            raise ValueError("module entry: workers >= 1, poll_interval and timeout > 0")
-        return cls(base.path, str(table.get("label", base.label)), workers, poll, timeout)
+        timeout, s), workers, poll_interval (s). Checked as `tokend check-config` checks it
+        (tokend.config_values); a bad value is a ValueError naming its key."""
+        checked = check_table(table, MODULE_FIELDS)
+        base = cls.from_path(checked["path"])
+        return cls(
+            base.path,
+            checked.get("label", base.label),
+            checked.get("workers", DEFAULT_WORKERS),
+            checked.get("poll_interval", POLL_INTERVAL_S),
+            checked.get("timeout", CALL_TIMEOUT_S),
+        )
 
 
 class ModuleLoadError(Exception):

@@ -24,6 +24,9 @@ def _check(path: Path | None, env: dict[str, str] | None = None) -> subprocess.C
     )
 
 
+_MOD, _BLE = "[[modules]]\n", "[[ble_trusted]]\n"
+
+
 @pytest.mark.parametrize(
     ("text", "line", "key", "problem"),
     [
@@ -35,11 +38,58 @@ def _check(path: Path | None, env: dict[str, str] | None = None) -> subprocess.C
         (
             '[[policy]]\nprogram = "/a"\n\n[[policy]]\nprogram = "/b"\noperations = ["fly"]\n',
             6,
-            "policy",
             "policy[1].operations",
+            "use only decrypt",
         ),
-        ('[[modules]]\nlabel = "x"\n', 1, "modules", "path: required"),
+        ('[[modules]]\nlabel = "x"\n', 1, "modules[0].path", "required"),
         ("socket = \n", 1, "(syntax)", "Invalid value"),
+        # Values inside tables: checked like top-level keys, at the line of the key itself.
+        (f'{_MOD}path = "/m/a.so"\ntimeout = "abc"\n', 3, "modules[0].timeout", "seconds > 0"),
+        (f'{_MOD}path = "/m/a.so"\nworkers = -3\n', 3, "modules[0].workers", "number >= 1"),
+        (f'{_MOD}path = "/m/a.so"\nworkers = true\n', 3, "modules[0].workers", ">= 1"),
+        (f'{_MOD}path = "/m/a.so"\npoll_interval = 0\n', 3, "modules[0].poll_interval", "> 0"),
+        (f'{_MOD}path = "/m/a.so"\nlabel = ""\n', 3, "modules[0].label", "non-empty"),
+        (f"{_MOD}path = 5\n", 2, "modules[0].path", "non-empty string"),
+        (
+            f'{_MOD}path = "/m/a.so"\nlabel = "v"\n\n{_MOD}path = "/m/b.so"\nlabel = "v"\n',
+            7,
+            "modules[1].label",
+            "label 'v' is already used by [0]",
+        ),
+        (  # the same label from the file names (libx.so → x): the slots would clash
+            f'{_MOD}path = "/m/libx.so"\n{_MOD}path = "/n/libx.so"\n',
+            4,
+            "modules[1].path",
+            "label 'x' is already used by [0]",
+        ),
+        (
+            f'{_MOD}path = "/m/a.so"\nlabel = "a"\n{_MOD}path = "/m/./a.so"\nlabel = "b"\n',
+            5,
+            "modules[1].path",
+            "module file '/m/a.so' is already used by [0]",
+        ),
+        (  # a typo in a later table: its own line, not the first table's header
+            f'{_MOD}path = "/m/a.so"\nlabel = "a"\n\n{_MOD}path = "/m/b.so"\nlable = "b"\n',
+            7,
+            "modules[1].lable",
+            "unknown key (known: path, label, timeout, workers, poll_interval)",
+        ),
+        ('modules = [{path = "/m/a.so", workers = 0}]\n', 1, "modules[0].workers", ">= 1"),
+        ("modules = [1]\n", 1, "modules[0]", "must be a table"),
+        (f'{_BLE}address = "nonsense"\n', 2, "ble_trusted[0].address", "not a Bluetooth"),
+        (f'{_BLE}address = "C0:FF:EE:00:00:01"\nidentity = 5\n', 3, "ble_trusted[0].identity", ""),
+        (
+            f'{_BLE}address = "C0:FF:EE:00:00:01"\n{_BLE}label = "spare"\n',
+            3,
+            "ble_trusted[1].address",
+            "required",
+        ),
+        (
+            f'{_BLE}address = "C0:FF:EE:00:00:01"\n{_BLE}address = "c0-ff-ee-00-00-01"\n',
+            4,
+            "ble_trusted[1].address",
+            "'C0:FF:EE:00:00:01' is already used by [0]",
+        ),
     ],
 )
 def test_problems_name_file_line_and_key(
@@ -93,3 +143,44 @@ def test_simulation_can_be_switched_off(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 1 and "simulation is switched off" in result.stderr
+
+
+def test_module_paths_the_daemon_would_skip_are_warnings(tmp_path: Path) -> None:
+    """The daemon starts with a module it cannot load (one log line, everything else
+    served), so check-config warns (exit 0) rather than fails, naming file, line and key."""
+    module = tmp_path / "libvendor.so"
+    module.write_bytes(b"")
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[[modules]]\npath = "{module}"\n\n[[modules]]\npath = "{tmp_path}/libgone.so"\n'
+        '\n[[modules]]\npath = "librel.so"\n'
+    )
+    result = _check(path)
+    assert result.returncode == 0, result.stderr
+    assert f"{path}: OK (2 warnings)" in result.stdout
+    lines = result.stderr.splitlines()
+    assert lines[0] == (
+        f"{path}:5: modules[1].path: warning: does not exist: the daemon will skip this module"
+    )
+    assert lines[1].startswith(f"{path}:8: modules[2].path: warning: a relative path")
+    assert len(lines) == 2  # the module that exists is not mentioned
+    path.write_text(f'[[modules]]\npath = "{module}"\n')
+    result = _check(path)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, f"{path}: OK", "")
+
+
+def test_the_documented_example_checks_clean(tmp_path: Path) -> None:
+    """The example in docs/configuration.md is a file a user may copy: check-config takes
+    it (keys after a [[table]] header belong to that table, so top-level keys come first)."""
+    import re
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert example is not None
+    module = tmp_path / "libsofthsm2.so"
+    module.write_bytes(b"")  # the path must exist for no warning; its content is not read
+    path = tmp_path / "config.toml"
+    path.write_text(example.group(1).replace("/usr/lib/softhsm/libsofthsm2.so", str(module)))
+    result = _check(path)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert f"{path}: OK" in result.stdout

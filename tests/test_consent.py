@@ -35,6 +35,17 @@ def test_rules_allow_only_named_program_token_and_use() -> None:
     assert not policy.decide(UseRequest(ClientInfo(pid=9), PIV, Use.DECRYPT)).allowed
 
 
+def test_provisioning_is_spelt_either_way() -> None:
+    """The issue and the docs say "provisioning"; "provision" (how refusals name the use)
+    is accepted too. Neither word allows anything else."""
+    for word in ("provisioning", "provision"):
+        policy = _policy({"program": MAILER.exe, "operations": [word]})
+        assert policy.decide(UseRequest(MAILER, PIV, Use.PROVISION)).allowed
+        assert not policy.decide(UseRequest(MAILER, PIV, Use.DERIVE)).allowed
+        assert not policy.decide(UseRequest(MAILER, PIV, Use.DECRYPT)).allowed
+        assert not policy.decide(UseRequest(OTHER, PIV, Use.PROVISION)).allowed
+
+
 def test_first_matching_rule_decides_confirmation() -> None:
     policy = _policy(
         {"program": MAILER.exe, "operations": ["sign"], "confirm": True},

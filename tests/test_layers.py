@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, int]] = [
     ("tokend.ble_framing", 0),
     ("tokend.sim", 0),
     ("tokend.pkcs15", 0),
+    ("tokend.config_values", 0),
     ("tokend.drivers", 1),
     ("tokend.simulators", 1),
     ("tokend.registry", 2),

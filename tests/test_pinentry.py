@@ -287,11 +287,44 @@ with Client(sock) as c:
 """
 
 
-def _run_other(program: Path, sock: Path, export: Path) -> str:
+_OTHER_DERIVE = """
+import sys
+from pathlib import Path
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from tokend.client import Client
+from tokend.errors import TokendError
+from tokend.model import Ecdh1DeriveParams, Mechanism
+from tokend.pkcs11 import CKD, CKM
+sock, export = sys.argv[1], Path(sys.argv[2])
+cert = x509.load_pem_x509_certificate((export / "authentication.pem").read_bytes())
+ephemeral = ec.generate_private_key(ec.SECP256R1())
+point = ephemeral.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+expected = ephemeral.exchange(ec.ECDH(), cert.public_key())
+with Client(sock) as c:
+    slot = c.slot_list(token_present=True)[0]
+    s = c.open_session(slot)
+    c.login(s, "123456")
+    (key,) = c.find_objects(s, {"CKA_CLASS": "CKO_PRIVATE_KEY", "CKA_ID": b"\\x01"})
+    try:
+        mech = Mechanism(CKM.CKM_ECDH1_DERIVE, Ecdh1DeriveParams(CKD.CKD_NULL, point))
+        secret = c.derive(s, key, mech)
+        print("DERIVED", secret == expected)
+    except TokendError as exc:
+        print("REFUSED", exc.ckr_name, exc)
+"""
+
+
+def _env() -> dict[str, str]:
     site = [p for p in sys.path if p.endswith("site-packages")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *site]))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *site]))
+
+
+def _run_other(program: Path, sock: Path, export: Path, script: str = _OTHER_CLIENT) -> str:
+    env = _env()
     result = subprocess.run(
-        [str(program), "-c", _OTHER_CLIENT, str(sock), str(export)],
+        [str(program), "-c", script, str(sock), str(export)],
         capture_output=True,
         text=True,
         env=env,
@@ -445,3 +478,93 @@ async def test_the_pin_answer_leaves_nothing_in_the_read_buffer() -> None:
         if write_end >= 0:
             os.close(write_end)
     assert not any(reader._buf)
+
+
+@pytest.mark.parametrize("daemon", [POLICY], indirect=True)
+def test_a_program_the_policy_does_not_allow_cannot_derive(daemon, tmp_path: Path) -> None:
+    """C_DeriveKey (ECDH with the 9A key) is a private-key use like decrypt: the allowed
+    program derives the agreed secret, another program of the same user is refused."""
+    sock, logs, export = daemon
+    assert _run_other(Path(ALLOWED_PROGRAM), sock, export, _OTHER_DERIVE).strip() == (
+        "DERIVED True"
+    )
+    intruder = _as_other_program(tmp_path, "not-the-mail-client")
+    out = _run_other(intruder, sock, export, _OTHER_DERIVE)
+    assert "DERIVED" not in out
+    assert "REFUSED CKR_FUNCTION_REJECTED" in out and "no policy rule allows it" in out
+    with Client(sock) as client:
+        assert client.call("tokend_GetPolicy", {})["refused"][-1]["use"] == "derive"
+    time.sleep(0.2)
+    assert any("refused" in line and "may not derive" in line for line in logs)
+
+
+# The issue's word for the operation is "provisioning"; "provision" works as well.
+PROVISIONING_POLICY = f"""
+[[policy]]
+program = "{ALLOWED_PROGRAM}"
+operations = ["decrypt", "provisioning"]
+"""
+
+
+# The copy of Python is outside the venv: it gets the venv's site directories with their
+# .pth files (the editable install maps tokend.drivers to drivers/), then runs tokenctl.
+_TOKENCTL = (
+    "import os, runpy, site, sys; "
+    "[site.addsitedir(p) for p in os.environ['TOKEND_TEST_SITE'].split(os.pathsep)]; "
+    "sys.argv[0] = 'tokenctl'; runpy.run_module('tokend.cli.tokenctl', run_name='__main__')"
+)
+
+
+def _tokenctl_as(program: Path, sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tokenctl` run by ``program`` (a Python), the PIN on a pipe as a script would give it."""
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [str(program), "-c", _TOKENCTL, "--socket", str(sock), *args],
+        input=f"{PIN}\n",
+        capture_output=True,
+        text=True,
+        env={**env, "TOKEND_TEST_SITE": os.pathsep.join(site)},
+        timeout=60,
+    )
+
+
+def _signing_slot(program: Path, sock: Path) -> dict:
+    import json
+
+    status = _tokenctl_as(program, sock, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    (slot,) = [s for s in json.loads(status.stdout)["status"]["slots"] if s["slot"] == "9c"]
+    return slot
+
+
+@pytest.mark.parametrize("daemon", [PROVISIONING_POLICY], indirect=True)
+def test_only_a_program_the_policy_allows_can_provision(daemon, tmp_path: Path) -> None:
+    """`tokenctl keys generate` from a program without `provisioning` in a rule is refused
+    and changes nothing on the token; the program the rule names generates the key."""
+    sock, logs, export = daemon
+    generate = ("keys", "generate", "--slot", "sign", "--alg", "p256", "--pin-fd", "0")
+    allowed = Path(ALLOWED_PROGRAM)
+    before = _signing_slot(allowed, sock)
+
+    intruder = _as_other_program(tmp_path, "not-the-admin-tool")
+    refused = _tokenctl_as(intruder, sock, *generate)
+    assert refused.returncode != 0 and "BEGIN PUBLIC KEY" not in refused.stdout
+    assert "no policy rule allows it" in refused.stderr, refused.stderr
+    assert _signing_slot(allowed, sock) == before  # the token is unchanged
+    with Client(sock) as client:
+        last = client.call("tokend_GetPolicy", {})["refused"][-1]
+        assert (last["program"], last["use"]) == (str(intruder), "provision")
+
+    done = _tokenctl_as(allowed, sock, *generate)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("-----BEGIN PUBLIC KEY-----")
+    # A new key: the demo certificate went with the old one.
+    assert before["certificate"] is not None
+    assert _signing_slot(allowed, sock)["certificate"] is None
+
+    # derive is in no rule: refused even for the program the rule names.
+    refused_derive = _run_other(allowed, sock, export, _OTHER_DERIVE)
+    assert "REFUSED CKR_FUNCTION_REJECTED" in refused_derive
+    time.sleep(0.2)
+    assert any("refused" in line and "not-the-admin-tool" in line for line in logs)

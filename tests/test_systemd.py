@@ -85,3 +85,21 @@ def test_socket_activation_starts_the_daemon_on_first_connection(runtime_dir: Pa
         out, _ = proc.communicate(timeout=20)
         notify.close()
     assert "socket activation" in out
+
+
+def test_sandbox_paths_that_may_be_missing_are_optional() -> None:
+    """A fresh account may have no ~/.local/state or ~/.cache: a ReadWritePaths= entry that
+    does not exist fails the namespace set-up (226/NAMESPACE) unless it is prefixed with
+    "-" (systemd.exec(5)). Only the runtime directory (%t) always exists for a user
+    manager; tokend's own state directory is created by systemd (StateDirectory=)."""
+    unit = (ROOT / "systemd" / "tokend.service").read_text()
+    entries = [
+        path
+        for line in unit.splitlines()
+        if line.startswith("ReadWritePaths=")
+        for path in line.partition("=")[2].split()
+    ]
+    assert entries, "tokend.service lists no ReadWritePaths"
+    required = [path for path in entries if not path.startswith("-") and path != "%t"]
+    assert not required, f"may be missing on a fresh account, so need '-': {required}"
+    assert "StateDirectory=tokend" in unit.splitlines()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokend.config_values import FieldError, check_ble_trusted_tables, check_module_tables
 from tokend.consent import Policy
 from tokend.paths import default_socket_path
 from tokend.pinentry import PinentryOptions, PinentryPrompter, PolicyAuthorizer
@@ -68,6 +69,9 @@ class ServeConfig:
     #: `--module PATH` (repeatable): modules labelled after their file name
     module_paths: list[str] = field(default_factory=list)
     source: Path | None = None
+    #: what `tokend check-config` warns about (the daemon starts, but skips something):
+    #: ``FILE:LINE: KEY: warning: …`` lines
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path | None) -> ServeConfig:
@@ -97,14 +101,27 @@ class ServeConfig:
                 raise ConfigError(path, locate(key), key, f"unknown key (known: {known})")
             try:
                 setattr(cfg, spec.attribute or key, spec.parse(value))
+            except FieldError as exc:  # a value inside one table of an array of tables
+                where = f"{key}[{exc.index}]" + (f".{exc.field}" if exc.field else "")
+                line = locate(key, exc.index, exc.field or None)
+                raise ConfigError(path, line, where, exc.problem) from None
             except (TypeError, ValueError) as exc:
                 raise ConfigError(path, locate(key), key, str(exc)) from None
         try:
             cfg.build_policy()
-        except ValueError as exc:  # "policy[1].operations: …": point at that table
-            match = re.match(r"policy\[(\d+)\](?:\.(\w+))?", str(exc))
-            line = locate("policy", int(match.group(1)), match.group(2)) if match else None
-            raise ConfigError(path, line, "policy", str(exc)) from None
+        except ValueError as exc:  # "policy[1].operations: …": point at that key
+            match = re.match(r"(policy\[(\d+)\](?:\.(\w+))?): (.*)", str(exc), re.S)
+            if match is None:
+                raise ConfigError(path, locate("policy"), "policy", str(exc)) from None
+            where, index, sub, problem = match.groups()
+            raise ConfigError(path, locate("policy", int(index), sub), where, problem) from None
+        for index, table in enumerate(cfg.modules):
+            warning = _module_path_warning(table["path"])
+            if warning:
+                line = locate("modules", index, "path")
+                cfg.warnings.append(
+                    str(ConfigError(path, line, f"modules[{index}].path", f"warning: {warning}"))
+                )
         return cfg
 
     def build_policy(self) -> Policy:
@@ -163,22 +180,6 @@ def _words(allowed: tuple[str, ...]) -> Callable[[Any], list[str]]:
     return parse
 
 
-def _tables(required: tuple[str, ...], optional: tuple[str, ...]) -> Callable[[Any], list]:
-    def parse(value: Any) -> list[dict[str, Any]]:
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise TypeError("must be a list of tables ([[…]])")
-        for index, table in enumerate(value):
-            for name in required:
-                if not isinstance(table.get(name), str) or not table[name]:
-                    raise ValueError(f"[{index}].{name}: required (a non-empty string)")
-            unknown = set(table) - set(required) - set(optional)
-            if unknown:
-                raise ValueError(f"[{index}]: unknown key {sorted(unknown)[0]!r}")
-        return list(value)
-
-    return parse
-
-
 def _level(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
@@ -214,12 +215,12 @@ SCHEMA: dict[str, Key] = {
     ),
     "p11kit": Key(_bool, "true", "serve the p11-kit RPC socket pkcs11.sock beside the native one"),
     "modules": Key(
-        _tables(("path",), ("label", "timeout", "workers", "poll_interval")),
+        check_module_tables,
         "[]",
         "vendor PKCS#11 modules: [[modules]] path = …, label = … (docs/configuration.md)",
     ),
     "ble_trusted": Key(
-        _tables(("address",), ("identity", "label")),
+        check_ble_trusted_tables,
         "[]",
         "BLE keys tokend may use: [[ble_trusted]] address = …",
     ),
@@ -238,33 +239,72 @@ SCHEMA: dict[str, Key] = {
 }
 
 
+def _module_path_warning(path: str) -> str | None:
+    """A module path the daemon will not load: it then skips that module with one log line
+    (`module LABEL not used: …`) and serves everything else, so this is a warning."""
+    if not os.path.isabs(path):
+        return (
+            "a relative path: the daemon looks for it in its working directory (under "
+            "systemd, your home directory); give an absolute path"
+        )
+    if not os.path.exists(path):
+        return "does not exist: the daemon will skip this module"
+    if not os.path.isfile(path):
+        return "is not a file: the daemon will skip this module"
+    return None
+
+
 class _Locator:
-    """Line numbers for keys, so errors point into the file (tomllib gives none)."""
+    """Line numbers for keys, so errors point into the file (tomllib gives none).
+
+    ``locate(key)``: the top-level ``key = …`` line, else the first ``[[key]]`` header.
+    ``locate(key, index)``: the header of the index-th ``[[key]]`` table (from 0);
+    ``locate(key, index, sub)``: the ``sub = …`` line inside that table, else its header.
+    Tables written inline (``key = [{…}, {…}]``) fall back to the ``key = …`` line.
+    """
+
+    _HEADER = re.compile(r"^\s*\[\[\s*(?P<name>[^\]]+?)\s*\]\]")
 
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
 
+    @staticmethod
+    def _assigns(line: str, key: str) -> bool:
+        return bool(
+            re.match(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')\s*=", line)
+        )
+
     def __call__(
         self, key: str, table_index: int | None = None, sub: str | None = None
     ) -> int | None:
-        key_re = re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\")\s*=")
-        header_re = re.compile(rf"^\s*\[\[\s*{re.escape(key)}\s*\]\]")
-        seen = -1
-        in_table = False
+        section: tuple[str, int] | None = None  # None: top level; else (array name, index)
+        counts: dict[str, int] = {}
+        top_level = header = found = None
         for number, line in enumerate(self.lines, 1):
-            if header_re.match(line):
-                seen += 1
-                in_table = table_index is None or seen == table_index
-                if in_table and sub is None:
-                    return number
+            match = self._HEADER.match(line)
+            if match:
+                name = match.group("name").strip().strip('"')
+                index = counts.get(name, 0)
+                counts[name] = index + 1
+                section = (name, index)
+                if name == key and (table_index is None or index == table_index):
+                    header = header or number
+                    if sub is None:
+                        break
                 continue
-            if line.lstrip().startswith("["):
-                in_table = False
-            if in_table and sub is not None and re.match(rf"^\s*{re.escape(sub)}\s*=", line):
-                return number
-            if table_index is None and seen < 0 and key_re.match(line):
-                return number
-        return None
+            if line.lstrip().startswith("["):  # a [table]: not ours
+                section = ("", 0)
+                continue
+            if section is None and top_level is None and self._assigns(line, key):
+                top_level = number
+            if (
+                sub is not None
+                and section == (key, table_index)
+                and found is None
+                and self._assigns(line, sub)
+            ):
+                found = number
+        return found or header or top_level
 
 
 def describe() -> list[tuple[str, str, str]]:

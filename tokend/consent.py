@@ -32,6 +32,18 @@ class Use(StrEnum):
     DERIVE = "derive"
     PROVISION = "provision"
 
+    @classmethod
+    def from_word(cls, word: str) -> Use:
+        """An `operations` word; "provisioning" (the issue's and the docs' word) and
+        "provision" (how refusals and `tokenctl policy` spell it) are the same use."""
+        return cls(_USE_SYNONYMS.get(word, word))
+
+
+#: Other spellings a policy may use for an operation.
+_USE_SYNONYMS = {"provisioning": Use.PROVISION.value}
+#: The words a policy accepts, for error messages.
+USE_WORDS = ("decrypt", "sign", "derive", "provisioning", "provision")
+
 
 @dataclass(frozen=True)
 class ClientInfo:
@@ -174,9 +186,9 @@ class Policy:
             tokens = _strings(table.get("tokens", ["*"]), f"{where}.tokens")
             words = _strings(table.get("operations", [u.value for u in Use]), f"{where}.operations")
             try:
-                operations = frozenset(Use(word) for word in words)
+                operations = frozenset(Use.from_word(word) for word in words)
             except ValueError:
-                known = ", ".join(u.value for u in Use)
+                known = ", ".join(USE_WORDS)
                 raise ValueError(f"{where}.operations: use only {known}") from None
             confirm = table.get("confirm", False)
             if not isinstance(confirm, bool):
