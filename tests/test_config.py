@@ -35,6 +35,8 @@ _MOD, _BLE = "[[modules]]\n", "[[ble_trusted]]\n"
         ("allow_virtual_readers = 1\n", 1, "allow_virtual_readers", "true or false"),
         ('log_level = "LOUD"\n', 1, "log_level", "DEBUG, INFO"),
         ("pinentry_timeout = -3\n", 1, "pinentry_timeout", "seconds"),
+        ('sim_applet_aid = "F276A2"\n', 1, "sim_applet_aid", "5 to 16 bytes"),
+        ('sim_applet_aid = "not hex"\n', 1, "sim_applet_aid", "hex digits"),
         (
             '[[policy]]\nprogram = "/a"\n\n[[policy]]\nprogram = "/b"\noperations = ["fly"]\n',
             6,
@@ -184,3 +186,47 @@ def test_the_documented_example_checks_clean(tmp_path: Path) -> None:
     result = _check(path)
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
     assert f"{path}: OK" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("aid", "served"),
+    [
+        (None, True),  # the default: IsoApplet's AID
+        ('"F2:76:A2:88:BC:FB:A6:9D:34:F3:10:01"', True),  # the same, written with colons
+        ('"A000000063504B43532D3135"', False),  # the PKCS#15 AID: the applet is not there
+    ],
+    ids=["default", "isoapplet-colons", "other-aid"],
+)
+def test_the_sim_applet_is_selected_by_the_configured_aid(
+    tmp_path: Path, aid: str | None, served: bool
+) -> None:
+    """`sim_applet_aid` is the AID the daemon selects the SIM's PKI applet by: a SIM
+    whose applet answers to another one is not a SIM token to tokend."""
+    import time
+
+    from tokend.client import Client
+
+    path, sock = tmp_path / "config.toml", tmp_path / "s.sock"
+    path.write_text(f"sim_applet_aid = {aid}\n" if aid else "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokend.cli.tokend_main", "serve", "--config", str(path),
+         "--simulate", "sim", "--no-pcsc", "--no-p11kit", "--socket", str(sock)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+        with Client(sock) as client:
+            # the card is probed once at start: present, or left unserved for good
+            deadline = time.monotonic() + (15 if served else 3)
+            present: list[int] = []
+            while time.monotonic() < deadline and not present:
+                present = client.slot_list(token_present=True)
+                time.sleep(0.05)
+            assert bool(present) == served
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -55,6 +55,8 @@ class ServeConfig:
     p11kit: bool = True
     modules: list[dict[str, Any]] = field(default_factory=list)
     ble_trusted: list[dict[str, Any]] = field(default_factory=list)
+    #: the SIM PKI applet's AID (None: IsoApplet's)
+    sim_applet_aid: bytes | None = None
     #: PIN typed into the daemon's own pinentry (C_Login without a PIN); docs/consent.md
     protected_authentication_path: bool = False
     pinentry_program: str | None = None
@@ -162,6 +164,19 @@ def _string(value: Any) -> str:
     return value
 
 
+def _aid(value: Any) -> bytes:
+    """An application identifier in hex (ISO 7816-4: 5 to 16 bytes); spaces and colons
+    between the digits are allowed."""
+    text = _string(value).replace(" ", "").replace(":", "")
+    try:
+        aid = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError('must be hex digits, e.g. "F276A288BCFBA69D34F31001"') from None
+    if not 5 <= len(aid) <= 16:
+        raise ValueError(f"must be 5 to 16 bytes (ISO 7816-4), not {len(aid)}")
+    return aid
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise TypeError("must be a number of seconds >= 0")
@@ -223,6 +238,11 @@ SCHEMA: dict[str, Key] = {
         check_ble_trusted_tables,
         "[]",
         "BLE keys tokend may use: [[ble_trusted]] address = …",
+    ),
+    "sim_applet_aid": Key(
+        _aid,
+        '"F276A288BCFBA69D34F31001" (IsoApplet)',
+        "the AID of the SIM's PKI applet, for a SIM whose applet was loaded under another one",
     ),
     "protected_authentication_path": Key(
         _bool, "false", "C_Login without a PIN opens tokend's own pinentry (docs/consent.md)"

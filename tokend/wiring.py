@@ -42,6 +42,7 @@ __all__ = [
     "TRANSPORTS",
     "TransportOptions",
     "Wired",
+    "applets",
     "build_registry",
     "make_watcher",
     "module_watchers",
@@ -50,6 +51,16 @@ __all__ = [
 
 #: Token openers in the order they are asked (a card is the first one's that accepts it).
 APPLETS: tuple[AppletOpener, ...] = (PivToken.open, SimToken.open)
+
+
+def applets(sim_aid: bytes | None = None) -> tuple[AppletOpener, ...]:
+    """`APPLETS`, with the SIM applet selected by ``sim_aid`` when one is configured
+    (`sim_applet_aid`: a SIM whose PKI applet was loaded under another AID)."""
+    if sim_aid is None:
+        return APPLETS
+    return tuple(SimToken.opener(aid=sim_aid) if a == SimToken.open else a for a in APPLETS)
+
+
 #: Provisioning profiles by applet name (`TokenIdentity.applet`), for tools that provision
 #: a token they reach only through the daemon.
 PROFILES: dict[str, ProvisioningProfile] = {

@@ -27,10 +27,11 @@ def build_registry(cfg: ServeConfig) -> tuple[SlotRegistry, list[SimulatedToken]
     """Wire the configured transports and simulated tokens (`tokend.wiring` holds the
     lists of applets, transports and simulators); simulated tokens are named ``piv0``,
     ``usb0``, …"""
-    from tokend.wiring import TransportOptions, wire
+    from tokend.wiring import TransportOptions, applets, wire
 
     wired = wire(
         cfg.transports,
+        applets=applets(cfg.sim_applet_aid),
         simulate=cfg.simulate,
         options=TransportOptions(
             allow_virtual_readers=cfg.allow_virtual_readers, ble_trusted=tuple(cfg.ble_trusted)
